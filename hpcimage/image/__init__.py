@@ -1,0 +1,74 @@
+"""Recognise an image file and mount it: directory (sandbox), SquashFS, SIF.
+
+Standard library only: imported by the runtime on the hot path. Mounting an image
+file is done by `hpcimage.image.squashfs` inside the caller's mount namespace.
+"""
+import os
+
+from hpcimage.errors import UsageError
+
+SQUASHFS_MAGIC = b"hsqs"
+SIF_MAGIC = b"SIF_MAGIC"
+SIF_MAGIC_OFFSET = 32
+
+
+class Image:
+    """An image the runtime can start: where it is, what kind, where its SquashFS is."""
+
+    __slots__ = ("path", "kind", "offset", "size")
+
+    def __init__(self, path, kind, offset=0, size=None):
+        self.path = path
+        self.kind = kind        # "sandbox" | "squashfs" | "sif"
+        self.offset = offset    # byte offset of the SquashFS inside the file
+        self.size = size
+
+    @property
+    def needs_mount(self):
+        return self.kind != "sandbox"
+
+    def __repr__(self):
+        if self.kind == "sif":
+            return f"sif {self.path} (squashfs at offset {self.offset})"
+        return f"{self.kind} {self.path}"
+
+
+def sniff(path):
+    """Return 'sandbox', 'squashfs', 'sif' or None for the file at path."""
+    if os.path.isdir(path):
+        return "sandbox"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:4] == SQUASHFS_MAGIC:
+        return "squashfs"
+    if head[SIF_MAGIC_OFFSET:SIF_MAGIC_OFFSET + len(SIF_MAGIC)] == SIF_MAGIC:
+        return "sif"
+    return None
+
+
+def open_image(path):
+    """Open the image at path; UsageError (exit 2) when it is missing or unknown."""
+    if not path:
+        raise UsageError("no image given")
+    path = os.path.abspath(path)
+    try:
+        kind = sniff(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: image not found") from None
+    except PermissionError:
+        raise UsageError(f"{path}: image not readable (permission denied)") from None
+    except IsADirectoryError:
+        kind = "sandbox"
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read image: {e.strerror}") from None
+    if kind == "sandbox":
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise UsageError(f"{path}: image directory not readable (permission denied)")
+        return Image(path, "sandbox")
+    if kind == "squashfs":
+        return Image(path, "squashfs", 0, os.path.getsize(path))
+    if kind == "sif":
+        from hpcimage.image import sif
+        offset, size = sif.primary_squashfs(path)
+        return Image(path, "sif", offset, size)
+    raise UsageError(f"{path}: not an image (neither a directory, a SquashFS file nor a SIF file)")

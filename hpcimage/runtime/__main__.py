@@ -1,0 +1,3 @@
+from hpcimage.runtime.main import main
+
+main()

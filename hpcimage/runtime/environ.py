@@ -1,0 +1,122 @@
+"""What enters the container: the environment of the command. Standard library only.
+
+Rules (README "Environment"): the host environment passes, except PATH and
+LD_LIBRARY_PATH (the image's own apply) and hpcimage's wrapper variables;
+`--cleanenv` keeps only CLEANENV_KEEP. `SINGULARITYENV_X`, `APPTAINERENV_X`,
+`HPCIMAGE_ENV_X` and `--env X=V` set X inside, later ones winning, after the image's
+/.singularity.d/env scripts ran (so they override the image). `*_PREPEND_PATH` and
+`*_APPEND_PATH` extend PATH.
+"""
+import os
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FORCE_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "HPCIMAGE_ENV_")
+CLEANENV_KEEP = ("HOME", "USER", "LOGNAME", "TERM", "LANG", "LANGUAGE", "TZ",
+                 "DISPLAY", "XAUTHORITY", "COLUMNS", "LINES")
+CLEANENV_KEEP_PREFIXES = ("LC_",)
+DROP = ("PATH", "LD_LIBRARY_PATH", "PS1", "HPCIMAGE_SITE_CONFIG", "HPCIMAGE_PYTHON",
+        "PROMPT_COMMAND")
+
+
+def _valid_name(k):
+    return k and (k[0].isalpha() or k[0] == "_") and all(c.isalnum() or c == "_" for c in k)
+
+
+def compute(host_env, *, image_path, module=None, cleanenv=False, cli_env=(),
+            home=None):
+    """Return (env, forced, prepend, append).
+
+    env: what the command starts with; forced: NAME -> value set after the image's
+    env scripts; prepend/append: PATH pieces applied after them.
+    """
+    env = {}
+    forced = {}
+    for k, v in host_env.items():
+        if k.startswith(FORCE_PREFIXES) or k in DROP:
+            continue
+        if cleanenv and not (k in CLEANENV_KEEP or k.startswith(CLEANENV_KEEP_PREFIXES)):
+            continue
+        env[k] = v
+    for prefix in FORCE_PREFIXES:
+        for k, v in host_env.items():
+            if k.startswith(prefix):
+                name = k[len(prefix):]
+                if _valid_name(name):
+                    forced[name] = v
+    for k, v in cli_env:
+        forced[k] = v
+    prepend = forced.pop("PREPEND_PATH", None)
+    append = forced.pop("APPEND_PATH", None)
+    if home:
+        env["HOME"] = home
+    env["PATH"] = DEFAULT_PATH
+    name = os.path.basename(image_path)
+    for prefix in ("APPTAINER", "SINGULARITY"):
+        env[prefix + "_CONTAINER"] = image_path
+        env[prefix + "_NAME"] = name
+    env["HPCIMAGE_CONTAINER"] = image_path
+    if module:
+        env["HPCIMAGE_MODULE"] = module
+    env["PS1"] = f"[{module or name}] \\w> "
+    return env, forced, prepend, append
+
+
+def shell_prologue(forced, prepend, append):
+    """The /bin/sh text that sources the image's env scripts, then applies forced
+    variables (passed in the environment as __HPCIMAGE_F_NAME, names validated)."""
+    lines = ['for __hpcimage_f in /.singularity.d/env/*.sh; do',
+             '  [ -f "$__hpcimage_f" ] && . "$__hpcimage_f"',
+             'done',
+             'unset __hpcimage_f']
+    for name in forced:
+        assert _valid_name(name)
+        lines.append(f'{name}=$__HPCIMAGE_F_{name}; export {name}; unset __HPCIMAGE_F_{name}')
+    if prepend is not None:
+        lines.append('PATH="$__HPCIMAGE_PREPEND:$PATH"; export PATH; unset __HPCIMAGE_PREPEND')
+    if append is not None:
+        lines.append('PATH="$PATH:$__HPCIMAGE_APPEND"; export PATH; unset __HPCIMAGE_APPEND')
+    return "\n".join(lines) + "\n"
+
+
+# Resolve the command as the shell would, with clear messages and 126/127.
+SHELL_EXEC = r'''
+__hpcimage_c=$1
+case $__hpcimage_c in
+  */*) if [ ! -e "$__hpcimage_c" ]; then
+         echo "$__HPCIMAGE_PROG: $__hpcimage_c: no such file in the image" >&2; exit 127
+       elif [ -d "$__hpcimage_c" ]; then
+         echo "$__HPCIMAGE_PROG: $__hpcimage_c: is a directory, not a program" >&2; exit 126
+       elif [ ! -x "$__hpcimage_c" ]; then
+         echo "$__HPCIMAGE_PROG: $__hpcimage_c: not executable (permission denied)" >&2; exit 126
+       fi ;;
+  *) if ! command -v -- "$__hpcimage_c" >/dev/null 2>&1; then
+       echo "$__HPCIMAGE_PROG: $__hpcimage_c: command not found in the image (PATH=$PATH)" >&2; exit 127
+     fi ;;
+esac
+unset __hpcimage_c __HPCIMAGE_PROG
+exec "$@"
+'''
+
+
+def shell_env(env, forced, prepend, append, prog):
+    """The environment for the /bin/sh prologue."""
+    out = dict(env)
+    for k, v in forced.items():
+        out["__HPCIMAGE_F_" + k] = v
+    if prepend is not None:
+        out["__HPCIMAGE_PREPEND"] = prepend
+    if append is not None:
+        out["__HPCIMAGE_APPEND"] = append
+    out["__HPCIMAGE_PROG"] = prog
+    return out
+
+
+def direct_env(env, forced, prepend, append):
+    """The environment when no env script runs: forced values applied directly."""
+    out = dict(env)
+    out.update(forced)
+    if prepend is not None:
+        out["PATH"] = prepend + ":" + out["PATH"]
+    if append is not None:
+        out["PATH"] = out["PATH"] + ":" + append
+    return out

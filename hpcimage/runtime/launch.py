@@ -1,0 +1,510 @@
+"""The launch: a plan of plain operations, then one loop that carries them out.
+
+    userns      unshare(user, mount) and map the caller's uid/gid onto themselves
+    private     make every mount private (nothing propagates to the host)
+    session     a tmpfs at the session directory: mount points and generated files
+    image       mount the image there (squashfuse) or bind the directory, read-only
+    rootfs      the root: the image itself, or a tmpfs skeleton that mirrors the
+                image's entries with binds and adds the bind targets the image lacks
+    bind        host path -> container path (recursive; read-only where asked)
+    file        a generated file (passwd, group) bound read-only into the root
+    readonly    the root mount read-only
+    pivot       pivot_root into the root and drop the host's tree
+    chdir       the working directory (falling back to $HOME, then /)
+    exec        replace this process by the command (env scripts first via /bin/sh)
+
+`plan()` only reads; `describe()` prints the list (`--dry-run`); `execute()` runs it.
+After `exec` no hpcimage process remains except, for SquashFS and SIF images, the
+squashfuse daemon that the kernel kills when the command exits (PR_SET_PDEATHSIG).
+Standard library only: this is the hot path.
+"""
+import os
+import pwd
+import grp
+import stat
+
+from hpcimage.errors import HpcimageError, UsageError, EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE
+from hpcimage.runtime import syscalls as sc
+from hpcimage.runtime import environ
+
+SESSION_DIRS = ("/var/lib/hpcimage/mnt", "/mnt", "/srv", "/media", "/opt")
+# cwd below these is not bound into the container (the image has its own).
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+               "/etc", "/boot", "/proc", "/sys", "/dev", "/run", "/var/lib")
+SHELLS = ("/bin/bash", "/bin/sh")
+RUNSCRIPT = "/.singularity.d/runscript"
+ENV_DIR = "/.singularity.d/env"
+
+ST_RELATIME = 4096
+MS_RELATIME = 1 << 21
+
+
+class Bind:
+    __slots__ = ("src", "dst", "ro", "what")
+
+    def __init__(self, src, dst, ro=False, what="bind"):
+        self.src, self.dst, self.ro, self.what = src, dst, ro, what
+
+    @property
+    def is_dir(self):
+        return os.path.isdir(self.src)
+
+    def __str__(self):
+        return f"bind {self.src} -> {self.dst}{' (ro)' if self.ro else ''}  # {self.what}"
+
+
+class Plan:
+    def __init__(self):
+        self.ops = []          # (name, args...) in order
+
+    def add(self, *op):
+        self.ops.append(op)
+
+    def describe(self):
+        out = []
+        for op in self.ops:
+            name, args = op[0], op[1:]
+            if name == "bind":
+                out.append(str(args[0]))
+            elif name == "exec":
+                verb, argv, env, forced, prepend, append, prog = args
+                what = {"run": RUNSCRIPT + " ", "shell": "<shell> "}.get(verb, "")
+                out.append(f"exec {what}{' '.join(_q(a) for a in argv)}"
+                           "  # after /.singularity.d/env/*.sh when the image has them")
+                for k in sorted(env):
+                    out.append(f"  env {k}={_q(env[k])}")
+                for k in sorted(forced):
+                    out.append(f"  env {k}={_q(forced[k])}  # forced, after env scripts")
+                if prepend is not None:
+                    out.append(f"  env PATH=+{_q(prepend)}:...")
+                if append is not None:
+                    out.append(f"  env PATH=...:{_q(append)}")
+            else:
+                out.append(" ".join([name] + [str(a) for a in args]))
+        return "\n".join(out) + "\n"
+
+
+def _q(s):
+    if s and all(c.isalnum() or c in "@%+=:,./-_" for c in s):
+        return s
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+# --------------------------------------------------------------------------- plan
+
+def parse_bind(spec, what="-B"):
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise UsageError(f"bind {spec!r}: want SRC[:DST[:ro|rw]]")
+    src = parts[0]
+    dst = parts[1] if len(parts) > 1 and parts[1] else src
+    mode = parts[2] if len(parts) > 2 else "rw"
+    if mode not in ("ro", "rw"):
+        raise UsageError(f"bind {spec!r}: mode must be ro or rw, not {mode!r}")
+    src = os.path.abspath(src)
+    if not dst.startswith("/"):
+        raise UsageError(f"bind {spec!r}: destination must be an absolute path")
+    return Bind(src, os.path.normpath(dst), mode == "ro", what)
+
+
+def _user():
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        pw = pwd.getpwuid(uid)
+        name, home, gecos, shell = pw.pw_name, pw.pw_dir, pw.pw_gecos, pw.pw_shell
+    except KeyError:
+        name = os.environ.get("USER") or f"user{uid}"
+        home, gecos, shell = os.environ.get("HOME") or "/", "", "/bin/sh"
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = name
+    return uid, gid, name, home, gecos, shell, group
+
+
+def _session_dir():
+    d = os.environ.get("HPCIMAGE_SESSION_DIR")
+    if d:
+        return d
+    for d in SESSION_DIRS:
+        if os.path.isdir(d):
+            return d
+    raise HpcimageError("no directory to hold the session mounts: create /var/lib/hpcimage/mnt")
+
+
+def _under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def plan(opts, image, site=None, host_env=None):
+    """Build the launch plan for opts (runtime.options.Options) and image (image.Image)."""
+    host_env = dict(os.environ if host_env is None else host_env)
+    site = site or {}
+    uid, gid, user, pw_home, gecos, pw_shell, group = _user()
+    home = host_env.get("HOME") or pw_home
+    p = Plan()
+    base = _session_dir()
+    root = base + "/root"
+    p.add("userns", uid, gid)
+    p.add("private", "/")
+    p.add("session", base)
+    p.add("image", image, base + "/image")
+
+    binds = []
+    for src in ("/proc", "/sys", "/dev"):
+        if opts.contain and src == "/dev":
+            continue
+        binds.append(Bind(src, src, False, "system"))
+    if opts.contain:
+        binds.append(Bind("session:dev", "/dev", False, "--contain: minimal /dev"))
+        for d in ("null", "zero", "full", "random", "urandom", "tty"):
+            if os.path.exists("/dev/" + d):
+                binds.append(Bind("/dev/" + d, "/dev/" + d, False, "--contain: minimal /dev"))
+        if os.path.isdir("/dev/pts"):
+            binds.append(Bind("/dev/pts", "/dev/pts", False, "--contain: minimal /dev"))
+        binds.append(Bind("session:tmp", "/tmp", False, "--contain: fresh /tmp"))
+        binds.append(Bind("session:vartmp", "/var/tmp", False, "--contain: fresh /var/tmp"))
+    else:
+        binds.append(Bind("/tmp", "/tmp", False, "system"))
+    for f in ("/etc/hosts", "/etc/resolv.conf"):
+        if os.path.exists(f):
+            binds.append(Bind(os.path.realpath(f), f, True, "host network files"))
+    binds.append(Bind("session:passwd", "/etc/passwd", True, "image passwd + the user"))
+    binds.append(Bind("session:group", "/etc/group", True, "image group + the user's group"))
+    if opts.contain:
+        binds.append(Bind("session:home", home, False, "--contain: empty home"))
+    elif not opts.no_home and home != "/" and os.path.isdir(home):
+        binds.append(Bind(home, home, False, "home"))
+    module = host_env.get("HPCIMAGE_MODULE")
+    for spec in list(site.get("binds", ())) + list(site.get("image_binds", {}).get(module or "", ())):
+        b = parse_bind(spec, "site")
+        if os.path.exists(b.src):
+            binds.append(b)
+    for spec in opts.binds:
+        b = parse_bind(spec, "-B")
+        if not os.path.exists(b.src):
+            raise UsageError(f"{opts.prog}: bind source {b.src} does not exist")
+        binds.append(b)
+
+    # Working directory.
+    cwd = None
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        pass
+    if opts.pwd:
+        if not opts.pwd.startswith("/"):
+            raise UsageError(f"{opts.prog}: --pwd wants an absolute path, got {opts.pwd!r}")
+        workdir = opts.pwd
+    elif opts.contain:
+        workdir = home
+    else:
+        workdir = cwd or home
+        covered = any(b.src == b.dst and _under(cwd, b.dst) for b in binds
+                      if not b.src.startswith("session:")) if cwd else True
+        if (cwd and not covered and cwd != "/"
+                and not any(_under(cwd, s) for s in SYSTEM_DIRS)):
+            binds.append(Bind(cwd, cwd, False, "current directory"))
+
+    p.add("rootfs", base + "/image", root, [b.dst for b in binds])
+    p.add("files", base, uid, gid, user, home, gecos, pw_shell, group)
+    for b in binds:
+        if b.src.startswith("session:"):
+            b.src = base + "/" + b.src[len("session:"):]
+        p.add("bind", b)
+    p.add("readonly", root)
+    p.add("pivot", root)
+    p.add("chdir", workdir, home, bool(opts.pwd))
+
+    env, forced, prepend, append = environ.compute(
+        host_env, image_path=image.path, module=module, cleanenv=opts.cleanenv,
+        cli_env=opts.env, home=home)
+    p.add("exec", opts.verb, list(opts.args), env, forced, prepend, append, opts.prog)
+    return p
+
+
+# ------------------------------------------------------------------------ execute
+
+def _write(path, data):
+    with open(path, "w") as f:
+        f.write(data)
+
+
+def _map_ids(uid, gid):
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+
+
+def _remount_ro(path):
+    f = os.statvfs(path).f_flag
+    flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY
+    flags |= f & (sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC | 1024 | 2048)
+    if f & ST_RELATIME:
+        flags |= MS_RELATIME
+    sc.mount(None, path, None, flags)
+
+
+def resolve_in(root, path):
+    """path resolved inside root with chroot semantics; returns it relative to root."""
+    parts = [c for c in path.split("/") if c and c != "."]
+    out = []
+    hops = 0
+    while parts:
+        c = parts.pop(0)
+        if c == "..":
+            if out:
+                out.pop()
+            continue
+        cand = os.path.join(root, *out, c)
+        if os.path.islink(cand):
+            hops += 1
+            if hops > 40:
+                raise HpcimageError(f"{path}: too many levels of symbolic links in the image")
+            link = os.readlink(cand)
+            if link.startswith("/"):
+                out = []
+            parts = [x for x in link.split("/") if x and x != "."] + parts
+        else:
+            out.append(c)
+    return "/".join(out)
+
+
+def _build_root(image_dir, root, targets):
+    """Make root: the image itself when every bind target exists in it, else a tmpfs
+    skeleton (root sits on the session tmpfs) mirroring the image with binds, in which
+    the missing targets are created. Works on any kernel with user namespaces."""
+    os.mkdir(root)
+    missing = []
+    for dst in targets:
+        rel = resolve_in(image_dir, dst)
+        if rel and not os.path.lexists(os.path.join(image_dir, rel)):
+            missing.append(rel)
+    if not missing:
+        sc.mount(image_dir, root, None, sc.MS_BIND | sc.MS_REC)
+        return
+    expand = {""}
+    for rel in missing:
+        parts = rel.split("/")
+        for k in range(1, len(parts)):
+            anc = "/".join(parts[:k])
+            if os.path.isdir(os.path.join(image_dir, anc)) and not os.path.islink(
+                    os.path.join(image_dir, anc)):
+                expand.add(anc)
+            else:
+                break
+    _skeleton(image_dir, root, "", expand)
+    sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)   # a mount point, for pivot_root
+
+
+def _skeleton(image_dir, root, rel, expand):
+    src_dir = os.path.join(image_dir, rel)
+    dst_dir = os.path.join(root, rel)
+    try:
+        st = os.stat(src_dir)
+        os.chmod(dst_dir, stat.S_IMODE(st.st_mode) | 0o700)
+    except OSError:
+        pass
+    for e in os.scandir(src_dir):
+        r = f"{rel}/{e.name}" if rel else e.name
+        s, d = e.path, os.path.join(dst_dir, e.name)
+        if e.is_symlink():
+            os.symlink(os.readlink(s), d)
+        elif r in expand:
+            os.mkdir(d)
+            _skeleton(image_dir, root, r, expand)
+        elif e.is_dir():
+            os.mkdir(d)
+            sc.mount(s, d, None, sc.MS_BIND | sc.MS_REC)
+        else:
+            os.close(os.open(d, os.O_CREAT | os.O_WRONLY, 0o600))
+            sc.mount(s, d, None, sc.MS_BIND)
+
+
+def _make_target(root, dst, is_dir):
+    rel = resolve_in(root, dst)
+    path = os.path.join(root, rel)
+    if os.path.lexists(path):
+        return path
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if is_dir:
+        os.mkdir(path)
+    else:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    return path
+
+
+def _files(base, image_root, uid, gid, user, home, gecos, shell, group):
+    def read(name):
+        try:
+            with open(os.path.join(image_root, resolve_in(image_root, name)),
+                      errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+    passwd = read("/etc/passwd")
+    if passwd and not passwd.endswith("\n"):
+        passwd += "\n"
+    lines = passwd.splitlines()
+    if not any(ln.split(":")[2:3] == [str(uid)] for ln in lines):
+        passwd += f"{user}:x:{uid}:{gid}:{gecos.replace(':', ' ')}:{home}:{shell or '/bin/sh'}\n"
+    groups = read("/etc/group")
+    if groups and not groups.endswith("\n"):
+        groups += "\n"
+    if not any(ln.split(":")[2:3] == [str(gid)] for ln in groups.splitlines()):
+        groups += f"{group}:x:{gid}:{user}\n"
+    _write(base + "/passwd", passwd)
+    _write(base + "/group", groups)
+
+
+def execute(p):
+    """Carry out plan p. Does not return when the command was exec'd."""
+    mount_pid = None
+    for op in p.ops:
+        name, args = op[0], op[1:]
+        try:
+            if name == "userns":
+                uid, gid = args
+                if uid == 0:
+                    sc.unshare(sc.CLONE_NEWNS)
+                else:
+                    sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
+                    _map_ids(uid, gid)
+            elif name == "private":
+                sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+            elif name == "session":
+                base = args[0]
+                sc.mount("hpcimage", base, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
+                for d in ("image", "home", "tmp", "vartmp", "dev"):
+                    os.mkdir(f"{base}/{d}", 0o700)
+                for d in ("tmp", "vartmp"):
+                    os.chmod(f"{base}/{d}", 0o1777)
+                os.chmod(f"{base}/dev", 0o755)
+                os.mkdir(f"{base}/dev/shm", 0o1777)
+                os.chmod(f"{base}/dev/shm", 0o1777)
+                os.mkdir(f"{base}/dev/pts")
+            elif name == "image":
+                image, at = args
+                if image.needs_mount:
+                    from hpcimage.image import squashfs
+                    mount_pid = squashfs.mount(image, at, at + ".log")
+                else:
+                    sc.mount(image.path, at, None, sc.MS_BIND | sc.MS_REC)
+                    _remount_ro(at)
+                image_root = at
+            elif name == "rootfs":
+                image_dir, root, targets = args
+                _build_root(image_dir, root, targets)
+            elif name == "files":
+                _files(*args[:1], image_root, *args[1:])
+            elif name == "bind":
+                b = args[0]
+                target = _make_target(root, b.dst, os.path.isdir(b.src))
+                sc.mount(b.src, target, None, sc.MS_BIND | sc.MS_REC)
+                if b.ro:
+                    _remount_ro(target)
+            elif name == "readonly":
+                _remount_ro(args[0])
+            elif name == "pivot":
+                os.chdir(args[0])
+                sc.pivot_root(".", ".")
+                sc.umount2(".", sc.MNT_DETACH)
+                os.chdir("/")
+            elif name == "chdir":
+                _chdir(*args)
+            elif name == "exec":
+                _exec(*args)
+        except HpcimageError:
+            raise
+        except OSError as e:
+            if mount_pid:
+                _kill(mount_pid)
+            raise HpcimageError(_oserror(name, e)) from None
+    raise HpcimageError("launch plan ended without exec")
+
+
+def _kill(pid):
+    import signal
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except OSError:
+        pass
+
+
+def _oserror(step, e):
+    msg = f"launch step '{step}' failed: {e.strerror or e}"
+    if e.filename:
+        msg += f": {e.filename}"
+    if step == "userns" and e.errno in (1, 22, 28):
+        msg += " (are unprivileged user namespaces enabled? see user.max_user_namespaces)"
+    return msg
+
+
+def _chdir(workdir, home, explicit):
+    for d in (workdir, home, "/"):
+        try:
+            os.chdir(d)
+            return
+        except OSError:
+            if explicit and d == workdir:
+                raise UsageError(f"--pwd {workdir}: no such directory in the container") from None
+    os.chdir("/")
+
+
+def _which(cmd, path):
+    if "/" in cmd:
+        return cmd
+    for d in path.split(":"):
+        p = os.path.join(d or ".", cmd)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def _exec(verb, args, env, forced, prepend, append, prog):
+    has_sh = os.access("/bin/sh", os.X_OK)
+    if verb == "run":
+        if not os.path.isfile(RUNSCRIPT):
+            raise HpcimageError(f"{prog}: this image has no runscript ({RUNSCRIPT}); "
+                                "use exec or shell")
+        argv = ([RUNSCRIPT] if os.access(RUNSCRIPT, os.X_OK) or not has_sh
+                else ["/bin/sh", RUNSCRIPT]) + args
+    elif verb == "shell":
+        sh = env.get("APPTAINER_SHELL") or env.get("SINGULARITY_SHELL")
+        if not sh:
+            sh = next((s for s in SHELLS if os.access(s, os.X_OK)), None)
+            if sh is None:
+                raise HpcimageError(f"{prog}: this image has no shell (/bin/bash, /bin/sh)",
+                                    EXIT_NOT_FOUND)
+        argv = [sh] + (["--norc"] if sh.endswith("/bash") else []) + args
+    else:
+        argv = args
+    scripts = False
+    try:
+        scripts = has_sh and any(n.endswith(".sh") for n in os.listdir(ENV_DIR))
+    except OSError:
+        pass
+    if scripts:
+        e = environ.shell_env(env, forced, prepend, append, prog)
+        script = environ.shell_prologue(forced, prepend, append) + environ.SHELL_EXEC
+        os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
+    e = environ.direct_env(env, forced, prepend, append)
+    cmd = argv[0]
+    path = _which(cmd, e.get("PATH", environ.DEFAULT_PATH))
+    if path is None:
+        raise HpcimageError(f"{prog}: {cmd}: command not found in the image "
+                            f"(PATH={e.get('PATH', '')})", EXIT_NOT_FOUND)
+    try:
+        os.execve(path, argv, e)
+    except FileNotFoundError:
+        raise HpcimageError(f"{prog}: {cmd}: no such file in the image",
+                            EXIT_NOT_FOUND) from None
+    except (PermissionError, IsADirectoryError):
+        what = "is a directory, not a program" if os.path.isdir(path) else \
+            "not executable (permission denied)"
+        raise HpcimageError(f"{prog}: {cmd}: {what}", EXIT_NOT_EXECUTABLE) from None
+    except OSError as e2:
+        raise HpcimageError(f"{prog}: {cmd}: cannot execute: {e2.strerror}",
+                            EXIT_NOT_EXECUTABLE) from None

@@ -1,0 +1,54 @@
+"""Entry of the runtime: argv -> options -> plan -> execute. Standard library only."""
+import json
+import os
+import sys
+
+from hpcimage.errors import HpcimageError
+
+
+def load_site(environ):
+    """The policy `hpcimage generate` compiled next to the wrappers (site.json)."""
+    path = environ.get("HPCIMAGE_SITE_CONFIG")
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise HpcimageError(f"{path}: unreadable site configuration: {e}") from None
+
+
+def run(argv, environ=None):
+    from hpcimage.runtime import options, launch
+    from hpcimage.image import open_image
+    environ = os.environ if environ is None else environ
+    opts = options.parse(argv, environ)
+    if opts.args == ["--help"]:
+        sys.stdout.write(options.usage(opts))
+        return 0
+    image = open_image(opts.image)
+    p = launch.plan(opts, image, load_site(environ), environ)
+    if opts.dry_run:
+        sys.stdout.write(p.describe())
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    launch.execute(p)
+    return 1
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    prog = argv[0] if argv and argv[0].startswith("image-") else "hpcimage"
+    try:
+        sys.exit(run(argv))
+    except HpcimageError as e:
+        msg = e.message
+        if msg.startswith(prog + ": "):
+            msg = msg[len(prog) + 2:]
+        sys.stderr.write(f"{prog}: error: {msg}\n")
+        sys.exit(e.status)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,136 @@
+"""Command line of the runtime (`image-exec`, `hpcimage exec`, ...), parsed by hand.
+
+Flags follow Apptainer's where they mean the same thing. Options stop at the first
+argument that is not an option (the image, or with image-* wrappers the command),
+so everything after it reaches the container verbatim. Standard library only.
+"""
+import os
+import re
+
+from hpcimage.errors import UsageError
+
+VERBS = ("exec", "run", "shell")
+WRAPPER_VERBS = {"image-exec": "exec", "image-run": "run", "image-shell": "shell"}
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+HELP = """\
+usage: {prog} [OPTIONS] {image}{what}
+
+options (as Apptainer's where they mean the same):
+  -B, --bind SRC[:DST[:ro|rw]]  bind a host path into the container (repeatable,
+                                comma-separated lists allowed)
+  -e, --cleanenv                start from a minimal environment (see README)
+  -C, --contain                 no host home, cwd or /tmp: fresh empty ones instead
+      --no-home                 do not bind the home directory
+      --pwd DIR                 working directory inside the container
+      --env K=V                 set K inside the container (repeatable)
+      --dry-run                 print the launch plan and exit
+  -h, --help                    this help
+"""
+
+
+class Options:
+    __slots__ = ("verb", "prog", "image", "args", "binds", "cleanenv", "contain",
+                 "no_home", "pwd", "env", "dry_run", "app", "nv", "rocm", "ib")
+
+    def __init__(self, verb, prog):
+        self.verb = verb
+        self.prog = prog
+        self.image = None
+        self.args = []
+        self.binds = []
+        self.cleanenv = False
+        self.contain = False
+        self.no_home = False
+        self.pwd = None
+        self.env = []
+        self.dry_run = False
+        self.app = None
+        self.nv = False
+        self.rocm = False
+        self.ib = False
+
+
+_FLAGS = {"-e": "cleanenv", "--cleanenv": "cleanenv", "-C": "contain",
+          "--contain": "contain", "--no-home": "no_home", "--dry-run": "dry_run",
+          "--nv": "nv", "--rocm": "rocm", "--ib": "ib"}
+_VALUED = {"-B": "bind", "--bind": "bind", "--pwd": "pwd", "--env": "env",
+           "--app": "app"}
+
+
+def parse(argv, environ=None):
+    """argv[0] is the verb: exec|run|shell or image-exec|image-run|image-shell."""
+    environ = os.environ if environ is None else environ
+    if not argv:
+        raise UsageError("usage: python -m hpcimage.runtime VERB [OPTIONS] ...")
+    verb = argv[0]
+    from_env = verb in WRAPPER_VERBS
+    if from_env:
+        prog, verb = verb, WRAPPER_VERBS[verb]
+    elif verb in VERBS:
+        prog = f"hpcimage {verb}"
+    else:
+        raise UsageError(f"unknown verb {verb!r} (exec, run, shell)")
+    o = Options(verb, prog)
+    rest = argv[1:]
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a == "--":
+            i += 1
+            break
+        if a in ("-h", "--help"):
+            o.args = ["--help"]
+            return o
+        if not a.startswith("-") or a == "-":
+            break
+        name, eq, val = a.partition("=")
+        if name in _FLAGS and not eq:
+            setattr(o, _FLAGS[name], True)
+            i += 1
+            continue
+        if name in _VALUED:
+            if not eq:
+                if name.startswith("--") or len(a) == 2:
+                    if i + 1 >= len(rest):
+                        raise UsageError(f"{prog}: option {name} needs a value")
+                    val = rest[i + 1]
+                    i += 1
+            key = _VALUED[name]
+            if key == "bind":
+                o.binds.extend(v for v in val.split(",") if v)
+            elif key == "env":
+                k, has, v = val.partition("=")
+                if not has or not ENV_NAME.match(k):
+                    raise UsageError(f"{prog}: --env wants NAME=VALUE, got {val!r}")
+                o.env.append((k, v))
+            else:
+                setattr(o, key, val)
+            i += 1
+            continue
+        if a.startswith("-B") and len(a) > 2:
+            o.binds.extend(v for v in a[2:].split(",") if v)
+            i += 1
+            continue
+        raise UsageError(f"{prog}: unknown option {a!r} (see {prog} --help)")
+    rest = rest[i:]
+    if from_env:
+        o.image = environ.get("HPCIMAGE_IMAGE") or None
+        if not o.image:
+            raise UsageError(f"{prog}: no image module loaded: run 'module load "
+                             "<Name/version>' first ('module avail' lists the images)")
+    else:
+        if not rest:
+            raise UsageError(f"{prog}: no image given (usage: {prog} [OPTIONS] IMAGE ...)")
+        o.image, rest = rest[0], rest[1:]
+    if verb == "exec" and not rest:
+        raise UsageError(f"{prog}: no command given (usage: {prog} [OPTIONS] "
+                         f"{'' if from_env else 'IMAGE '}COMMAND [ARGS...])")
+    o.args = rest
+    return o
+
+
+def usage(o):
+    what = {"exec": "COMMAND [ARGS...]", "run": "[ARGS...]", "shell": "[SHELL ARGS...]"}
+    image = "" if o.prog.startswith("image-") else "IMAGE "
+    return HELP.format(prog=o.prog, image=image, what=what[o.verb])

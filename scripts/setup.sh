@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Set up hpcimage on a fresh Debian 12 machine, as root: the system packages it
+# needs, a virtualenv with hpcimage installed, the test user and a usable /dev/fuse.
+# Idempotent: a second run only reinstalls the package from this checkout.
+#
+#   bash scripts/setup.sh            # everything
+#   HPCIMAGE_VENV=/other/venv bash scripts/setup.sh
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${HPCIMAGE_VENV:-/opt/hpcimage/venv}
+test_user=${HPCIMAGE_TEST_USER:-hpcuser}
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root (it installs Debian packages)" >&2
+    exit 2
+fi
+
+# Debian packages. Lmod and Debian's environment-modules conflict as packages, so
+# Environment Modules is unpacked from Debian's own .deb into /opt/hpcimage/envmodules
+# (used by the tests to load the Tcl modulefiles with the real modulecmd.tcl).
+pkgs=(lmod lua5.3 tcl squashfuse squashfs-tools fuse3 busybox-static debootstrap
+      charliecloud-runtime python3 python3-venv python3-dev gcc make rsync passwd
+      util-linux procps)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+em=/opt/hpcimage/envmodules
+if [ ! -x "$em/usr/lib/x86_64-linux-gnu/modulecmd.tcl" ] && [ ! -f "$em/.unpacked" ]; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download environment-modules >/dev/null 2>&1) || {
+        apt-get update -q && (cd "$tmp" && apt-get download environment-modules); }
+    chmod -R a+rX "$tmp"
+    mkdir -p "$em"
+    dpkg-deb -x "$tmp"/environment-modules_*.deb "$em"
+    touch "$em/.unpacked"
+    rm -rf "$tmp"
+fi
+
+# A cluster has /dev/fuse world-usable (0666); some build machines ship it 0600.
+if [ -c /dev/fuse ]; then chmod 0666 /dev/fuse; fi
+
+# The virtualenv, from Debian's interpreter (fast start-up: the hot path runs on it).
+if [ ! -x "$venv/bin/python3" ]; then
+    /usr/bin/python3 -m venv "$venv"
+fi
+"$venv/bin/python3" -m pip install -q --upgrade pip setuptools wheel >/dev/null
+"$venv/bin/python3" -m pip install -q "$here[test]" mpi4py 2>/dev/null \
+    || "$venv/bin/python3" -m pip install -q "$here[test]"
+# Reinstall from this checkout every time (same version number, new code).
+"$venv/bin/python3" -m pip install -q --no-deps --force-reinstall --no-build-isolation "$here"
+chmod -R a+rX "$(dirname "$venv")"
+ln -sf "$venv/bin/hpcimage" /usr/local/bin/hpcimage
+
+# The unprivileged user the tests and the demo run containers as.
+if ! id "$test_user" >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/bash "$test_user"
+fi
+echo "setup.sh: hpcimage $("$venv/bin/python3" -c 'import hpcimage; print(hpcimage.__version__)') in $venv"
