@@ -83,14 +83,14 @@ SHELL_EXEC = r'''
 __hpcimage_c=$1
 case $__hpcimage_c in
   */*) if [ ! -e "$__hpcimage_c" ]; then
-         echo "$__HPCIMAGE_PROG: $__hpcimage_c: no such file in the image" >&2; exit 127
+         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: no such file in the image" >&2; exit 127
        elif [ -d "$__hpcimage_c" ]; then
-         echo "$__HPCIMAGE_PROG: $__hpcimage_c: is a directory, not a program" >&2; exit 126
+         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: is a directory, not a program" >&2; exit 126
        elif [ ! -x "$__hpcimage_c" ]; then
-         echo "$__HPCIMAGE_PROG: $__hpcimage_c: not executable (permission denied)" >&2; exit 126
+         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: not executable (permission denied)" >&2; exit 126
        fi ;;
   *) if ! command -v -- "$__hpcimage_c" >/dev/null 2>&1; then
-       echo "$__HPCIMAGE_PROG: $__hpcimage_c: command not found in the image (PATH=$PATH)" >&2; exit 127
+       echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: command not found in the image (PATH=$PATH)" >&2; exit 127
      fi ;;
 esac
 unset __hpcimage_c __HPCIMAGE_PROG

@@ -487,7 +487,8 @@ def _exec(verb, args, env, forced, prepend, append, prog):
     except OSError:
         pass
     if scripts:
-        e = environ.shell_env(env, forced, prepend, append, prog)
+        label = prog if prog.startswith("image-") else "hpcimage"
+        e = environ.shell_env(env, forced, prepend, append, label)
         script = environ.shell_prologue(forced, prepend, append) + environ.SHELL_EXEC
         os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
     e = environ.direct_env(env, forced, prepend, append)

@@ -46,8 +46,10 @@ def main(argv=None):
         sys.exit(run(argv))
     except HpcimageError as e:
         msg = e.message
-        if msg.startswith(prog + ": "):
-            msg = msg[len(prog) + 2:]
+        verb = argv[0] if argv else ""
+        for p in (verb + ": ", f"hpcimage {verb}: "):
+            if msg.startswith(p):
+                msg = msg[len(p):]
         sys.stderr.write(f"{prog}: error: {msg}\n")
         sys.exit(e.status)
     except KeyboardInterrupt:

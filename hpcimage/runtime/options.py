@@ -112,6 +112,8 @@ def parse(argv, environ=None):
             o.binds.extend(v for v in a[2:].split(",") if v)
             i += 1
             continue
+        if verb == "shell" and from_env:
+            break       # image-shell -c '...': the rest is the shell's
         raise UsageError(f"{prog}: unknown option {a!r} (see {prog} --help)")
     rest = rest[i:]
     if from_env:

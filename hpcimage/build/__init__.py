@@ -1,0 +1,1 @@
+"""Building images: bootstrap agents write root filesystem trees."""
