@@ -55,6 +55,7 @@ fi
 # Reinstall from this checkout every time (same version number, new code).
 "$venv/bin/python3" -m pip install -q --no-deps --force-reinstall --no-build-isolation "$here"
 chmod -R a+rX "$(dirname "$venv")"
+mkdir -p /var/lib/hpcimage/mnt   # where the runtime mounts its session (private to each container)
 ln -sf "$venv/bin/hpcimage" /usr/local/bin/hpcimage
 
 # The unprivileged user the tests and the demo run containers as.

@@ -79,7 +79,6 @@ def mount(image, mountpoint, log_path):
     os.close(fd)    # the daemon holds the only copy: if it dies, the mount fails fast
     try:
         os.stat(mountpoint)
-        os.listdir(mountpoint)
     except OSError:
         try:
             _, status = os.waitpid(pid, 0)

@@ -18,8 +18,7 @@ DROP = ("PATH", "LD_LIBRARY_PATH", "PS1", "HPCIMAGE_SITE_CONFIG", "HPCIMAGE_PYTH
         "PROMPT_COMMAND")
 
 
-def _valid_name(k):
-    return k and (k[0].isalpha() or k[0] == "_") and all(c.isalnum() or c == "_" for c in k)
+from hpcimage.runtime.options import valid_name as _valid_name
 
 
 def compute(host_env, *, image_path, module=None, cleanenv=False, cli_env=(),

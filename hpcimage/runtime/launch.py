@@ -361,8 +361,16 @@ def _files(base, image_root, uid, gid, user, home, gecos, shell, group):
 def execute(p):
     """Carry out plan p. Does not return when the command was exec'd."""
     mount_pid = None
+    trace = os.environ.get("HPCIMAGE_TRACE") == "1"
+    if trace:
+        import time
+        t = time.perf_counter()
     for op in p.ops:
         name, args = op[0], op[1:]
+        if trace:
+            now = time.perf_counter()
+            os.write(2, f"hpcimage: trace: {(now - t) * 1000:7.2f} ms before {name}\n".encode())
+            t = now
         try:
             if name == "userns":
                 uid, gid = args

@@ -5,13 +5,11 @@ argument that is not an option (the image, or with image-* wrappers the command)
 so everything after it reaches the container verbatim. Standard library only.
 """
 import os
-import re
 
 from hpcimage.errors import UsageError
 
 VERBS = ("exec", "run", "shell")
 WRAPPER_VERBS = {"image-exec": "exec", "image-run": "run", "image-shell": "shell"}
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 HELP = """\
 usage: {prog} [OPTIONS] {image}{what}
@@ -27,6 +25,12 @@ options (as Apptainer's where they mean the same):
       --dry-run                 print the launch plan and exit
   -h, --help                    this help
 """
+
+
+def valid_name(k):
+    """An environment variable name: [A-Za-z_][A-Za-z0-9_]* (no re: hot path)."""
+    return bool(k) and (k[0] == "_" or ("a" <= k[0].lower() <= "z")) and all(
+        c == "_" or ("a" <= c.lower() <= "z") or "0" <= c <= "9" for c in k)
 
 
 class Options:
@@ -101,7 +105,7 @@ def parse(argv, environ=None):
                 o.binds.extend(v for v in val.split(",") if v)
             elif key == "env":
                 k, has, v = val.partition("=")
-                if not has or not ENV_NAME.match(k):
+                if not has or not valid_name(k):
                     raise UsageError(f"{prog}: --env wants NAME=VALUE, got {val!r}")
                 o.env.append((k, v))
             else:
@@ -112,8 +116,8 @@ def parse(argv, environ=None):
             o.binds.extend(v for v in a[2:].split(",") if v)
             i += 1
             continue
-        if verb == "shell" and from_env:
-            break       # image-shell -c '...': the rest is the shell's
+        if verb in ("shell", "run") and from_env:
+            break       # image-shell -c '...', image-run --flag: the rest is theirs
         raise UsageError(f"{prog}: unknown option {a!r} (see {prog} --help)")
     rest = rest[i:]
     if from_env:
