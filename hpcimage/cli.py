@@ -1,0 +1,72 @@
+"""The `hpcimage` command: click commands that turn HpcimageError into one line."""
+import sys
+
+import click
+
+from hpcimage.errors import HpcimageError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hpcimage")
+def cli():
+    """Container images as environment modules, with an unprivileged runtime."""
+
+
+@cli.command()
+@click.option("--site", "site_path", default="site.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="The site description.")
+@click.option("--prefix", type=click.Path(file_okay=False),
+              help="Render under DIR instead of the paths in site.yaml.")
+@click.option("--check", is_flag=True,
+              help="Write nothing; show a diff and exit 1 when the files are stale.")
+@click.option("--format", "fmt", type=click.Choice(["lua", "tcl", "all"]), default="all",
+              show_default=True, help="Lmod (lua), Environment Modules (tcl) or both.")
+def generate(site_path, prefix, check, fmt):
+    """Render modulefiles and image-* wrappers from site.yaml."""
+    from hpcimage import generate as gen
+    gen.run(site_path, prefix=prefix, check=check, fmt=fmt)
+
+
+_PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True,
+                "allow_interspersed_args": False, "help_option_names": []}
+
+
+def _runtime_command(verb, summary):
+    @cli.command(verb, context_settings=_PASSTHROUGH, add_help_option=False,
+                 help=summary + " Options as Apptainer's; `hpcimage " + verb +
+                 " --help` lists them.")
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args):
+        from hpcimage.runtime.main import main as runtime_main
+        runtime_main([verb, *args])
+    return command
+
+
+_runtime_command("exec", "Run a command inside IMAGE: exec [OPTIONS] IMAGE COMMAND [ARGS].")
+_runtime_command("run", "Run IMAGE's runscript: run [OPTIONS] IMAGE [ARGS].")
+_runtime_command("shell", "Start a shell inside IMAGE: shell [OPTIONS] IMAGE [SHELL ARGS].")
+
+from hpcimage.sifcli import build as _build, sif as _sif  # noqa: E402  (issue 3)
+cli.add_command(_sif)
+cli.add_command(_build)
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="hpcimage", standalone_mode=False)
+    except HpcimageError as e:
+        click.echo(f"hpcimage: error: {e.message}", err=True)
+        sys.exit(e.status)
+    except click.exceptions.Abort:
+        click.echo("hpcimage: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if e.exit_code == 2 else e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
