@@ -51,6 +51,16 @@ cli.add_command(_sif)
 cli.add_command(_build)
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.argument("image")
+def inspect(image, as_json):
+    """Show IMAGE's labels, definition file, runscript, help, environment, apps and
+    (SIF) objects, without starting it."""
+    from hpcimage import inspect as insp
+    click.echo(insp.run(image, as_json), nl=False)
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="hpcimage", standalone_mode=False)

@@ -179,9 +179,19 @@ def bare_sqfs(bare_dir):
     return _cached("bare-v1.sqfs", lambda p: _mksquashfs(bare_dir, p))
 
 
-@pytest.fixture(params=["dir", "sqfs"])
-def image(request, demo_dir, demo_sqfs):
-    return str(demo_dir if request.param == "dir" else demo_sqfs)
+@pytest.fixture(scope="session")
+def demo_sif(demo_dir):
+    def build(p):
+        tmp = str(p) + ".sif"
+        subprocess.run(cli_argv("build", tmp, str(demo_dir)), check=True,
+                       stdout=subprocess.DEVNULL)
+        os.rename(tmp, p)
+    return _cached("demo-v1.sif", build)
+
+
+@pytest.fixture(params=["dir", "sqfs", "sif"])
+def image(request, demo_dir, demo_sqfs, demo_sif):
+    return str({"dir": demo_dir, "sqfs": demo_sqfs, "sif": demo_sif}[request.param])
 
 
 @pytest.fixture(params=["dir", "sqfs"])
