@@ -15,7 +15,7 @@ def cli():
 @cli.command()
 @click.option("--site", "site_path", default="site.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="The site description.")
-@click.option("--prefix", type=click.Path(file_okay=False),
+@click.option("--prefix", type=click.Path(file_okay=False), metavar="DIR",
               help="Render under DIR instead of the paths in site.yaml.")
 @click.option("--check", is_flag=True,
               help="Write nothing; show a diff and exit 1 when the files are stale.")
@@ -63,7 +63,7 @@ def inspect(image, as_json):
 
 def main(argv=None):
     try:
-        cli.main(args=argv, prog_name="hpcimage", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="hpcimage", standalone_mode=False)
     except HpcimageError as e:
         click.echo(f"hpcimage: error: {e.message}", err=True)
         sys.exit(e.status)
@@ -75,7 +75,8 @@ def main(argv=None):
         sys.exit(2 if e.exit_code == 2 else e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    sys.exit(0)
+    # standalone_mode=False: click returns ctx.exit()'s code instead of raising it.
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,312 @@
+"""site.yaml -> Site: typed values, defaults, and every bad-input error.
+
+Each error case runs the real `hpcimage generate` entry point (in process, for
+speed; a few through a subprocess) and checks the one-line message, exit 2,
+and that nothing was written.
+"""
+import subprocess
+import textwrap
+
+import pytest
+
+from modtools import REPO, cli_env, hpcimage_cmd, snapshot, write_site
+
+from hpcimage import cli, site
+from hpcimage.errors import UsageError
+
+GOOD = """\
+store: /apps/images
+images:
+  - name: Ubuntu
+    version: "16.04"
+    file: Ubuntu-16.04.sqfs
+    description: Ubuntu 16.04 LTS
+    default: true
+"""
+
+
+def run_main(monkeypatch, capsys, cwd, *args):
+    """`hpcimage ARGS` in process -> (status, stdout, stderr)."""
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(list(args))
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+# --------------------------------------------------------------------------
+# Good input
+# --------------------------------------------------------------------------
+
+def test_typed_values_and_defaults(tmp_path):
+    p = write_site(tmp_path, GOOD)
+    s = site.load(p)
+    assert s.store == "/apps/images"
+    assert (s.modulefiles, s.tcl_modulefiles, s.wrappers) == (
+        "modulefiles", "modulefiles-tcl", "wrappers")
+    assert s.python == "/opt/hpcimage/venv/bin/python3"
+    assert s.binds == ()
+    (img,) = s.images
+    assert (img.name, img.version, img.module) == ("Ubuntu", "16.04", "Ubuntu/16.04")
+    assert img.path == "/apps/images/Ubuntu-16.04.sqfs"
+    assert img.default is True and img.binds == () and img.help == "" and img.url == ""
+    assert img.line == 3
+    assert s.roots() == {"modulefiles": f"{tmp_path}/modulefiles",
+                         "tcl_modulefiles": f"{tmp_path}/modulefiles-tcl",
+                         "wrappers": f"{tmp_path}/wrappers"}
+
+
+def test_relative_store_and_paths(tmp_path):
+    p = write_site(tmp_path, textwrap.dedent("""\
+        store: images
+        modulefiles: out/lua
+        tcl_modulefiles: /abs/tcl
+        wrappers: out/bin
+        python: /usr/bin/python3
+        binds: [/scratch, "/apps:/apps:ro", "/data:/mnt/data"]
+        images:
+          - {name: A, version: 1, file: a.sqfs, description: "x", binds: ["/x:/y:rw"],
+             help: "more help", url: "https://example.org/a"}
+          - {name: B, version: 2.10, file: /elsewhere/b.sqfs}
+          - {name: B, version: "2.9", file: b29.sqfs, default: false}
+        """))
+    s = site.load(p)
+    assert s.store == f"{tmp_path}/images"
+    a, b, b29 = s.images
+    assert a.path == f"{tmp_path}/images/a.sqfs"
+    assert a.version == "1"
+    assert b.version == "2.10"                 # an unquoted number is kept verbatim
+    assert b.path == "/elsewhere/b.sqfs"
+    assert [x.spec for x in s.binds] == ["/scratch", "/apps:/apps:ro", "/data:/mnt/data"]
+    assert [(x.src, x.dst, x.mode) for x in s.binds] == [
+        ("/scratch", "/scratch", "rw"), ("/apps", "/apps", "ro"), ("/data", "/mnt/data", "rw")]
+    assert s.roots() == {"modulefiles": f"{tmp_path}/out/lua",
+                         "tcl_modulefiles": "/abs/tcl",
+                         "wrappers": f"{tmp_path}/out/bin"}
+    # --prefix: relative roots go below it, absolute ones are staged below it too
+    assert s.roots("/stage") == {"modulefiles": "/stage/out/lua",
+                                 "tcl_modulefiles": "/stage/abs/tcl",
+                                 "wrappers": "/stage/out/bin"}
+    assert s.policy() == {"binds": ["/scratch", "/apps:/apps:ro", "/data:/mnt/data"],
+                          "image_binds": {"A/1": ["/x:/y:rw"]}, "version": 1}
+
+
+def test_merge_keys_and_anchors(tmp_path):
+    p = write_site(tmp_path, textwrap.dedent("""\
+        store: /s
+        common: &common {description: shared text, binds: [/scratch]}
+        images: []
+        """))
+    with pytest.raises(UsageError, match=r"site.yaml:2: common: unknown key"):
+        site.load(p)
+    p = write_site(tmp_path, textwrap.dedent("""\
+        store: /s
+        images:
+          - &first {name: A, version: "1", file: a, description: shared text}
+          - {<<: *first, version: "2"}
+        """))
+    a, a2 = site.load(p).images
+    assert (a2.module, a2.description, a2.path) == ("A/2", "shared text", "/s/a")
+
+
+def test_free_text_descriptions_are_kept(tmp_path):
+    hostile = '"]] os.execute("touch x") --[[ $(touch x) [exec touch x] `x` \\ \'q\'\nline 2\t\x01'
+    p = write_site(tmp_path, "store: /s\nimages:\n  - name: A\n    version: '1'\n    file: a\n"
+                   f"    description: {yaml_quote(hostile)}\n")
+    assert site.load(p).images[0].description == hostile
+
+
+def yaml_quote(s):
+    import json
+    return json.dumps(s)   # a JSON string is a YAML double-quoted scalar
+
+
+def test_empty_images_list_is_allowed(tmp_path):
+    s = site.load(write_site(tmp_path, "store: /s\nimages: []\n"))
+    assert s.images == ()
+
+
+# --------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+# --------------------------------------------------------------------------
+
+IMG = "  - name: A\n    version: '1'\n    file: a.sqfs\n"
+
+BAD = [
+    # (id, site.yaml text, expected stderr line after "hpcimage: error: ")
+    ("empty", "", "site.yaml:1: empty file: expected a mapping with 'store' and 'images'"),
+    ("comments-only", "# nothing\n\n",
+     "site.yaml:1: empty file: expected a mapping with 'store' and 'images'"),
+    ("syntax", "store: /s\nimages: [\n  {name: A\n",
+     "site.yaml:4: invalid YAML: expected ',' or '}', but got '<stream end>'"),
+    ("syntax-indent", "store: /s\n  images: []\n",
+     "site.yaml:2: invalid YAML: mapping values are not allowed here"),
+    ("two-documents", "store: /s\n---\nstore: /t\n",
+     "site.yaml:2: invalid YAML: expected a single document in the stream, but found another document"),
+    ("top-list", "- store\n", "site.yaml:1: expected a mapping, got a list"),
+    ("top-scalar", "hello\n", "site.yaml:1: expected a mapping, got a string"),
+    ("missing-store", "images: []\n", "site.yaml:1: store: required key is missing"),
+    ("missing-images", "store: /s\n", "site.yaml:1: images: required key is missing"),
+    ("missing-file", "store: /s\nimages:\n" + IMG + "  - name: B\n    version: '1'\n",
+     "site.yaml:6: images[1].file: required key is missing"),
+    ("missing-name", "store: /s\nimages:\n  - {version: '1', file: a}\n",
+     "site.yaml:3: images[0].name: required key is missing"),
+    ("unknown-top", "store: /s\nstroe: /t\nimages: []\n",
+     "site.yaml:2: stroe: unknown key (did you mean 'store'? known keys: store, modulefiles, "
+     "tcl_modulefiles, wrappers, python, binds, images)"),
+    ("unknown-image", "store: /s\nimages:\n" + IMG + "    descripton: x\n",
+     "site.yaml:6: images[0].descripton: unknown key (did you mean 'description'? known keys: "
+     "name, version, file, description, default, binds, help, url)"),
+    ("duplicate-key", "store: /s\nimages: []\nstore: /t\n",
+     "site.yaml:3: store: duplicate key (first at line 1)"),
+    ("images-not-list", "store: /s\nimages: {name: A}\n",
+     "site.yaml:2: images: expected a list, got a mapping"),
+    ("images-null", "store: /s\nimages:\n",
+     "site.yaml:2: images: expected a list, got nothing (null)"),
+    ("image-not-mapping", "store: /s\nimages:\n  - Ubuntu\n",
+     "site.yaml:3: images[0]: expected a mapping, got a string"),
+    ("name-int", "store: /s\nimages:\n  - {name: 12, version: '1', file: a}\n",
+     "site.yaml:3: images[0].name: expected a string, got an integer"),
+    ("store-list", "store: [/s]\nimages: []\n", "site.yaml:1: store: expected a path, got a list"),
+    ("store-empty", "store: ''\nimages: []\n", "site.yaml:1: store: must not be empty"),
+    ("version-null", "store: /s\nimages:\n  - name: A\n    version:\n    file: a\n",
+     "site.yaml:4: images[0].version: expected a string, got nothing (null)"),
+    ("version-date", "store: /s\nimages:\n  - {name: A, version: 2024-01-02, file: a}\n",
+     "site.yaml:3: images[0].version: expected a string, got a date"),
+    ("description-list", "store: /s\nimages:\n" + IMG + "    description: [a]\n",
+     "site.yaml:6: images[0].description: expected a string, got a list"),
+    ("default-string", "store: /s\nimages:\n" + IMG + "    default: 'yes'\n",
+     "site.yaml:6: images[0].default: expected true or false, got a string"),
+    ("name-slash", "store: /s\nimages:\n  - {name: a/b, version: '1', file: a}\n",
+     "site.yaml:3: images[0].name: invalid name 'a/b': must match "
+     "[A-Za-z0-9][A-Za-z0-9._+-]* (letters, digits, '.', '_', '+', '-'; no '/', quotes, "
+     "spaces or '$')"),
+    ("name-quote", "store: /s\nimages:\n  - {name: 'a\"b', version: '1', file: a}\n",
+     "site.yaml:3: images[0].name: invalid name 'a\"b'"),
+    ("name-dollar", "store: /s\nimages:\n" + IMG + "  - {name: '$(touch x)', version: '1', file: a}\n",
+     "site.yaml:6: images[1].name: invalid name '$(touch x)'"),
+    ("name-space", "store: /s\nimages:\n  - {name: 'a b', version: '1', file: a}\n",
+     "site.yaml:3: images[0].name: invalid name 'a b'"),
+    ("name-newline", "store: /s\nimages:\n  - {name: \"a\\nb\", version: '1', file: a}\n",
+     "site.yaml:3: images[0].name: invalid name 'a\\nb'"),
+    ("name-dot", "store: /s\nimages:\n  - {name: ..., version: '1', file: a}\n",
+     "site.yaml:3: images[0].name: invalid name '...'"),
+    ("version-slash", "store: /s\nimages:\n  - {name: A, version: '1/2', file: a}\n",
+     "site.yaml:3: images[0].version: invalid version '1/2'"),
+    ("version-reserved", "store: /s\nimages:\n  - {name: A, version: default, file: a}\n",
+     "site.yaml:3: images[0].version: 'default' is reserved by the module systems"),
+    ("duplicate-image", "store: /s\nimages:\n" + IMG + IMG,
+     "site.yaml:6: images[1]: duplicate image A/1 (first at line 3)"),
+    ("two-defaults", "store: /s\nimages:\n" + IMG + "    default: true\n"
+     "  - {name: A, version: '2', file: b, default: true}\n",
+     "site.yaml:7: images[1].default: A already has a default version (1, line 3)"),
+    ("file-newline", "store: /s\nimages:\n  - {name: A, version: '1', file: \"a\\nb\"}\n",
+     "site.yaml:3: images[0].file: must not contain control characters (newlines, tabs, ...)"),
+    ("description-nul", "store: /s\nimages:\n" + IMG + "    description: \"a\\0b\"\n",
+     "site.yaml:6: images[0].description: must not contain NUL characters"),
+    ("python-relative", "store: /s\npython: bin/python3\nimages: []\n",
+     "site.yaml:2: python: must be an absolute path, got 'bin/python3'"),
+    ("bind-relative", "store: /s\nbinds: [scratch]\nimages: []\n",
+     "site.yaml:2: binds[0]: source of bind 'scratch' must be an absolute path"),
+    ("bind-dst-relative", "store: /s\nbinds: [/a, '/b:b']\nimages: []\n",
+     "site.yaml:2: binds[1]: destination of bind '/b:b' must be an absolute path"),
+    ("bind-mode", "store: /s\nbinds:\n  - /a:/b:rx\nimages: []\n",
+     "site.yaml:3: binds[0]: mode of bind '/a:/b:rx' must be 'ro' or 'rw', got 'rx'"),
+    ("bind-parts", "store: /s\nbinds: ['/a:/b:ro:x']\nimages: []\n",
+     "site.yaml:2: binds[0]: expected 'src[:dst[:ro|rw]]', got '/a:/b:ro:x'"),
+    ("bind-comma", "store: /s\nbinds: ['/a,/b']\nimages: []\n",
+     "site.yaml:2: binds[0]: one bind per entry, got '/a,/b' (no ',')"),
+    ("binds-string", "store: /s\nbinds: /scratch\nimages: []\n",
+     "site.yaml:2: binds: expected a list, got a string"),
+    ("image-bind", "store: /s\nimages:\n" + IMG + "    binds: [/a, 'rel']\n",
+     "site.yaml:6: images[0].binds[1]: source of bind 'rel' must be an absolute path"),
+    ("wrappers-inside-modulefiles", "store: /s\nwrappers: modulefiles/bin\nimages: []\n",
+     "site.yaml:2: wrappers: must not be the same as, inside or around modulefiles "
+     "('modulefiles/bin' vs 'modulefiles'): each output root holds only its own files"),
+    ("same-roots", "store: /s\nmodulefiles: mf\ntcl_modulefiles: ./mf\nimages: []\n",
+     "site.yaml:3: tcl_modulefiles: must not be the same as, inside or around modulefiles"),
+    ("root-colon", "store: /s\nwrappers: 'a:b'\nimages: []\n",
+     "site.yaml:2: wrappers: must not contain ':' (it ends up in PATH/MODULEPATH)"),
+    ("python-tag", "store: !!python/name:os.system ''\nimages: []\n",
+     "site.yaml:1: store: expected a path, got a value tagged tag:yaml.org,2002:python/name:os.system"),
+    ("merge-scalar", "store: /s\n<<: 3\nimages: []\n",
+     "site.yaml:1: invalid merge: expected a mapping or list of mappings for merging, "
+     "but found scalar"),
+    ("int-key", "store: /s\n12: x\nimages: []\n",
+     "site.yaml:2: keys must be strings, got an integer"),
+]
+
+
+@pytest.mark.parametrize("text,expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_site_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
+                                                         text, expected):
+    write_site(tmp_path, text)
+    before = snapshot(tmp_path)
+    status, out, err = run_main(monkeypatch, capsys, tmp_path, "generate")
+    assert status == 2
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("hpcimage: error: " + expected), err
+    assert "Traceback" not in err
+    assert snapshot(tmp_path) == before          # nothing written
+
+
+def test_missing_site_file(tmp_path, monkeypatch, capsys):
+    status, out, err = run_main(monkeypatch, capsys, tmp_path, "generate")
+    assert (status, out) == (2, "")
+    assert err == "hpcimage: error: site.yaml: cannot read: No such file or directory\n"
+    status, out, err = run_main(monkeypatch, capsys, tmp_path, "generate", "--site", "nope.yml")
+    assert err == "hpcimage: error: nope.yml: cannot read: No such file or directory\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_utf8(tmp_path, monkeypatch, capsys):
+    (tmp_path / "site.yaml").write_bytes(b"store: /s\nimages: []\n# \xff\n")
+    status, _, err = run_main(monkeypatch, capsys, tmp_path, "generate")
+    assert status == 2
+    assert err == "hpcimage: error: site.yaml:3: not valid UTF-8\n"
+
+
+def test_bad_site_leaves_existing_tree_untouched(tmp_path, monkeypatch, capsys):
+    write_site(tmp_path, GOOD)
+    status, _, _ = run_main(monkeypatch, capsys, tmp_path, "generate")
+    assert status == 0
+    before = snapshot(tmp_path)
+    # a valid first image and a broken second: still nothing may change
+    write_site(tmp_path, GOOD.replace("Ubuntu 16.04 LTS", "changed") +
+               "  - {name: 'x y', version: '1', file: a}\n")
+    status, _, err = run_main(monkeypatch, capsys, tmp_path, "generate")
+    assert status == 2
+    assert err == ("hpcimage: error: site.yaml:8: images[1].name: invalid name 'x y': must "
+                   "match [A-Za-z0-9][A-Za-z0-9._+-]* (letters, digits, '.', '_', '+', '-'; "
+                   "no '/', quotes, spaces or '$')\n")
+    after = snapshot(tmp_path)
+    del before["site.yaml"], after["site.yaml"]
+    assert after == before
+
+
+def test_error_through_the_real_command_has_no_traceback(tmp_path):
+    """The same as above through a separate process and the module entry point."""
+    write_site(tmp_path, "store: /s\nimages:\n  - {name: A, version: '1'}\n")
+    p = subprocess.run(hpcimage_cmd() + ["generate"], cwd=tmp_path, env=cli_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stdout == ""
+    assert p.stderr == "hpcimage: error: site.yaml:3: images[0].file: required key is missing\n"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["site.yaml"]
+
+
+def test_error_names_the_site_path_as_given(tmp_path, monkeypatch, capsys):
+    (tmp_path / "conf").mkdir()
+    write_site(tmp_path / "conf", "store: /s\nimages: 3\n")
+    status, _, err = run_main(monkeypatch, capsys, tmp_path, "generate",
+                              "--site", "conf/site.yaml")
+    assert status == 2
+    assert err == "hpcimage: error: conf/site.yaml:2: images: expected a list, got an integer\n"
+
+
+def test_schema_tables_document_every_key():
+    """docs/site-yaml.md names every key of the schema tables."""
+    doc = (REPO / "docs" / "site-yaml.md").read_text()
+    for key in list(site.SITE_KEYS) + list(site.IMAGE_KEYS):
+        assert f"`{key}`" in doc, key
