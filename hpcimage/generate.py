@@ -26,7 +26,7 @@ from pathlib import Path
 from hpcimage.errors import HpcimageError
 
 FORMATS = ("lua", "tcl")
-WRAPPERS = ("image-exec", "image-run", "image-shell")
+WRAPPERS = ("image-exec", "image-run", "image-shell", "image-mpi")
 SITE_JSON = "site.json"
 
 # Every generated file carries this in its first lines; only such files are
@@ -191,6 +191,7 @@ def help_text(image):
         "  image-shell               an interactive shell inside the image",
         "  image-exec CMD [ARG...]   run CMD inside the image",
         "  image-run [ARG...]        run the image's runscript",
+        "  image-mpi [-n N] PROG     run PROG once per MPI rank (srun or mpirun)",
     ]
     if image.help:
         lines += ["", image.help.strip("\n")]

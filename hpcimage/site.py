@@ -72,6 +72,7 @@ class Site:
     python: str
     binds: Tuple[Bind, ...] = ()
     images: Tuple[Image, ...] = field(default_factory=tuple)
+    mpi: Dict[str, object] = field(default_factory=dict)
 
     def roots(self, prefix=None):
         """Absolute output roots {"modulefiles", "tcl_modulefiles", "wrappers"}.
@@ -97,11 +98,16 @@ class Site:
         for img in self.images:
             if img.binds:
                 image_binds[img.module] = [b.spec for b in img.binds]
-        return {
+        out = {
             "binds": [b.spec for b in self.binds],
             "image_binds": image_binds,
             "version": 1,
         }
+        if self.mpi:
+            out["mpi"] = {k: (list(b.spec for b in v) if k == "binds" else
+                              list(v) if isinstance(v, tuple) else v)
+                          for k, v in self.mpi.items() if v not in (None, (), "")}
+        return out
 
 
 # --------------------------------------------------------------------------
@@ -353,6 +359,45 @@ IMAGE_KEYS: Dict[str, Key] = {
 }
 
 
+def choice(*choices):
+    def parse(ctx, node, keypath):
+        value = _expect_str(ctx, node, keypath)
+        if value not in choices:
+            raise ctx.error(node, keypath, f"must be one of {', '.join(choices)}, "
+                                           f"not {value!r}")
+        return value
+    return parse
+
+
+def parse_soname(ctx, node, keypath):
+    value = _expect_str(ctx, node, keypath)
+    if not NAME_RE.fullmatch(value):
+        raise ctx.error(node, keypath, f"not a library name: {value!r}")
+    return value
+
+
+MPI_KEYS: Dict[str, Key] = {
+    "mode": Key(choice("hybrid", "bind"), default="hybrid",
+                doc="default model of image-mpi (--mpi-mode overrides)"),
+    "launcher": Key(choice("auto", "srun", "mpirun"), default="auto",
+                    doc="auto: srun inside a Slurm allocation, mpirun outside"),
+    "srun_mpi": Key(choice("pmix", "pmi2", "none"), default=None,
+                    doc="srun --mpi=... added when the user gives none"),
+    "implementation": Key(choice("openmpi", "mpich"), default=None,
+                          doc="the host MPI (found from mpirun when absent)"),
+    "prefix": Key(parse_abs_path, default=None,
+                  doc="host MPI install prefix, bound at the same path (bind model)"),
+    "libs": Key(list_of(parse_soname), default=(),
+                doc="extra host libraries for the bind model (sonames)"),
+    "binds": Key(list_of(parse_bind), default=(),
+                 doc="extra binds for MPI jobs"),
+}
+
+
+def parse_mpi(ctx, node, keypath):
+    return _mapping(ctx, node, keypath, MPI_KEYS)
+
+
 def parse_image(ctx, node, keypath):
     values = _mapping(ctx, node, keypath, IMAGE_KEYS)
     values["line"] = node.start_mark.line + 1
@@ -374,6 +419,8 @@ SITE_KEYS: Dict[str, Key] = {
                  doc="binds for every image"),
     "images": Key(list_of(parse_image), required=True,
                   doc="the images, one module each"),
+    "mpi": Key(parse_mpi, default=None,
+               doc="the host MPI for image-mpi (see docs/site-yaml.md)"),
 }
 
 
@@ -470,7 +517,7 @@ def _build(ctx, root, values):
         path=ctx.display, base_dir=ctx.base_dir, store=values["store"],
         modulefiles=roots["modulefiles"], tcl_modulefiles=roots["tcl_modulefiles"],
         wrappers=roots["wrappers"], python=values["python"], binds=values["binds"],
-        images=tuple(images))
+        images=tuple(images), mpi=dict(values["mpi"] or {}))
 
 
 def _nested(a, b):

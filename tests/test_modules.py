@@ -136,7 +136,7 @@ def test_loaded_module_puts_working_wrappers_on_path(system, world_tmp):
                         [root_of(system, world_tmp)])
     assert res.rc == 0, res.err
     assert res.out == (f"/apps/images/Demo-2.0.sqfs|Demo/2.0|{world_tmp}/wrappers/site.json|"
-                       "-I|-m|hpcimage.runtime|image-exec|ls|a b|")
+                       "-I|-c|from hpcimage.runtime.main import main; main()|image-exec|ls|a b|")
 
 
 @pytest.mark.parametrize("system", ALL)

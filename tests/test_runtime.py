@@ -267,7 +267,7 @@ def test_image_shell(user, image):
 
 
 def test_wrappers_need_a_module(user):
-    for verb in ("image-exec", "image-run", "image-shell"):
+    for verb in ("image-exec", "image-run", "image-shell", "image-mpi"):
         r = user.run(runtime_argv(verb, "true"))
         assert r.returncode == 2
         assert r.stderr.startswith(f"{verb}: error: no image module loaded: run 'module load")

@@ -153,7 +153,14 @@ BAD = [
      "site.yaml:3: images[0].name: required key is missing"),
     ("unknown-top", "store: /s\nstroe: /t\nimages: []\n",
      "site.yaml:2: stroe: unknown key (did you mean 'store'? known keys: store, modulefiles, "
-     "tcl_modulefiles, wrappers, python, binds, images)"),
+     "tcl_modulefiles, wrappers, python, binds, images, mpi)"),
+    ("mpi-mode", "store: /s\nimages: []\nmpi:\n  mode: magic\n",
+     "site.yaml:4: mpi.mode: must be one of hybrid, bind, not 'magic'"),
+    ("mpi-unknown", "store: /s\nimages: []\nmpi:\n  lancher: srun\n",
+     "site.yaml:4: mpi.lancher: unknown key (did you mean 'launcher'? known keys: mode, "
+     "launcher, srun_mpi, implementation, prefix, libs, binds)"),
+    ("mpi-lib", "store: /s\nimages: []\nmpi:\n  libs: ['$(evil)']\n",
+     "site.yaml:4: mpi.libs[0]: not a library name: '$(evil)'"),
     ("unknown-image", "store: /s\nimages:\n" + IMG + "    descripton: x\n",
      "site.yaml:6: images[0].descripton: unknown key (did you mean 'description'? known keys: "
      "name, version, file, description, default, binds, help, url)"),
@@ -308,5 +315,5 @@ def test_error_names_the_site_path_as_given(tmp_path, monkeypatch, capsys):
 def test_schema_tables_document_every_key():
     """docs/site-yaml.md names every key of the schema tables."""
     doc = (REPO / "docs" / "site-yaml.md").read_text()
-    for key in list(site.SITE_KEYS) + list(site.IMAGE_KEYS):
+    for key in list(site.SITE_KEYS) + list(site.IMAGE_KEYS) + list(site.MPI_KEYS):
         assert f"`{key}`" in doc, key

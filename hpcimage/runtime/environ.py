@@ -22,7 +22,7 @@ from hpcimage.runtime.options import valid_name as _valid_name
 
 
 def compute(host_env, *, image_path, module=None, cleanenv=False, cli_env=(),
-            home=None):
+            home=None, keep_prefixes=()):
     """Return (env, forced, prepend, append).
 
     env: what the command starts with; forced: NAME -> value set after the image's
@@ -33,7 +33,8 @@ def compute(host_env, *, image_path, module=None, cleanenv=False, cli_env=(),
     for k, v in host_env.items():
         if k.startswith(FORCE_PREFIXES) or k in DROP:
             continue
-        if cleanenv and not (k in CLEANENV_KEEP or k.startswith(CLEANENV_KEEP_PREFIXES)):
+        if cleanenv and not (k in CLEANENV_KEEP or k.startswith(CLEANENV_KEEP_PREFIXES)
+                             or (keep_prefixes and k.startswith(tuple(keep_prefixes)))):
             continue
         env[k] = v
     for prefix in FORCE_PREFIXES:

@@ -136,8 +136,16 @@ def _under(path, top):
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def plan(opts, image, site=None, host_env=None):
-    """Build the launch plan for opts (runtime.options.Options) and image (image.Image)."""
+BIND_ENV = ("SINGULARITY_BIND", "APPTAINER_BIND", "HPCIMAGE_BIND")
+
+
+def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=(),
+         contributions=()):
+    """Build the launch plan for opts (runtime.options.Options) and image (image.Image).
+
+    extra_binds: host directories bound at the same path (e.g. the PMIx server's);
+    keep_prefixes: variables that pass even under --cleanenv (MPI, PMIx, Slurm);
+    contributions: host.Contribution objects (GPU, InfiniBand, MPI bind model)."""
     host_env = dict(os.environ if host_env is None else host_env)
     site = site or {}
     uid, gid, user, pw_home, gecos, pw_shell, group = _user()
@@ -180,11 +188,25 @@ def plan(opts, image, site=None, host_env=None):
         b = parse_bind(spec, "site")
         if os.path.exists(b.src):
             binds.append(b)
-    for spec in opts.binds:
+    user_specs = []
+    for var in BIND_ENV:
+        user_specs += [v for v in host_env.get(var, "").split(",") if v]
+    for spec in user_specs + list(opts.binds):
         b = parse_bind(spec, "-B")
         if not os.path.exists(b.src):
             raise UsageError(f"{opts.prog}: bind source {b.src} does not exist")
         binds.append(b)
+
+    for d in extra_binds:
+        if not any(_under(d, b.dst) for b in binds if b.src == b.dst):
+            binds.append(Bind(d, d, False, "MPI/PMIx"))
+    env_set, env_prepend = {}, {}
+    for c in contributions:
+        for src, dst, ro, why in c.binds:
+            binds.append(Bind(src, dst, ro, why))
+        env_set.update(c.env)
+        for k, paths in c.prepend.items():
+            env_prepend.setdefault(k, []).extend(paths)
 
     # Working directory.
     cwd = None
@@ -218,7 +240,11 @@ def plan(opts, image, site=None, host_env=None):
 
     env, forced, prepend, append = environ.compute(
         host_env, image_path=image.path, module=module, cleanenv=opts.cleanenv,
-        cli_env=opts.env, home=home)
+        cli_env=opts.env, home=home, keep_prefixes=keep_prefixes)
+    env.update(env_set)
+    for k, paths in env_prepend.items():
+        old = [x for x in env.get(k, "").split(":") if x]
+        env[k] = ":".join(dict.fromkeys(paths + old))
     p.add("exec", opts.verb, list(opts.args), env, forced, prepend, append, opts.prog)
     return p
 
@@ -358,8 +384,17 @@ def _files(base, image_root, uid, gid, user, home, gecos, shell, group):
     _write(base + "/group", groups)
 
 
+def split(p, name):
+    """(ops before the first op called name, that op and the rest)."""
+    k = next(i for i, op in enumerate(p.ops) if op[0] == name)
+    head, tail = Plan(), Plan()
+    head.ops, tail.ops = p.ops[:k], p.ops[k:]
+    return head, tail
+
+
 def execute(p):
-    """Carry out plan p. Does not return when the command was exec'd."""
+    """Carry out plan p. Does not return when the command was exec'd; returns the
+    squashfuse daemon's pid (or None) when p holds no exec step."""
     mount_pid = None
     trace = os.environ.get("HPCIMAGE_TRACE") == "1"
     if trace:
@@ -429,7 +464,7 @@ def execute(p):
             if mount_pid:
                 _kill(mount_pid)
             raise HpcimageError(_oserror(name, e)) from None
-    raise HpcimageError("launch plan ended without exec")
+    return mount_pid
 
 
 def _kill(pid):

@@ -57,7 +57,14 @@ def run(argv, environ=None):
     from hpcimage.runtime import options, launch
     from hpcimage.image import open_image
     environ = os.environ if environ is None else environ
+    if argv and argv[0] == "image-mpi":
+        from hpcimage.runtime import mpi
+        return mpi.main(argv, environ, load_site(environ))
     opts = options.parse(argv, environ)
+    if argv[0] == "image-mpi-rank":
+        from hpcimage.runtime import mpi
+        opts.prog = "image-mpi"
+        return mpi.run_rank(opts, open_image(opts.image), load_site(environ), environ)
     if opts.args == ["--help"]:
         sys.stdout.write(options.usage(opts))
         return 0
@@ -75,12 +82,14 @@ def run(argv, environ=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     prog = argv[0] if argv and argv[0].startswith("image-") else "hpcimage"
+    if prog == "image-mpi-rank":
+        prog = "image-mpi"
     try:
         sys.exit(run(argv))
     except HpcimageError as e:
         msg = e.message
         verb = argv[0] if argv else ""
-        for p in (verb + ": ", f"hpcimage {verb}: "):
+        for p in (verb + ": ", f"hpcimage {verb}: ", "image-mpi: "):
             if msg.startswith(p):
                 msg = msg[len(p):]
         sys.stderr.write(f"{prog}: error: {msg}\n")

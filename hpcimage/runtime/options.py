@@ -9,7 +9,9 @@ import os
 from hpcimage.errors import UsageError
 
 VERBS = ("exec", "run", "shell")
-WRAPPER_VERBS = {"image-exec": "exec", "image-run": "run", "image-shell": "shell"}
+WRAPPER_VERBS = {"image-exec": "exec", "image-run": "run", "image-shell": "shell",
+                 "image-mpi-rank": "exec"}
+MPI_MODES = ("hybrid", "bind")
 
 HELP = """\
 usage: {prog} [OPTIONS] {image}{what}
@@ -35,7 +37,7 @@ def valid_name(k):
 
 class Options:
     __slots__ = ("verb", "prog", "image", "args", "binds", "cleanenv", "contain",
-                 "no_home", "pwd", "env", "dry_run", "app", "nv", "rocm", "ib")
+                 "no_home", "pwd", "env", "dry_run", "app", "nv", "rocm", "ib", "mpi_mode")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -53,13 +55,14 @@ class Options:
         self.nv = False
         self.rocm = False
         self.ib = False
+        self.mpi_mode = None
 
 
 _FLAGS = {"-e": "cleanenv", "--cleanenv": "cleanenv", "-C": "contain",
           "--contain": "contain", "--no-home": "no_home", "--dry-run": "dry_run",
           "--nv": "nv", "--rocm": "rocm", "--ib": "ib"}
 _VALUED = {"-B": "bind", "--bind": "bind", "--pwd": "pwd", "--env": "env",
-           "--app": "app"}
+           "--app": "app", "--mpi-mode": "mpi_mode"}
 
 
 def parse(argv, environ=None):
@@ -108,6 +111,8 @@ def parse(argv, environ=None):
                 if not has or not valid_name(k):
                     raise UsageError(f"{prog}: --env wants NAME=VALUE, got {val!r}")
                 o.env.append((k, v))
+            elif key == "mpi_mode" and val not in MPI_MODES:
+                raise UsageError(f"{prog}: --mpi-mode wants hybrid or bind, not {val!r}")
             else:
                 setattr(o, key, val)
             i += 1
