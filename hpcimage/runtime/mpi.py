@@ -101,6 +101,22 @@ def _which(prog, environ):
     return None
 
 
+def implementation_of(exe):
+    """'openmpi', 'mpich' or None, from the launcher's chain of links (alternatives)."""
+    path, seen = exe, 0
+    while True:
+        name = os.path.basename(path)
+        if any(k in name for k in ("openmpi", "orterun", "prterun")):
+            return "openmpi"
+        if any(k in name for k in ("mpich", "hydra")):
+            return "mpich"
+        if not os.path.islink(path) or seen > 10:
+            return None
+        link = os.readlink(path)
+        path = link if link.startswith("/") else os.path.join(os.path.dirname(path), link)
+        seen += 1
+
+
 def launcher_argv(opts, environ, site, mode, runtime_opts, program):
     """The command that starts one runtime per rank."""
     policy = site.get("mpi") or {}
@@ -119,8 +135,7 @@ def launcher_argv(opts, environ, site, mode, runtime_opts, program):
         if pmi and not any(o == "--mpi" or o.startswith("--mpi=") for o in opts):
             argv.append(f"--mpi={pmi}")
     else:
-        impl = policy.get("implementation") or (
-            "openmpi" if "openmpi" in os.path.realpath(exe) else None)
+        impl = policy.get("implementation") or implementation_of(exe)
         if impl == "openmpi":      # Open MPI forwards only what -x names to remote nodes
             for name in ("HPCIMAGE_IMAGE", "HPCIMAGE_MODULE", "HPCIMAGE_SITE_CONFIG"):
                 if environ.get(name):
