@@ -61,16 +61,63 @@ def inspect(image, as_json):
     click.echo(insp.run(image, as_json), nl=False)
 
 
+@cli.command()
+@click.argument("image")
+def apps(image):
+    """List the SCI-F apps of IMAGE (run one with `hpcimage run --app NAME IMAGE`)."""
+    from hpcimage import inspect as insp
+    for name in insp.metadata(image)["apps"]:
+        click.echo(name)
+
+
+@cli.command()
+@click.argument("image", type=click.Path())
+@click.option("--name", required=True, help="The image's name in site.yaml.")
+@click.option("--version", "version", required=True, help="The image's version in site.yaml.")
+@click.option("--site", "site_path", default="site.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="The site description.")
+@click.option("--definition", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The definition file IMAGE was built from (its sha256 goes into the "
+                   "manifest; default: the one inside IMAGE).")
+def publish(image, name, version, site_path, definition):
+    """Place IMAGE in the store as NAME/VERSION (the `file` site.yaml gives), atomically,
+    and record it in the store's manifest (docs/store.md)."""
+    from hpcimage import store
+    store.publish(site_path, image, name, version, definition=definition)
+
+
+@cli.command("update")
+@click.option("--check", is_flag=True,
+              help="Only report: exit 0 when the local copy is current, 1 when an update "
+                   "is available, 2 on error.")
+@click.option("--remove", is_flag=True, help="Remove the local copy.")
+def update_command(check, remove):
+    """Copy the loaded module's image (HPCIMAGE_IMAGE) from the store into your local
+    image directory, verifying its sha256; the image-* commands then start the local
+    copy while it is current. The image-update command of a loaded module runs this."""
+    if check and remove:
+        raise click.UsageError("--check and --remove exclude each other")
+    from hpcimage import store
+    return store.update(check=check, remove=remove)
+
+
 def main(argv=None):
+    args = sys.argv[1:] if argv is None else list(argv)
+    prog, command = "hpcimage", cli
+    if args[:1] == ["image-update"]:        # the image-update wrapper
+        prog, command, args = "image-update", update_command, args[1:]
     try:
-        rv = cli.main(args=argv, prog_name="hpcimage", standalone_mode=False)
+        rv = command.main(args=args, prog_name=prog, standalone_mode=False)
     except HpcimageError as e:
-        click.echo(f"hpcimage: error: {e.message}", err=True)
+        click.echo(f"{prog}: error: {e.message}", err=True)
         sys.exit(e.status)
     except click.exceptions.Abort:
-        click.echo("hpcimage: aborted", err=True)
+        click.echo(f"{prog}: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
+        if prog != "hpcimage":
+            click.echo(f"{prog}: error: {e.format_message()}", err=True)
+            sys.exit(2)
         e.show()
         sys.exit(2 if e.exit_code == 2 else e.exit_code)
     except click.exceptions.Exit as e:

@@ -17,7 +17,8 @@ SquashFS becomes a directory through `unsquashfs -d` (with `-o OFFSET` straight 
 SIF). Every OUT is built under a temporary name beside it and renamed into place, so a
 failure leaves nothing behind; an existing OUT is refused unless force=True.
 
-SOURCE handling is `resolve_source`: a later issue adds definition files there.
+SOURCE handling is `resolve_source`; a definition file (kind "def": a `.def` name or a
+text file whose first statement is `Bootstrap:`) is built by hpcimage.build.builder.
 """
 import os
 import shutil
@@ -33,7 +34,7 @@ METADATA_LIMIT = 16 << 20       # a definition file or labels.json larger than t
 
 
 class Source:
-    """What `hpcimage build` reads from: `kind` is "dir", "squashfs" or "sif"."""
+    """What `hpcimage build` reads from: `kind` is "dir", "squashfs", "sif" or "def"."""
 
     __slots__ = ("kind", "path")
 
@@ -46,7 +47,7 @@ class Source:
 
 
 def resolve_source(source):
-    """Recognise SOURCE: a directory, a SquashFS image or a SIF image."""
+    """Recognise SOURCE: a directory, a SquashFS image, a SIF image or a definition file."""
     path = os.fspath(source)
     if os.path.isdir(path):
         return Source("dir", path)
@@ -61,7 +62,23 @@ def resolve_source(source):
         return Source("sif", path)
     if head[:4] == _sif.SQUASHFS_MAGIC:
         return Source("squashfs", path)
-    raise UsageError(f"{path}: not a directory, SquashFS image or SIF image")
+    if path.endswith(".def") or _looks_like_definition(path):
+        return Source("def", path)
+    raise UsageError(f"{path}: not a directory, SquashFS image or SIF image (nor a definition file)")
+
+
+def _looks_like_definition(path):
+    """The first line that is neither blank nor a comment is `Bootstrap: ...`."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return False
+    for ln in head.split(b"\n"):
+        s = ln.strip()
+        if s and not s.startswith(b"#"):
+            return s.lower().startswith(b"bootstrap:")
+    return False
 
 
 def output_kind(out, sandbox=False):
@@ -81,6 +98,9 @@ def build(out, source, sandbox=False, force=False, comp=DEFAULT_COMP):
     """Build OUT from SOURCE; returns the kind of OUT ("sif", "squashfs", "sandbox")."""
     out = os.fspath(out).rstrip("/") or "/"
     src = resolve_source(source) if not isinstance(source, Source) else source
+    if src.kind == "def":
+        from hpcimage.build import builder
+        return builder.build(out, src.path, sandbox=sandbox, force=force, comp=comp)
     kind = output_kind(out, sandbox)
     _check_out(out, force)
     if os.path.abspath(out) == os.path.abspath(src.path):

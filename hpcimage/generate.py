@@ -26,7 +26,7 @@ from pathlib import Path
 from hpcimage.errors import HpcimageError
 
 FORMATS = ("lua", "tcl")
-WRAPPERS = ("image-exec", "image-run", "image-shell", "image-mpi")
+WRAPPERS = ("image-exec", "image-run", "image-shell", "image-mpi", "image-update")
 SITE_JSON = "site.json"
 
 # Every generated file carries this in its first lines; only such files are
@@ -192,6 +192,8 @@ def help_text(image):
         "  image-exec CMD [ARG...]   run CMD inside the image",
         "  image-run [ARG...]        run the image's runscript",
         "  image-mpi [-n N] PROG     run PROG once per MPI rank (srun or mpirun)",
+        "  image-update [--check]    copy the image into your local image directory",
+        "                            (then used instead of the store's while current)",
     ]
     if image.help:
         lines += ["", image.help.strip("\n")]

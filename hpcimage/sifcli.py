@@ -82,16 +82,66 @@ def dump(object_id, image):
 @click.option("--sandbox", "-s", is_flag=True,
               help="Build a sandbox (a directory) instead of an image file.")
 @click.option("--force", "-F", is_flag=True, help="Overwrite OUT if it exists.")
-@click.argument("out")
-@click.argument("source")
-def build(sandbox, force, out, source):
+@click.option("--notest", "-T", is_flag=True,
+              help="Definition files: do not run the %test section.")
+@click.option("--build-arg", "build_args", multiple=True, metavar="NAME=VALUE",
+              help="Definition files: a value for {{ NAME }} (repeatable).")
+@click.option("--all", "all_", is_flag=True,
+              help="Build every image of --site that has images/<Name>-<version>.def "
+                   "(or images/<Name>.def) into the store; OUT/SOURCE: none, or the "
+                   "modules (Name or Name/version) to build.")
+@click.option("--site", "site_path", default="site.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="With --all: the site description.")
+@click.argument("out", required=False)
+@click.argument("source", required=False)
+def build(sandbox, force, notest, build_args, all_, site_path, out, source):
     """Build OUT (.sif, .sqfs or, with --sandbox, a directory) from SOURCE.
 
-    SOURCE is a sandbox directory, a SquashFS image or a SIF image. A directory's
-    /.singularity.d/Singularity and labels.json go into a SIF as its definition-file
-    and labels objects. OUT is written under a temporary name and renamed into place.
+    SOURCE is a definition file (.def, Apptainer syntax; built without root in a
+    user namespace), docker://REF or oras://REF (a registry), a sandbox directory,
+    a SquashFS image or a SIF image. A
+    directory's /.singularity.d/Singularity and labels.json go into a SIF as its
+    definition-file and labels objects. OUT is written under a temporary name and
+    renamed into place: a failed build leaves nothing behind.
     """
     from hpcimage import convert
+    from hpcimage.errors import UsageError
 
-    kind = convert.build(out, source, sandbox=sandbox, force=force)
+    if all_:
+        from hpcimage.build import builder
+        if sandbox:
+            raise UsageError("build --all writes the store's image files: no --sandbox")
+        only = [a for a in (out, source) if a]
+        built, skipped, failed = builder.build_site(site_path, force=force, notest=notest,
+                                                    only=only)
+        click.echo(f"hpcimage: build --all: built {len(built)}, skipped {len(skipped)}, "
+                   f"failed {len(failed)}" + (f" ({', '.join(failed)})" if failed else ""),
+                   err=True)
+        raise SystemExit(1 if failed else 0)
+    if not out or not source:
+        raise UsageError("build: usage: hpcimage build [OPTIONS] OUT SOURCE "
+                         "(or hpcimage build --all)")
+    args = {}
+    for a in build_args:
+        k, eq, v = a.partition("=")
+        if not eq or not k:
+            raise UsageError(f"--build-arg {a!r}: want NAME=VALUE")
+        args[k] = v
+    for scheme in ("docker", "oras"):
+        if source.startswith(scheme + "://"):
+            from hpcimage.build import builder
+            kind = builder.build(out, source, sandbox=sandbox, force=force, notest=notest,
+                                 build_args=args, text=f"Bootstrap: {scheme}\n"
+                                 f"From: {source[len(scheme) + 3:]}\n")
+            click.echo(f"hpcimage: built {out} ({kind}) from {source}", err=True)
+            return
+    src = convert.resolve_source(source)
+    if src.kind == "def":
+        from hpcimage.build import builder
+        kind = builder.build(out, src.path, sandbox=sandbox, force=force, notest=notest,
+                             build_args=args)
+    else:
+        if args or notest:
+            raise UsageError("--build-arg and --notest apply to definition files only")
+        kind = convert.build(out, src, sandbox=sandbox, force=force)
     click.echo(f"hpcimage: built {out} ({kind}) from {source}", err=True)

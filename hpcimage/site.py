@@ -23,6 +23,8 @@ import yaml
 from hpcimage.errors import UsageError
 
 DEFAULT_PYTHON = "/opt/hpcimage/venv/bin/python3"
+DEFAULT_LOCAL = "~/.hpcimage/images"     # image-update's copies; ~ expanded at run time
+DEFAULT_KEEP = 2                         # previous versions publish keeps in the store
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 RESERVED_VERSIONS = ("default", "latest")
@@ -73,6 +75,8 @@ class Site:
     binds: Tuple[Bind, ...] = ()
     images: Tuple[Image, ...] = field(default_factory=tuple)
     mpi: Dict[str, object] = field(default_factory=dict)
+    local: str = DEFAULT_LOCAL      # as written: ~ and $VAR are expanded by the runtime
+    keep: int = DEFAULT_KEEP
 
     def roots(self, prefix=None):
         """Absolute output roots {"modulefiles", "tcl_modulefiles", "wrappers"}.
@@ -101,6 +105,7 @@ class Site:
         out = {
             "binds": [b.spec for b in self.binds],
             "image_binds": image_binds,
+            "local": self.local,
             "version": 1,
         }
         if self.mpi:
@@ -276,6 +281,28 @@ def parse_bind(ctx, node, keypath):
     return Bind(spec=spec, src=posixpath.normpath(src), dst=posixpath.normpath(dst), mode=mode)
 
 
+def parse_local_dir(ctx, node, keypath):
+    """A directory in each user's space: absolute, `~/...` or starting with a $VARIABLE;
+    kept as written (expanded by the runtime, for the user running it)."""
+    value = _path_str(ctx, node, keypath)
+    if not (value.startswith("/") or value == "~" or value.startswith("~/")
+            or value.startswith("$")):
+        raise ctx.error(node, keypath, f"must be an absolute path, '~/...' or start with "
+                                       f"a $VARIABLE, got {value!r}")
+    if value.startswith("/"):
+        return posixpath.normpath(value)
+    return value.rstrip("/") or value     # ~/.. or $X/..: normpath would drop the base
+
+
+def parse_count(ctx, node, keypath):
+    value = _scalar(ctx, node, keypath)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.error(node, keypath, f"expected a whole number, got {_describe(node)}")
+    if value < 0:
+        raise ctx.error(node, keypath, f"must be 0 or more, got {value}")
+    return value
+
+
 def list_of(item_parser):
     def parse(ctx, node, keypath):
         if not isinstance(node, yaml.SequenceNode):
@@ -421,6 +448,10 @@ SITE_KEYS: Dict[str, Key] = {
                   doc="the images, one module each"),
     "mpi": Key(parse_mpi, default=None,
                doc="the host MPI for image-mpi (see docs/site-yaml.md)"),
+    "local": Key(parse_local_dir, default=DEFAULT_LOCAL,
+                 doc="each user's local image directory (image-update); ~ and $VAR at run time"),
+    "keep": Key(parse_count, default=DEFAULT_KEEP,
+                doc="previous versions of an image `hpcimage publish` keeps in the store"),
 }
 
 
@@ -517,7 +548,8 @@ def _build(ctx, root, values):
         path=ctx.display, base_dir=ctx.base_dir, store=values["store"],
         modulefiles=roots["modulefiles"], tcl_modulefiles=roots["tcl_modulefiles"],
         wrappers=roots["wrappers"], python=values["python"], binds=values["binds"],
-        images=tuple(images), mpi=dict(values["mpi"] or {}))
+        images=tuple(images), mpi=dict(values["mpi"] or {}),
+        local=values["local"], keep=values["keep"])
 
 
 def _nested(a, b):

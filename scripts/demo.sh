@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the default site.yaml (README command 1, after setup.sh), as root:
-#   1. build the site's images that this machine can build (Demo offline from
-#      busybox-static; Debian/12 with debootstrap when a mirror answers) into the store;
+#   1. build the site's images that this machine can build from their definition files
+#      in images/ (`hpcimage build`): Demo/1.0 offline from busybox-static, Debian/12
+#      with debootstrap when a mirror answers, into the store;
 #   2. check the committed modulefiles/ and wrappers/ are current, and install the
 #      rendering for users under /opt/hpcimage/site;
 #   3. as the unprivileged user: module load Demo/1.0; image-exec cat /etc/os-release.
@@ -16,26 +17,16 @@ store=$("$py" -c 'import sys, yaml, os; d = yaml.safe_load(open(sys.argv[1])); s
 mkdir -p "$store"
 chmod 755 "$store"
 
-build_sqfs() {  # build_sqfs TREE OUT: SquashFS written to a temporary name, then renamed
-    mksquashfs "$1" "$2.tmp" -noappend -quiet -no-progress -all-root >/dev/null
-    chmod 644 "$2.tmp"
-    mv -f "$2.tmp" "$2"
+build() {  # build OUT DEF: hpcimage build writes OUT atomically (nothing on failure)
+    if [ ! -f "$1" ] || [ "${HPCIMAGE_REBUILD:-0}" = 1 ]; then
+        echo "demo: building $(basename "$1") from ${2#$here/}"
+        "$hpcimage" build --force "$1" "$2" && chmod 644 "$1"
+    fi
 }
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-if [ ! -f "$store/Demo-1.0.sqfs" ] || [ "${HPCIMAGE_REBUILD:-0}" = 1 ]; then
-    echo "demo: building Demo/1.0 (busybox) -> $store/Demo-1.0.sqfs"
-    "$py" -m hpcimage.build.busybox --demo Demo 1.0 "$work/demo"
-    build_sqfs "$work/demo" "$store/Demo-1.0.sqfs"
-fi
-if [ ! -f "$store/Debian-12.sqfs" ]; then
-    echo "demo: building Debian/12 (debootstrap bookworm) -> $store/Debian-12.sqfs"
-    if "$py" -m hpcimage.build.debootstrap "$work/debian"; then
-        build_sqfs "$work/debian" "$store/Debian-12.sqfs"
-    else
-        echo "demo: warning: Debian/12 not built (no Debian mirror reachable?); Demo/1.0 still works" >&2
-    fi
+build "$store/Demo-1.0.sqfs" "$here/images/Demo.def"
+if ! build "$store/Debian-12.sqfs" "$here/images/Debian-12.def"; then
+    echo "demo: warning: Debian/12 not built (no Debian mirror reachable?); Demo/1.0 still works" >&2
 fi
 
 cd "$here"

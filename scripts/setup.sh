@@ -20,7 +20,7 @@ fi
 # (used by the tests to load the Tcl modulefiles with the real modulecmd.tcl).
 pkgs=(lmod lua5.3 tcl squashfuse squashfs-tools fuse3 busybox-static debootstrap
       charliecloud-runtime python3 python3-venv python3-dev gcc make rsync passwd
-      util-linux procps)
+      util-linux procps uidmap docker-registry)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -62,4 +62,9 @@ ln -sf "$venv/bin/hpcimage" /usr/local/bin/hpcimage
 if ! id "$test_user" >/dev/null 2>&1; then
     useradd --create-home --shell /bin/bash "$test_user"
 fi
+# Subordinate ids for unprivileged builds (hpcimage build maps them with newuidmap);
+# useradd adds them where /etc/subuid exists, an older user may lack them.
+touch /etc/subuid /etc/subgid
+grep -q "^$test_user:" /etc/subuid || usermod --add-subuids 100000-165535 "$test_user"
+grep -q "^$test_user:" /etc/subgid || usermod --add-subgids 100000-165535 "$test_user"
 echo "setup.sh: hpcimage $("$venv/bin/python3" -c 'import hpcimage; print(hpcimage.__version__)') in $venv"

@@ -88,7 +88,8 @@ def test_relative_store_and_paths(tmp_path):
                                  "tcl_modulefiles": "/stage/abs/tcl",
                                  "wrappers": "/stage/out/bin"}
     assert s.policy() == {"binds": ["/scratch", "/apps:/apps:ro", "/data:/mnt/data"],
-                          "image_binds": {"A/1": ["/x:/y:rw"]}, "version": 1}
+                          "image_binds": {"A/1": ["/x:/y:rw"]},
+                          "local": "~/.hpcimage/images", "version": 1}
 
 
 def test_merge_keys_and_anchors(tmp_path):
@@ -153,7 +154,7 @@ BAD = [
      "site.yaml:3: images[0].name: required key is missing"),
     ("unknown-top", "store: /s\nstroe: /t\nimages: []\n",
      "site.yaml:2: stroe: unknown key (did you mean 'store'? known keys: store, modulefiles, "
-     "tcl_modulefiles, wrappers, python, binds, images, mpi)"),
+     "tcl_modulefiles, wrappers, python, binds, images, mpi, local, keep)"),
     ("mpi-mode", "store: /s\nimages: []\nmpi:\n  mode: magic\n",
      "site.yaml:4: mpi.mode: must be one of hybrid, bind, not 'magic'"),
     ("mpi-unknown", "store: /s\nimages: []\nmpi:\n  lancher: srun\n",

@@ -46,9 +46,10 @@ def populate(root, busybox=None):
                              text=True).stdout.split()
     for a in applets:
         if a != "busybox" and "/" not in a:
-            link = os.path.join(bindir, a)
-            if not os.path.lexists(link):
-                os.symlink("busybox", link)
+            try:
+                os.symlink("busybox", os.path.join(bindir, a))
+            except FileExistsError:
+                pass
     return applets
 
 

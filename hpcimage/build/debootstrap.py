@@ -4,6 +4,11 @@
 
 Needs root (debootstrap chroots). The tree gets the /.singularity.d layout that
 Apptainer writes (env/90-environment.sh, runscript, labels.json).
+
+`into()` is the `Bootstrap: debootstrap` agent of `hpcimage build`: it runs inside the
+build's user namespace (root there), in a PID namespace of its own so debootstrap can
+mount /proc in the target, and with `container=lxc` so that debootstrap binds the
+host's /dev nodes instead of calling mknod (which a user namespace forbids).
 """
 import argparse
 import json
@@ -55,6 +60,44 @@ def bootstrap(root, suite="bookworm", mirror=DEFAULT_MIRROR, variant="minbase",
         json.dump({"org.label-schema.name": f"Debian {suite}",
                    "org.label-schema.build-agent": "hpcimage debootstrap"}, f, indent=2)
     os.rename(tmp, root)
+    return root
+
+
+def into(root, suite, mirror=DEFAULT_MIRROR, include=(), variant="minbase", where="debootstrap"):
+    """debootstrap SUITE into ROOT (must not exist) from MIRROR, as hpcimage build does."""
+    from hpcimage.build import userns
+    exe = shutil.which("debootstrap", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if exe is None:
+        raise HpcimageError(f"{where}: debootstrap not found: install debootstrap")
+    cmd = [exe, f"--variant={variant}"]
+    if include:
+        cmd.append("--include=" + ",".join(include))
+    cmd += [suite, root, mirror]
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "HOME": "/root", "LANG": "C", "container": "lxc"}
+    for k in ("http_proxy", "https_proxy", "no_proxy"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    print(f"hpcimage: build: debootstrap {suite} from {mirror} (takes a few minutes)",
+          file=sys.stderr, flush=True)
+    log = root + ".debootstrap.log"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    saved = os.dup(1), os.dup(2)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        rc = userns.run_on_host(cmd, env, what="debootstrap")
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0]), os.close(saved[1]), os.close(fd)
+    if rc != 0:
+        with open(log, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+        tail = "; ".join(lines[-3:]) or "no output"
+        raise HpcimageError(f"{where}: debootstrap {suite} failed (exit {rc}): {tail}")
+    os.unlink(log)
+    userns.run_in_root(root, ["/usr/bin/apt-get", "clean"], env, what="apt-get clean")
     return root
 
 

@@ -61,13 +61,23 @@ def compute(host_env, *, image_path, module=None, cleanenv=False, cli_env=(),
     return env, forced, prepend, append
 
 
-def shell_prologue(forced, prepend, append):
-    """The /bin/sh text that sources the image's env scripts, then applies forced
-    variables (passed in the environment as __HPCIMAGE_F_NAME, names validated)."""
+def shell_prologue(forced, prepend, append, app=None):
+    """The /bin/sh text that sources the image's env scripts (then, with APP, the
+    app's /scif/apps/APP/scif/env/*.sh and its bin/ and lib/, as Apptainer does),
+    then applies forced variables (passed in the environment as __HPCIMAGE_F_NAME,
+    names validated). APP must be a valid app name (launch.valid_app)."""
     lines = ['for __hpcimage_f in /.singularity.d/env/*.sh; do',
              '  [ -f "$__hpcimage_f" ] && . "$__hpcimage_f"',
-             'done',
-             'unset __hpcimage_f']
+             'done']
+    if app is not None:
+        assert all(c.isalnum() or c in "_.+-" for c in app)
+        lines += [f'for __hpcimage_f in /scif/apps/{app}/scif/env/*.sh; do',
+                  '  [ -f "$__hpcimage_f" ] && . "$__hpcimage_f"',
+                  'done',
+                  f'PATH="/scif/apps/{app}/bin:$PATH"; export PATH',
+                  f'LD_LIBRARY_PATH="/scif/apps/{app}/lib${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}"',
+                  'export LD_LIBRARY_PATH']
+    lines.append('unset __hpcimage_f')
     for name in forced:
         assert _valid_name(name)
         lines.append(f'{name}=$__HPCIMAGE_F_{name}; export {name}; unset __HPCIMAGE_F_{name}')

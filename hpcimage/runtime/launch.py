@@ -67,10 +67,13 @@ class Plan:
             if name == "bind":
                 out.append(str(args[0]))
             elif name == "exec":
-                verb, argv, env, forced, prepend, append, prog = args
-                what = {"run": RUNSCRIPT + " ", "shell": "<shell> "}.get(verb, "")
+                verb, argv, env, forced, prepend, append, prog = args[:7]
+                app = args[7] if len(args) > 7 else None
+                what = {"run": (app_dir(app) + "/runscript " if app else RUNSCRIPT + " "),
+                        "shell": "<shell> "}.get(verb, "")
                 out.append(f"exec {what}{' '.join(_q(a) for a in argv)}"
-                           "  # after /.singularity.d/env/*.sh when the image has them")
+                           "  # after /.singularity.d/env/*.sh when the image has them"
+                           + (f", then {app_dir(app)}/env/*.sh" if app else ""))
                 for k in sorted(env):
                     out.append(f"  env {k}={_q(env[k])}")
                 for k in sorted(forced):
@@ -245,8 +248,24 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
     for k, paths in env_prepend.items():
         old = [x for x in env.get(k, "").split(":") if x]
         env[k] = ":".join(dict.fromkeys(paths + old))
-    p.add("exec", opts.verb, list(opts.args), env, forced, prepend, append, opts.prog)
+    if opts.app is not None:
+        if not valid_app(opts.app):
+            raise UsageError(f"{opts.prog}: --app {opts.app!r}: not an app name")
+        for k in ("APPTAINER_APPNAME", "SINGULARITY_APPNAME"):
+            env[k] = opts.app
+    p.add("exec", opts.verb, list(opts.args), env, forced, prepend, append, opts.prog,
+          opts.app)
     return p
+
+
+def valid_app(name):
+    """A SCI-F app name: letters, digits and '_.+-', not starting with '.' or '-'."""
+    return bool(name) and name[0] not in ".-+" and all(
+        c.isalnum() and c.isascii() or c in "_.+-" for c in name)
+
+
+def app_dir(app):
+    return f"/scif/apps/{app}/scif"
 
 
 # ------------------------------------------------------------------------ execute
@@ -506,9 +525,17 @@ def _which(cmd, path):
     return None
 
 
-def _exec(verb, args, env, forced, prepend, append, prog):
+def _exec(verb, args, env, forced, prepend, append, prog, app=None):
     has_sh = os.access("/bin/sh", os.X_OK)
-    if verb == "run":
+    if app is not None and not os.path.isdir(app_dir(app)):
+        raise UsageError(f"{prog}: no app {app!r} in this image (hpcimage apps IMAGE "
+                         "lists them)")
+    if verb == "run" and app is not None:
+        runscript = app_dir(app) + "/runscript"
+        if not os.path.isfile(runscript):
+            raise HpcimageError(f"{prog}: app {app!r} has no runscript (%apprun {app})")
+        argv = ["/bin/sh", runscript] + args
+    elif verb == "run":
         if not os.path.isfile(RUNSCRIPT):
             raise HpcimageError(f"{prog}: this image has no runscript ({RUNSCRIPT}); "
                                 "use exec or shell")
@@ -524,15 +551,15 @@ def _exec(verb, args, env, forced, prepend, append, prog):
         argv = [sh] + (["--norc"] if sh.endswith("/bash") else []) + args
     else:
         argv = args
-    scripts = False
+    scripts = has_sh and app is not None
     try:
-        scripts = has_sh and any(n.endswith(".sh") for n in os.listdir(ENV_DIR))
+        scripts = scripts or has_sh and any(n.endswith(".sh") for n in os.listdir(ENV_DIR))
     except OSError:
         pass
     if scripts:
         label = prog if prog.startswith("image-") else "hpcimage"
         e = environ.shell_env(env, forced, prepend, append, label)
-        script = environ.shell_prologue(forced, prepend, append) + environ.SHELL_EXEC
+        script = environ.shell_prologue(forced, prepend, append, app) + environ.SHELL_EXEC
         os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
     e = environ.direct_env(env, forced, prepend, append)
     cmd = argv[0]

@@ -61,15 +61,20 @@ def run(argv, environ=None):
         from hpcimage.runtime import mpi
         return mpi.main(argv, environ, load_site(environ))
     opts = options.parse(argv, environ)
+    if opts.args == ["--help"] and argv[0] != "image-mpi-rank":
+        sys.stdout.write(options.usage(opts))
+        return 0
+    site = load_site(environ)
+    if opts.image and argv[0] in options.WRAPPER_VERBS:
+        # HPCIMAGE_IMAGE: the user's local copy when it is current (image-update).
+        from hpcimage.runtime import local
+        opts.image = local.choose(opts.image, site, environ)
     if argv[0] == "image-mpi-rank":
         from hpcimage.runtime import mpi
         opts.prog = "image-mpi"
-        return mpi.run_rank(opts, open_image(opts.image), load_site(environ), environ)
-    if opts.args == ["--help"]:
-        sys.stdout.write(options.usage(opts))
-        return 0
+        return mpi.run_rank(opts, open_image(opts.image), site, environ)
     image = open_image(opts.image)
-    p = launch.plan(opts, image, load_site(environ), environ)
+    p = launch.plan(opts, image, site, environ)
     if opts.dry_run:
         sys.stdout.write(p.describe())
         return 0

@@ -341,6 +341,8 @@ def main(argv, environ, site):
         opts = options.parse(["image-mpi-rank", *argv[1:]], environ)
         opts.prog = "image-mpi"
         from hpcimage.image import open_image
+        from hpcimage.runtime import local
+        opts.image = local.choose(opts.image, site, environ)   # image-update's copy
         return run_rank(opts, open_image(opts.image), site, environ)
     args = argv[1:]
     if args[:1] in (["-h"], ["--help"]):

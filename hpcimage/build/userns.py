@@ -1,0 +1,348 @@
+"""The build's namespaces: the caller becomes root of a new user namespace, and scripts
+run chrooted into the image tree in their own mount and PID namespaces.
+
+Id maps (IdMap.choose, `HPCIMAGE_BUILD_IDMAP=auto|subid|single` forces one):
+
+    root    the caller is root: no user namespace, only a private mount namespace;
+    subid   the caller's uid and gid become 0, and the subordinate ranges of
+            /etc/subuid and /etc/subgid become 1..N, written by the setuid helpers
+            newuidmap/newgidmap (package uidmap): packages owning several ids install,
+            `chown` works, the image keeps its owners (as Apptainer's --fakeroot);
+    single  no helper or no subordinate range: only uid/gid -> 0. Everything in the
+            image belongs to root, `chown` to another id fails (EINVAL); the builder
+            makes apt run its downloads as root (APT::Sandbox::User "root") and
+            tolerates ownership failures where it copies files itself.
+
+Files that subordinate ids own are, on the host, owned by ids of the caller's range,
+so only a process in such a namespace can remove them: a failed build cleans up from
+inside it. Standard library only.
+"""
+import json
+import os
+import pwd
+import grp
+import shutil
+import signal
+import subprocess
+import sys
+
+from hpcimage.errors import HpcimageError
+from hpcimage.runtime import syscalls as sc
+from hpcimage.runtime.launch import resolve_in
+
+MAX_SUBIDS = 65536
+
+
+def _subid_range(path, name, ident):
+    """(start, count) of the first range of NAME (or numeric IDENT) in PATH."""
+    try:
+        with open(path) as f:
+            for ln in f:
+                parts = ln.strip().split(":")
+                if len(parts) != 3 or parts[0] not in (name, str(ident)):
+                    continue
+                try:
+                    start, count = int(parts[1]), int(parts[2])
+                except ValueError:
+                    continue
+                if count > 0:
+                    return start, min(count, MAX_SUBIDS)
+    except OSError:
+        pass
+    return None
+
+
+class IdMap:
+    """How the build namespace maps ids (module doc)."""
+
+    def __init__(self, mode, uid=0, gid=0, subuid=None, subgid=None, why=""):
+        self.mode, self.uid, self.gid = mode, uid, gid
+        self.subuid, self.subgid, self.why = subuid, subgid, why
+
+    @classmethod
+    def choose(cls, want=None):
+        want = want or os.environ.get("HPCIMAGE_BUILD_IDMAP", "auto")
+        uid, gid = os.getuid(), os.getgid()
+        if uid == 0:
+            return cls("root")
+        if want not in ("auto", "subid", "single"):
+            raise HpcimageError(f"HPCIMAGE_BUILD_IDMAP={want}: want auto, subid or single",
+                                2)
+        if want == "single":
+            return cls("single", uid, gid, why="HPCIMAGE_BUILD_IDMAP=single")
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        try:
+            gname = grp.getgrgid(gid).gr_name
+        except KeyError:
+            gname = str(gid)
+        su = _subid_range("/etc/subuid", name, uid)
+        sg = _subid_range("/etc/subgid", name, uid) or _subid_range("/etc/subgid", gname, gid)
+        helpers = shutil.which("newuidmap") and shutil.which("newgidmap")
+        why = ("" if su and sg and helpers else
+               "newuidmap/newgidmap not found (install uidmap)" if not helpers else
+               f"no subordinate ids for {name} in /etc/subuid and /etc/subgid")
+        if why:
+            if want == "subid":
+                raise HpcimageError(f"build: cannot map subordinate ids: {why}")
+            return cls("single", uid, gid, why=why)
+        return cls("subid", uid, gid, su, sg)
+
+    def describe(self):
+        if self.mode == "root":
+            return "root: no user namespace"
+        if self.mode == "single":
+            return f"single id: uid {self.uid} -> 0, gid {self.gid} -> 0 ({self.why})"
+        return (f"subordinate ids: uid {self.uid} -> 0, {self.subuid[0]}.. -> 1..{self.subuid[1]}; "
+                f"gid {self.gid} -> 0, {self.subgid[0]}.. -> 1..{self.subgid[1]}")
+
+    def to_json(self):
+        return dict(mode=self.mode, uid=self.uid, gid=self.gid, subuid=self.subuid,
+                    subgid=self.subgid, why=self.why)
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _map(pid, m):
+    """Write the maps of process PID (which has unshared its user namespace)."""
+    if m.mode == "single":
+        _write(f"/proc/{pid}/setgroups", "deny")
+        _write(f"/proc/{pid}/uid_map", f"0 {m.uid} 1\n")
+        _write(f"/proc/{pid}/gid_map", f"0 {m.gid} 1\n")
+        return
+    for tool, own, (start, count) in (("newuidmap", m.uid, m.subuid),
+                                      ("newgidmap", m.gid, m.subgid)):
+        r = subprocess.run([tool, str(pid), "0", str(own), "1", "1", str(start), str(count)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise HpcimageError(f"build: {tool} failed: "
+                                f"{(r.stderr.strip() or r.stdout.strip() or '?').splitlines()[-1]}")
+
+
+def run_as_root(func, args=(), idmap=None):
+    """Run func(*args) in a forked child that is root of a new user and mount namespace
+    (idmap decides the map); return its JSON-able result, or raise its HpcimageError
+    here. KeyboardInterrupt in the child is raised again here."""
+    m = idmap or IdMap.choose()
+    r_sync, w_sync = os.pipe()
+    r_go, w_go = os.pipe()
+    r_res, w_res = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:                                  # ------------------------- child
+        code = 0
+        try:
+            os.close(r_sync), os.close(w_go), os.close(r_res)
+            try:
+                if m.mode == "root":
+                    sc.unshare(sc.CLONE_NEWNS)
+                else:
+                    sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
+                os.write(w_sync, b"u")
+            except OSError as e:
+                os.write(w_sync, b"E" + str(e).encode())
+                os._exit(1)
+            os.close(w_sync)
+            ok = os.read(r_go, 1)
+            os.close(r_go)
+            if ok != b"g":
+                os._exit(1)
+            if m.mode == "subid":
+                try:
+                    os.setgroups([])
+                except OSError:
+                    pass
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+            os.environ["HPCIMAGE_BUILD_IDMAP_MODE"] = m.mode
+            try:
+                res = {"ok": func(*args)}
+            except HpcimageError as e:
+                res = {"error": e.message, "status": e.status}
+            except KeyboardInterrupt:
+                res = {"interrupted": True}
+            except BaseException as e:      # noqa: BLE001  (a bug: report it, with where)
+                import traceback
+                traceback.print_exc()
+                res = {"error": f"build failed: internal error: {e!r}", "status": 1}
+            data = json.dumps(res).encode()
+            while data:
+                n = os.write(w_res, data)
+                data = data[n:]
+        except BaseException:               # noqa: BLE001
+            code = 1
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except Exception:               # noqa: BLE001
+                pass
+            os._exit(code)
+    # ------------------------------------------------------------------- parent
+    os.close(w_sync), os.close(r_go), os.close(w_res)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        msg = os.read(r_sync, 4096)
+        os.close(r_sync)
+        if msg != b"u":
+            os.close(w_go)
+            os.waitpid(pid, 0)
+            detail = msg[1:].decode(errors="replace") if msg else "no answer"
+            raise HpcimageError(f"build: cannot create a user namespace: {detail} (are "
+                                "unprivileged user namespaces enabled? see "
+                                "user.max_user_namespaces)")
+        try:
+            if m.mode != "root":
+                _map(pid, m)
+        except BaseException:
+            os.close(w_go)
+            os.waitpid(pid, 0)
+            raise
+        os.write(w_go, b"g")
+        os.close(w_go)
+        chunks = []
+        while True:
+            b = os.read(r_res, 65536)
+            if not b:
+                break
+            chunks.append(b)
+        os.close(r_res)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    try:
+        res = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        res = {}
+    if "ok" in res:
+        return res["ok"]
+    if res.get("interrupted"):
+        raise KeyboardInterrupt
+    if "error" in res:
+        raise HpcimageError(res["error"], res.get("status", 1))
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    raise HpcimageError("build: the build process died" +
+                        (f" of signal {sig}" if sig else f" (status {os.waitstatus_to_exitcode(status)})"))
+
+
+# ------------------------------------------------------------- running in the tree
+
+def _bind(src, dst, ro=False):
+    sc.mount(src, dst, None, sc.MS_BIND | sc.MS_REC)
+    if ro:
+        f = os.statvfs(dst).f_flag
+        sc.mount(None, dst, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY
+                 | (f & (sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC | 1024 | 2048)))
+
+
+def _setup_root(root, readonly, extra_binds):
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    if readonly:
+        _bind(root, root, ro=True)
+    for d in ("proc", "sys", "dev"):
+        target = os.path.join(root, d)
+        if not os.path.isdir(target) or os.path.islink(target):
+            if readonly:
+                continue
+            if os.path.lexists(target):
+                os.unlink(target)
+            os.mkdir(target, 0o755)
+        if d == "proc":
+            try:
+                sc.mount("proc", target, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+                continue
+            except OSError:
+                pass
+        _bind("/" + d, target)
+    for src, dst in list(extra_binds) + [("/etc/resolv.conf", "/etc/resolv.conf"),
+                                         ("/etc/hosts", "/etc/hosts")]:
+        if not os.path.exists(src):
+            continue
+        rel = resolve_in(root, dst)
+        target = os.path.join(root, rel)
+        if not os.path.isdir(os.path.dirname(target)):
+            continue
+        if not os.path.lexists(target):
+            if readonly:
+                continue
+            if os.path.isdir(src):
+                os.mkdir(target)
+            else:
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+        elif os.path.islink(target):
+            continue
+        _bind(os.path.realpath(src), target, ro=not os.path.isdir(src))
+    os.chroot(root)
+    os.chdir("/")
+
+
+def run_in_root(root, argv, env, readonly=False, extra_binds=(), what="script"):
+    """Run argv chrooted into ROOT, in new mount and PID namespaces (/proc, /sys,
+    /dev, the host's /etc/resolv.conf and /etc/hosts bound in; ROOT read-only when
+    asked). Output goes to our stdout/stderr. Returns the exit status (128+N for a
+    signal); raises HpcimageError when the set-up fails."""
+    return _spawn(lambda: _setup_root(root, readonly, extra_binds), argv, env, what,
+                  pidns=True)
+
+
+def run_on_host(argv, env, cwd=None, what="script", pidns=True):
+    """Run argv in new mount and PID namespaces, without chroot (%setup, debootstrap)."""
+    def setup():
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+        if cwd:
+            os.chdir(cwd)
+    return _spawn(setup, argv, env, what, pidns=pidns)
+
+
+def _spawn(setup, argv, env, what, pidns):
+    r_err, w_err = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r_err)
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            sc.unshare(sc.CLONE_NEWNS | (sc.CLONE_NEWPID if pidns else 0))
+            if pidns:
+                inner = os.fork()
+                if inner:
+                    os.close(w_err)
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    _, st = os.waitpid(inner, 0)
+                    os._exit(os.waitstatus_to_exitcode(st) if os.WIFEXITED(st)
+                             else 128 + os.WTERMSIG(st))
+                sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+            setup()
+            os.execve(argv[0], argv, env)
+        except BaseException as e:              # noqa: BLE001
+            msg = f"{what}: {e.strerror or e}" if isinstance(e, OSError) else f"{what}: {e}"
+            if isinstance(e, OSError) and e.filename:
+                msg += f": {e.filename}"
+            try:
+                os.write(w_err, msg.encode()[:4000])
+            finally:
+                os._exit(127)
+    os.close(w_err)
+    msg = b""
+    while True:
+        b = os.read(r_err, 4096)
+        if not b:
+            break
+        msg += b
+    os.close(r_err)
+    try:
+        _, st = os.waitpid(pid, 0)
+    except KeyboardInterrupt:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    if msg:
+        raise HpcimageError(msg.decode(errors="replace"))
+    return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
