@@ -25,7 +25,6 @@ from hpcimage.host import nvliblist as L  # noqa: E402
 TRIPLET = fakehost.triplet()
 LIBDIR = f"/usr/lib/{TRIPLET}"
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
-WIRING = pytest.mark.xfail(strict=False, reason="runtime wiring pending")
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -805,7 +804,6 @@ def image_exec(user, image, host_root, probe_dir, *opts_and_cmd, env=None):
                     env=e, timeout=60)
 
 
-@WIRING
 def test_e2e_nv_devices_library_and_smi(user, debian_dir, fake_root, probe_dir):
     r = image_exec(user, debian_dir, fake_root, probe_dir, "--nv", "sh", "-c",
                    "ls -d /dev/nvidia*; /mnt/probe/probe libcuda.so.1 cuInit cuDeviceGetCount; "
@@ -821,7 +819,6 @@ def test_e2e_nv_devices_library_and_smi(user, debian_dir, fake_root, probe_dir):
     assert any(ln.startswith("LD=/.singularity.d/libs") for ln in out)
 
 
-@WIRING
 def test_e2e_nv_visible_devices_renumbered(user, debian_dir, fake_root, probe_dir):
     r = image_exec(user, debian_dir, fake_root, probe_dir, "--nv", "sh", "-c",
                    "ls -d /dev/nvidia[0-9]*; echo CVD=$CUDA_VISIBLE_DEVICES; "
@@ -834,7 +831,6 @@ def test_e2e_nv_visible_devices_renumbered(user, debian_dir, fake_root, probe_di
     assert sum(1 for ln in out if ln.startswith("GPU ")) == 2
 
 
-@WIRING
 def test_e2e_ib(user, debian_dir, fake_root, probe_dir):
     r = image_exec(user, debian_dir, fake_root, probe_dir, "--ib", "sh", "-c",
                    "ls /dev/infiniband; /mnt/probe/probe libibverbs.so.1 ibv_get_device_list; "
@@ -849,7 +845,6 @@ def test_e2e_ib(user, debian_dir, fake_root, probe_dir):
     assert "driver mlx5" in out
 
 
-@WIRING
 def test_e2e_rocm(user, debian_dir, fake_root, probe_dir):
     r = image_exec(user, debian_dir, fake_root, probe_dir, "--rocm", "sh", "-c",
                    "ls -d /dev/kfd /dev/dri/renderD*; "
@@ -861,7 +856,6 @@ def test_e2e_rocm(user, debian_dir, fake_root, probe_dir):
     assert "hsa_stub_agents=1 rc=0" in out and "fake rocm-smi: 1 GPU(s)" in out
 
 
-@WIRING
 def test_e2e_auto_policy_binds_on_gpu_host(user, debian_dir, fake_root, probe_dir):
     r = image_exec(user, debian_dir, fake_root, probe_dir, "--dry-run", "true")
     assert r.returncode == 0, r.stderr

@@ -56,12 +56,21 @@ class Bind:
 class Plan:
     def __init__(self):
         self.ops = []          # (name, args...) in order
+        self.warnings = []     # said once, before the launch
 
     def add(self, *op):
         self.ops.append(op)
 
+    def warn(self, prog, environ):
+        """Say the plan's warnings on stderr (MPI: rank 0 only)."""
+        rank = next((environ[k] for k in ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK",
+                                          "SLURM_PROCID") if environ.get(k)), "0")
+        if rank == "0":
+            for w in self.warnings:
+                os.write(2, f"{prog}: warning: {w}\n".encode())
+
     def describe(self):
-        out = []
+        out = [f"# warning: {w}" for w in self.warnings]
         for op in self.ops:
             name, args = op[0], op[1:]
             if name == "bind":
@@ -161,18 +170,37 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
     p.add("session", base)
     p.add("image", image, base + "/image")
 
+    # Host devices and driver libraries (GPU, InfiniBand): hpcimage.host reads the
+    # host through one root (HPCIMAGE_HOST_ROOT), binds nothing where nothing is found.
+    from hpcimage import host as hostmod
+    hw = hostmod.discover(site, host_env, nv=opts.nv, rocm=opts.rocm, ib=opts.ib)
+    contributions = [hw] + list(contributions)
+    p.warnings = list(hw.warnings)
+    dev_binds = [b for b in hw.binds if b[1] == "/dev" or b[1].startswith("/dev/")]
+    hw.binds = [b for b in hw.binds if b not in dev_binds]
+    # A private /dev when the host's cannot simply be bound: --contain, GPUs left out
+    # by *_VISIBLE_DEVICES, or a host root that is not this machine's /.
+    private_dev = opts.contain or (dev_binds and (hw.hide or not hostmod.HostRoot(
+        environ=host_env).is_real))
+
     binds = []
     for src in ("/proc", "/sys", "/dev"):
-        if opts.contain and src == "/dev":
+        if private_dev and src == "/dev":
             continue
         binds.append(Bind(src, src, False, "system"))
-    if opts.contain:
-        binds.append(Bind("session:dev", "/dev", False, "--contain: minimal /dev"))
+    if private_dev:
+        why = "--contain: minimal /dev" if opts.contain else "minimal /dev + selected devices"
+        binds.append(Bind("session:dev", "/dev", False, why))
         for d in ("null", "zero", "full", "random", "urandom", "tty"):
             if os.path.exists("/dev/" + d):
-                binds.append(Bind("/dev/" + d, "/dev/" + d, False, "--contain: minimal /dev"))
+                binds.append(Bind("/dev/" + d, "/dev/" + d, False, why))
         if os.path.isdir("/dev/pts"):
-            binds.append(Bind("/dev/pts", "/dev/pts", False, "--contain: minimal /dev"))
+            binds.append(Bind("/dev/pts", "/dev/pts", False, why))
+        if not opts.contain and os.path.isdir("/dev/shm"):
+            binds.append(Bind("/dev/shm", "/dev/shm", False, why))
+        for src, dst, ro, w in dev_binds:
+            binds.append(Bind(src, dst, False, w))
+    if opts.contain:
         binds.append(Bind("session:tmp", "/tmp", False, "--contain: fresh /tmp"))
         binds.append(Bind("session:vartmp", "/var/tmp", False, "--contain: fresh /var/tmp"))
     else:

@@ -80,6 +80,7 @@ def run(argv, environ=None):
         return 0
     sys.stdout.flush()
     sys.stderr.flush()
+    p.warn(opts.prog, environ)
     launch.execute(p)
     return 1
 

@@ -321,6 +321,7 @@ def run_rank(opts, image, site, environ):
         sys.stdout.write(p.describe())
         sys.stdout.write(f"# ranks share namespaces: {'yes, job ' + key if key else 'no'}\n")
         return 0
+    p.warn(opts.prog, environ)
     if key is None:
         launch.execute(p)
         return 1
