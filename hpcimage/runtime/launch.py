@@ -175,7 +175,7 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
     from hpcimage import host as hostmod
     hw = hostmod.discover(site, host_env, nv=opts.nv, rocm=opts.rocm, ib=opts.ib)
     contributions = [hw] + list(contributions)
-    p.warnings = list(hw.warnings)
+    p.warnings = [w for c in contributions for w in c.warnings]
     dev_binds = [b for b in hw.binds if b[1] == "/dev" or b[1].startswith("/dev/")]
     hw.binds = [b for b in hw.binds if b not in dev_binds]
     # A private /dev when the host's cannot simply be bound: --contain, GPUs left out

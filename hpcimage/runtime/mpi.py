@@ -121,6 +121,8 @@ def launcher_argv(opts, environ, site, mode, runtime_opts, program):
     """The command that starts one runtime per rank."""
     policy = site.get("mpi") or {}
     forced = environ.get("HPCIMAGE_MPI_LAUNCHER") or policy.get("launcher")
+    if forced == "auto":
+        forced = None
     in_slurm = bool(environ.get("SLURM_JOB_ID"))
     kind = forced or ("srun" if in_slurm else "mpirun")
     exe = _which(kind, environ)
@@ -306,6 +308,104 @@ def join_shared(plan, key):
     raise HpcimageError("image-mpi: could not join the node's shared container")
 
 
+# The MPI ABI families, by the soname an application links against.
+ABI = {"libmpi.so.40": "openmpi", "libmpi.so.12": "mpich", "libmpich.so.12": "mpich"}
+HOST_MPI_SONAMES = {"openmpi": ("libmpi.so.40",), "mpich": ("libmpich.so.12", "libmpi.so.12")}
+# Never bound from the host: the image's own C runtime must stay consistent.
+NEVER_BIND = ("libc.so.", "libm.so.", "libpthread.so.", "libdl.so.", "librt.so.", "ld-linux",
+              "libresolv.so.", "libutil.so.", "libgcc_s.so.", "libstdc++.so.", "libanl.so.",
+              "libcrypt.so.", "libnsl.so.", "libmvec.so.")
+LIBS_DIR = "/.singularity.d/libs"
+
+
+def _program_mpi_sonames(program, environ):
+    """The MPI sonames the program links against, read from its ELF (when the program
+    is a host path that the container sees at the same path, e.g. ./solver in cwd)."""
+    from hpcimage.host import elf
+    path = program if "/" in program else None
+    if path is None or not os.path.isfile(path):
+        return []
+    try:
+        needed = elf.info(path).needed
+    except (OSError, ValueError):
+        return []
+    return [n for n in needed if n in ABI]
+
+
+def bind_contribution(site, environ, program):
+    """The bind model: the host MPI library, its dependency closure and its component
+    directories, bound into the image; refuses an ABI mismatch with the program."""
+    from hpcimage import host as hostmod
+    from hpcimage.host import elf
+    from hpcimage.host.ldcache import LdCache
+    policy = site.get("mpi") or {}
+    hr = hostmod.HostRoot(environ=environ)
+    cache = LdCache(hr)
+    impl = policy.get("implementation") or ("openmpi" if any(k.startswith("OMPI_") for k in environ)
+                                            else None)
+    order = [impl] if impl else ["openmpi", "mpich"]
+    found = None
+    for fam in order:
+        for soname in HOST_MPI_SONAMES[fam]:
+            path = cache.find(soname)
+            if path:
+                found = (fam, soname, path)
+                break
+        if found:
+            break
+    if found is None:
+        raise HpcimageError("image-mpi: --mpi-mode bind: no host MPI library found "
+                            f"({', '.join(n for f in order for n in HOST_MPI_SONAMES[f])} "
+                            "not in the host's ld.so.cache); load the host MPI or set mpi.prefix")
+    fam, soname, path = found
+    for want in _program_mpi_sonames(program, environ):
+        if ABI[want] != fam:
+            raise UsageError(f"image-mpi: {program} is linked against {want} "
+                             f"({ABI[want]} ABI) but the host MPI is {soname} ({fam} ABI): "
+                             "the bind model needs the same MPI ABI; use --mpi-mode hybrid "
+                             "or build the program against the host's MPI family")
+    c = hostmod.Contribution()
+    # Component (plugin) directories and help/config files, at their host paths.
+    libdir = os.path.dirname(path)
+    dirs = [policy.get("prefix")] if policy.get("prefix") else []
+    dirs += [os.path.join(libdir, d) for d in ("openmpi", "pmix2", "pmix", "mpich")]
+    dirs += ["/usr/share/openmpi", "/usr/share/pmix", "/etc/openmpi", "/etc/pmix"]
+    plugins = []
+    for d in dirs:
+        if d and hr.isdir(d):
+            c.bind(hr.path(d), d, True, f"host MPI ({fam}) components")
+            for top, _sub, files in os.walk(hr.path(d)):
+                plugins += [os.path.join(top, f) for f in files if f.endswith(".so")]
+    # The library, what it needs, and what its components need, by soname.
+    todo, seen = [(soname, path)], set()
+
+    def needs(lib):
+        try:
+            for n in elf.info(lib).needed:
+                if n not in seen and not n.startswith(NEVER_BIND):
+                    q = cache.find(n)
+                    if q:
+                        todo.append((n, q))
+                    elif n not in missing:
+                        missing.append(n)
+        except (OSError, ValueError):
+            pass
+    missing = []
+    for plugin in plugins:
+        needs(plugin)
+    while todo:
+        name, lib = todo.pop()
+        if name in seen or name.startswith(NEVER_BIND):
+            continue
+        seen.add(name)
+        c.bind(lib, f"{LIBS_DIR}/{name}", True, f"host MPI ({fam}) for the bind model")
+        needs(lib)
+    if missing:
+        c.notes.append("host MPI dependencies not in ld.so.cache: " + ", ".join(missing))
+    c.add_prepend("LD_LIBRARY_PATH", LIBS_DIR)
+    return c
+
+
 def run_rank(opts, image, site, environ):
     """Rank side: plan, then shared (or per-rank) namespaces, then exec."""
     from hpcimage.runtime import launch
@@ -316,7 +416,12 @@ def run_rank(opts, image, site, environ):
         for k, v in NO_CMA.items():
             env.setdefault(k, v)
     extra = [d for d in pmix_dirs(environ)]
-    p = launch.plan(opts, image, site, env, extra_binds=extra, keep_prefixes=FORWARD_PREFIXES)
+    contributions = []
+    mode = opts.mpi_mode or (site.get("mpi") or {}).get("mode") or "hybrid"
+    if mode == "bind":
+        contributions.append(bind_contribution(site, environ, opts.args[0] if opts.args else ""))
+    p = launch.plan(opts, image, site, env, extra_binds=extra, keep_prefixes=FORWARD_PREFIXES,
+                    contributions=contributions)
     if opts.dry_run:
         sys.stdout.write(p.describe())
         sys.stdout.write(f"# ranks share namespaces: {'yes, job ' + key if key else 'no'}\n")
@@ -383,6 +488,9 @@ def main(argv, environ, site):
     if launcher:
         env["HPCIMAGE_MPI_LAUNCHER"] = launcher
     argv2 = launcher_argv(rest, env, site, mode, ours, program)
+    if not argv2[0].endswith("srun"):
+        # Open MPI 4.1 loses track of exits when it starts 32+ local ranks from threads.
+        env.setdefault("OMPI_MCA_odls_base_max_threads", "0")
     if dry:
         sys.stdout.write(" ".join(argv2) + "\n")
         return 0
