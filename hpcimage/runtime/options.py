@@ -24,6 +24,9 @@ options (as Apptainer's where they mean the same):
       --no-home                 do not bind the home directory
       --pwd DIR                 working directory inside the container
       --env K=V                 set K inside the container (repeatable)
+      --app NAME                the SCI-F app NAME: its runscript (run), its environment
+      --nv, --rocm              NVIDIA / AMD GPUs: device nodes and driver libraries
+      --ib                      InfiniBand/RDMA devices and verbs libraries
       --dry-run                 print the launch plan and exit
   -h, --help                    this help
 """
