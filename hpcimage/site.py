@@ -75,6 +75,7 @@ class Site:
     binds: Tuple[Bind, ...] = ()
     images: Tuple[Image, ...] = field(default_factory=tuple)
     mpi: Dict[str, object] = field(default_factory=dict)
+    hardware: Dict[str, object] = field(default_factory=dict)   # GPU/IB policy keys
     local: str = DEFAULT_LOCAL      # as written: ~ and $VAR are expanded by the runtime
     keep: int = DEFAULT_KEEP
 
@@ -108,6 +109,7 @@ class Site:
             "local": self.local,
             "version": 1,
         }
+        out.update(self.hardware)
         if self.mpi:
             out["mpi"] = {k: (list(b.spec for b in v) if k == "binds" else
                               list(v) if isinstance(v, tuple) else v)
@@ -421,6 +423,17 @@ MPI_KEYS: Dict[str, Key] = {
 }
 
 
+def parse_raw(ctx, node, keypath):
+    """Plain YAML data, checked as a whole by hpcimage.host.validate_policy."""
+    return ctx.loader.construct_object(node, deep=True)
+
+
+# GPU and InfiniBand policy (docs/gpu-ib.md); flat keys, copied into site.json.
+HARDWARE_KEYS = ("gpu", "gpu_devices", "gpu_extra_libs", "gpu_exclude_libs",
+                 "gpu_extra_binaries", "gpu_extra_devices", "infiniband", "ib_env",
+                 "ib_extra_libs", "ib_memlock_min")
+
+
 def parse_mpi(ctx, node, keypath):
     return _mapping(ctx, node, keypath, MPI_KEYS)
 
@@ -446,6 +459,8 @@ SITE_KEYS: Dict[str, Key] = {
                  doc="binds for every image"),
     "images": Key(list_of(parse_image), required=True,
                   doc="the images, one module each"),
+    **{k: Key(parse_raw, default=None, doc="GPU/InfiniBand policy: docs/gpu-ib.md")
+       for k in HARDWARE_KEYS},
     "mpi": Key(parse_mpi, default=None,
                doc="the host MPI for image-mpi (see docs/site-yaml.md)"),
     "local": Key(parse_local_dir, default=DEFAULT_LOCAL,
@@ -544,11 +559,18 @@ def _build(ctx, root, values):
                                 f"must not be the same as, inside or around {other} "
                                 f"({roots[later]!r} vs {roots[other]!r}): each output "
                                 "root holds only its own files")
+    hardware = {k: values[k] for k in HARDWARE_KEYS if values.get(k) is not None}
+    if hardware:
+        from hpcimage import host
+        for problem in host.validate_policy(hardware):
+            key, _, msg = problem.partition(": ")
+            key = key if key in hardware else next(iter(hardware))
+            raise ctx.error(_key_node(root, key) or root, key, msg or problem)
     return Site(
         path=ctx.display, base_dir=ctx.base_dir, store=values["store"],
         modulefiles=roots["modulefiles"], tcl_modulefiles=roots["tcl_modulefiles"],
         wrappers=roots["wrappers"], python=values["python"], binds=values["binds"],
-        images=tuple(images), mpi=dict(values["mpi"] or {}),
+        images=tuple(images), mpi=dict(values["mpi"] or {}), hardware=hardware,
         local=values["local"], keep=values["keep"])
 
 

@@ -154,7 +154,11 @@ BAD = [
      "site.yaml:3: images[0].name: required key is missing"),
     ("unknown-top", "store: /s\nstroe: /t\nimages: []\n",
      "site.yaml:2: stroe: unknown key (did you mean 'store'? known keys: store, modulefiles, "
-     "tcl_modulefiles, wrappers, python, binds, images, mpi, local, keep)"),
+     "tcl_modulefiles, wrappers, python, binds, images, gpu, gpu_devices, gpu_extra_libs, "
+     "gpu_exclude_libs, gpu_extra_binaries, gpu_extra_devices, infiniband, ib_env, "
+     "ib_extra_libs, ib_memlock_min, mpi, local, keep)"),
+    ("gpu-devices", "store: /s\nimages: []\ngpu: nvidia\ngpu_devices: some\n",
+     "site.yaml:4: gpu_devices: must be one of visible, all, not 'some'"),
     ("mpi-mode", "store: /s\nimages: []\nmpi:\n  mode: magic\n",
      "site.yaml:4: mpi.mode: must be one of hybrid, bind, not 'magic'"),
     ("mpi-unknown", "store: /s\nimages: []\nmpi:\n  lancher: srun\n",
@@ -318,3 +322,12 @@ def test_schema_tables_document_every_key():
     doc = (REPO / "docs" / "site-yaml.md").read_text()
     for key in list(site.SITE_KEYS) + list(site.IMAGE_KEYS) + list(site.MPI_KEYS):
         assert f"`{key}`" in doc, key
+
+
+def test_gpu_ib_policy_compiled_into_site_json(tmp_path):
+    (tmp_path / "site.yaml").write_text(
+        "store: /s\nimages: []\ngpu: nvidia\ninfiniband: off\ngpu_extra_libs: [libfoo.so]\n"
+        "ib_env:\n  UCX_TLS: rc,sm\n")
+    pol = site.load(str(tmp_path / "site.yaml")).policy()
+    assert pol["gpu"] == "nvidia" and pol["gpu_extra_libs"] == ["libfoo.so"]
+    assert pol["ib_env"] == {"UCX_TLS": "rc,sm"} and pol["infiniband"] in ("off", False)
