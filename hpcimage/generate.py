@@ -286,7 +286,7 @@ def render(site, prefix=None, formats=FORMATS):
         for fmt in formats:
             files += SYSTEMS[fmt].files(env, site, roots)
         wrap = env.get_template("wrappers/wrapper.sh.j2")
-        for verb in WRAPPERS:
+        for verb in WRAPPERS + tuple(site.extra_wrappers):
             files.append(OutFile(posixpath.join(roots["wrappers"], verb),
                                  wrap.render(site=site, verb=verb), MODE_EXEC))
     except (jinja2.TemplateError, TemplateBug, ValueError) as e:

@@ -78,6 +78,7 @@ class Site:
     hardware: Dict[str, object] = field(default_factory=dict)   # GPU/IB policy keys
     local: str = DEFAULT_LOCAL      # as written: ~ and $VAR are expanded by the runtime
     keep: int = DEFAULT_KEEP
+    extra_wrappers: Tuple[str, ...] = ()
 
     def roots(self, prefix=None):
         """Absolute output roots {"modulefiles", "tcl_modulefiles", "wrappers"}.
@@ -467,6 +468,8 @@ SITE_KEYS: Dict[str, Key] = {
                  doc="each user's local image directory (image-update); ~ and $VAR at run time"),
     "keep": Key(parse_count, default=DEFAULT_KEEP,
                 doc="previous versions of an image `hpcimage publish` keeps in the store"),
+    "extra_wrappers": Key(list_of(choice("image-inspect")), default=(),
+                          doc="optional wrappers to render too (image-inspect)"),
 }
 
 
@@ -571,7 +574,8 @@ def _build(ctx, root, values):
         modulefiles=roots["modulefiles"], tcl_modulefiles=roots["tcl_modulefiles"],
         wrappers=roots["wrappers"], python=values["python"], binds=values["binds"],
         images=tuple(images), mpi=dict(values["mpi"] or {}), hardware=hardware,
-        local=values["local"], keep=values["keep"])
+        local=values["local"], keep=values["keep"],
+        extra_wrappers=tuple(values["extra_wrappers"]))
 
 
 def _nested(a, b):

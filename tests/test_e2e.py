@@ -27,6 +27,7 @@ def site(demo_sqfs, demo_sif, bare_dir, tmp_path_factory, user):
     (d / "site.yaml").write_text(f"""
 store: {store}
 python: {PY}
+extra_wrappers: [image-inspect]
 binds:
   - {data}:/site-data:ro
   - /no/such/dir/on/this/host
@@ -103,3 +104,12 @@ module unload Bare
     assert "Bare/1" in out and "etc" not in out[:2]
     assert "run=1" in out and "nomodule=2" in out
     assert "image-exec: no image module loaded" in r.err
+
+
+@requires_lmod
+def test_image_inspect_wrapper(site):
+    r = module_script("lmod", "module load Demo/2.0\nimage-inspect\nimage-inspect --json",
+                      modulepath=[str(site / "modulefiles")], user="hpcuser")
+    assert r.rc == 0, r.err
+    assert "org.label-schema.name: Demo" in r.out and "SIF objects:" in r.out
+    assert '"kind": "sif"' in r.out

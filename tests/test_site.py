@@ -156,7 +156,7 @@ BAD = [
      "site.yaml:2: stroe: unknown key (did you mean 'store'? known keys: store, modulefiles, "
      "tcl_modulefiles, wrappers, python, binds, images, gpu, gpu_devices, gpu_extra_libs, "
      "gpu_exclude_libs, gpu_extra_binaries, gpu_extra_devices, infiniband, ib_env, "
-     "ib_extra_libs, ib_memlock_min, mpi, local, keep)"),
+     "ib_extra_libs, ib_memlock_min, mpi, local, keep, extra_wrappers)"),
     ("gpu-devices", "store: /s\nimages: []\ngpu: nvidia\ngpu_devices: some\n",
      "site.yaml:4: gpu_devices: must be one of visible, all, not 'some'"),
     ("mpi-mode", "store: /s\nimages: []\nmpi:\n  mode: magic\n",
