@@ -17,17 +17,26 @@ store=$("$py" -c 'import sys, yaml, os; d = yaml.safe_load(open(sys.argv[1])); s
 mkdir -p "$store"
 chmod 755 "$store"
 
-build() {  # build OUT DEF: hpcimage build writes OUT atomically (nothing on failure)
-    if [ ! -f "$1" ] || [ "${HPCIMAGE_REBUILD:-0}" = 1 ]; then
-        echo "demo: building $(basename "$1") from ${2#$here/}"
-        "$hpcimage" build --force "$1" "$2" && chmod 644 "$1"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+image() {  # image NAME VERSION DEF FILE: build from DEF (unless in the store), then publish
+    local name=$1 version=$2 def=$3 file=$4 src=$store/$4
+    if [ ! -f "$src" ] || [ "${HPCIMAGE_REBUILD:-0}" = 1 ]; then
+        echo "demo: building $name/$version from ${def#$here/}"
+        "$hpcimage" build "$work/$file" "$def" || return 1
+        src=$work/$file
     fi
+    # Into the store with the manifest (a no-op when it is recorded there already).
+    "$hpcimage" publish "$src" --name "$name" --version "$version" \
+        --site "$here/site.yaml" --definition "$def" >/dev/null
 }
 
-build "$store/Demo-1.0.sqfs" "$here/images/Demo.def"
-if ! build "$store/Debian-12.sqfs" "$here/images/Debian-12.def"; then
+image Demo 1.0 "$here/images/Demo.def" Demo-1.0.sqfs
+if ! image Debian 12 "$here/images/Debian-12.def" Debian-12.sqfs; then
     echo "demo: warning: Debian/12 not built (no Debian mirror reachable?); Demo/1.0 still works" >&2
 fi
+chmod -R a+rX "$store"
 
 cd "$here"
 "$hpcimage" generate --site site.yaml --check >/dev/null \
@@ -44,4 +53,5 @@ runuser -u "$user" -- bash -lc "
     module list 2>&1
     image-exec cat /etc/os-release
     image-run echo 'image-run: the runscript ran'
+    image-update && image-update --check && echo 'image-update: the local copy is current'
 "
