@@ -342,3 +342,20 @@ def test_hot_path_imports_only_stdlib_and_runtime(user, demo_dir):
                         for m in ours if "." in m), ours
     for banned in ("click", "jinja2", "yaml", "psutil", "pkg_resources", "subprocess"):
         assert not any(m == banned or m.startswith(banned + ".") for m in mods), banned
+
+
+def test_session_dir_over_user_data_keeps_binds_and_image(user, demo_dir, userdir):
+    """Where /var/lib/hpcimage/mnt is missing a fallback directory (/mnt, ...) holds the
+    session tmpfs; data below it (-B sources, the image) must stay reachable."""
+    sub = userdir / "sub"
+    sub.mkdir()
+    (sub / "f").write_text("bound\n")
+    img = userdir / "img.sqfs"
+    import shutil
+    shutil.copy(str(demo_dir) + ".sqfs", img)
+    os.chmod(img, 0o644)
+    r = user.run(runtime_argv("image-exec", "-B", f"{sub}:/data", "sh", "-c",
+                              "cat /data/f; head -1 /etc/os-release"),
+                 env={"HPCIMAGE_IMAGE": str(img), "HPCIMAGE_SESSION_DIR": str(userdir)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == 'bound\nNAME="hpcimage Demo"\n'

@@ -52,7 +52,13 @@ def mount(image, mountpoint, log_path):
     except OSError:
         os.close(fd)
         raise
-    argv += [image.path, f"/dev/fd/{fd}"]
+    keep = [fd]
+    path = image.path
+    own = f"/proc/{os.getpid()}/fd/"
+    if path.startswith(own):        # pinned by the launcher: hand the open file over
+        keep.append(int(path[len(own):]))
+        path = f"/dev/fd/{keep[-1]}"
+    argv += [path, f"/dev/fd/{fd}"]
     parent = os.getpid()
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     pid = os.fork()
@@ -65,9 +71,12 @@ def mount(image, mountpoint, log_path):
             os.dup2(null, 0)
             os.dup2(null, 1)
             os.dup2(log_fd, 2)
-            os.set_inheritable(fd, True)
-            os.closerange(3, fd)
-            os.closerange(fd + 1, 1024)
+            low = 3
+            for k in sorted(keep):
+                os.set_inheritable(k, True)
+                os.closerange(low, k)
+                low = k + 1
+            os.closerange(low, 1024)
             os.chdir("/")
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(s, signal.SIG_IGN)   # signals are for the application

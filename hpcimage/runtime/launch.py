@@ -465,6 +465,7 @@ def execute(p):
                 sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
             elif name == "session":
                 base = args[0]
+                _pin_sources(p.ops, base)
                 sc.mount("hpcimage", base, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
                 for d in ("image", "home", "tmp", "vartmp", "dev"):
                     os.mkdir(f"{base}/{d}", 0o700)
@@ -512,6 +513,30 @@ def execute(p):
                 _kill(mount_pid)
             raise HpcimageError(_oserror(name, e)) from None
     return mount_pid
+
+
+SESSION_NAMES = ("image", "home", "tmp", "vartmp", "dev", "passwd", "group", "root",
+                 "image.log")
+
+
+def _pin_sources(ops, base):
+    """Host paths below the session directory (a fallback such as /mnt may hold the
+    user's data) disappear under the session tmpfs: open them first and use them as
+    /proc/PID/fd/N (still valid for mount(2) and for squashfuse started from here)."""
+    prefix = base.rstrip("/") + "/"
+    own = tuple(prefix + n for n in SESSION_NAMES)
+
+    def pin(path):
+        if not path.startswith(prefix) or path.startswith(own):
+            return path
+        flags = os.O_PATH if os.path.isdir(path) else os.O_RDONLY   # squashfuse reads it
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        return f"/proc/{os.getpid()}/fd/{fd}"
+    for op in ops:
+        if op[0] == "bind":
+            op[1].src = pin(op[1].src)
+        elif op[0] == "image":
+            op[1].path = pin(op[1].path)
 
 
 def _kill(pid):
