@@ -108,11 +108,17 @@ echo "job-done $?"
 
 def test_eight_ranks_one_namespace_one_mount_nothing_left(user, slurm_cluster, site, openmpi_sqfs,
                                                          userdir):
+    marks = userdir / "marks"
+    marks.mkdir()
+    os.chown(marks, user.uid, user.gid)
     p = user.popen(["srun", "-n", "8", "--mpi=pmix", "image-mpi", "sh", "-c",
-                    'echo "ns $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"; sleep 2'],
+                    'echo "ns $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt)"; '
+                    f'touch {marks}/$PMIX_RANK; sleep 3'],
                    env=env_for(site, openmpi_sqfs), cwd=str(userdir),
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60
+    while len(os.listdir(marks)) < 8 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
     daemons = fuse_processes(user.uid)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err

@@ -2,8 +2,10 @@
 rank environment, and the shared namespaces of the ranks of one job on one node
 (ranks simulated by processes carrying a launcher's variables)."""
 import os
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,7 +72,8 @@ def test_launcher_choice(user, demo_sqfs, fake_launchers):
 
 
 RANK_CMD = ('echo "$PMIX_RANK $(readlink /proc/self/ns/user) $(readlink /proc/self/ns/mnt) '
-            '$(head -1 /etc/os-release)"; sleep "$HOLD"; head -1 /etc/os-release')
+            '$(head -1 /etc/os-release)"; [ -z "$MARKS" ] || touch "$MARKS/$PMIX_RANK"; '
+            'sleep "$HOLD"; head -1 /etc/os-release')
 
 
 def start_ranks(user, image, n, job, extra_env=None, hold=lambda i: "0.5"):
@@ -86,10 +89,17 @@ def start_ranks(user, image, n, job, extra_env=None, hold=lambda i: "0.5"):
 
 def test_ranks_share_one_userns_mountns_and_image_mount(user, demo_sqfs):
     job = f"t{os.getpid()}{time.monotonic_ns() % 100000}"
+    marks = Path(f"/tmp/hpcimage-tests/marks-{job}")
+    marks.mkdir(parents=True)
+    os.chown(marks, user.uid, user.gid)
     # rank 0 leaves early: the others keep a working image.
-    procs = start_ranks(user, str(demo_sqfs), 8, job, hold=lambda i: "0.1" if i == 0 else "1.5")
-    time.sleep(1.0)
+    procs = start_ranks(user, str(demo_sqfs), 8, job, extra_env={"MARKS": str(marks)},
+                        hold=lambda i: "0.1" if i == 0 else "3")
+    deadline = time.monotonic() + 60
+    while len(os.listdir(marks)) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
     daemons = fuse_processes(user.uid)
+    shutil.rmtree(marks, ignore_errors=True)
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     first = [o[0].splitlines()[0].split(" ", 3) for o in outs]
