@@ -45,10 +45,6 @@ class Bind:
     def __init__(self, src, dst, ro=False, what="bind"):
         self.src, self.dst, self.ro, self.what = src, dst, ro, what
 
-    @property
-    def is_dir(self):
-        return os.path.isdir(self.src)
-
     def __str__(self):
         return f"bind {self.src} -> {self.dst}{' (ro)' if self.ro else ''}  # {self.what}"
 
@@ -568,7 +564,8 @@ def _chdir(workdir, home, explicit):
     os.chdir("/")
 
 
-def _which(cmd, path):
+def which(cmd, path):
+    """cmd found on path (a colon list) as an executable file, or None."""
     if "/" in cmd:
         return cmd
     for d in path.split(":"):
@@ -616,7 +613,7 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None):
         os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
     e = environ.direct_env(env, forced, prepend, append)
     cmd = argv[0]
-    path = _which(cmd, e.get("PATH", environ.DEFAULT_PATH))
+    path = which(cmd, e.get("PATH", environ.DEFAULT_PATH))
     if path is None:
         raise HpcimageError(f"{prog}: {cmd}: command not found in the image "
                             f"(PATH={e.get('PATH', '')})", EXIT_NOT_FOUND)

@@ -93,14 +93,6 @@ def split_launcher_args(args):
     return opts, args[i:]
 
 
-def _which(prog, environ):
-    for d in (environ.get("PATH") or "/usr/bin:/bin").split(":"):
-        p = os.path.join(d or ".", prog)
-        if os.path.isfile(p) and os.access(p, os.X_OK):
-            return p
-    return None
-
-
 def implementation_of(exe):
     """'openmpi', 'mpich' or None, from the launcher's chain of links (alternatives)."""
     path, seen = exe, 0
@@ -125,7 +117,8 @@ def launcher_argv(opts, environ, site, mode, runtime_opts, program):
         forced = None
     in_slurm = bool(environ.get("SLURM_JOB_ID"))
     kind = forced or ("srun" if in_slurm else "mpirun")
-    exe = _which(kind, environ)
+    from hpcimage.runtime.launch import which
+    exe = which(kind, environ.get("PATH") or "/usr/bin:/bin")
     if exe is None:
         raise HpcimageError(f"image-mpi: launcher {kind!r} not found on PATH"
                             + (" (load the host MPI module?)" if kind == "mpirun" else ""))
@@ -218,8 +211,6 @@ def _start_holder(head, state, refs_path, close_fds=()):
             except HpcimageError as e:
                 os.write(w, ("E" + e.message).encode())
                 os._exit(1)
-            with open(os.path.join("/proc/self/fd", str(w)), "w"):
-                pass
             os.dup2(null, 2)
             fd = os.open(refs_path, os.O_RDONLY | os.O_CLOEXEC)
             os.write(w, b"R")
