@@ -94,8 +94,10 @@ def output_kind(out, sandbox=False):
                      f"or .sqfs suffix, or --sandbox for a directory")
 
 
-def build(out, source, sandbox=False, force=False, comp=DEFAULT_COMP):
-    """Build OUT from SOURCE; returns the kind of OUT ("sif", "squashfs", "sandbox")."""
+def build(out, source, sandbox=False, force=False, comp=DEFAULT_COMP, before_install=None):
+    """Build OUT from SOURCE; returns the kind of OUT ("sif", "squashfs", "sandbox").
+    before_install(), when given, runs once the temporary OUT is complete and may raise
+    to abandon it (the build's %test, run while mksquashfs works)."""
     out = os.fspath(out).rstrip("/") or "/"
     src = resolve_source(source) if not isinstance(source, Source) else source
     if src.kind == "def":
@@ -113,6 +115,8 @@ def build(out, source, sandbox=False, force=False, comp=DEFAULT_COMP):
             _build_squashfs(src, tmp, comp)
         else:
             _build_sandbox(src, tmp)
+        if before_install is not None:
+            before_install()
         _install(tmp, out, force)
     except BaseException:
         _remove(tmp)

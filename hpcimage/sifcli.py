@@ -104,44 +104,5 @@ def build(sandbox, force, notest, build_args, all_, site_path, out, source):
     definition-file and labels objects. OUT is written under a temporary name and
     renamed into place: a failed build leaves nothing behind.
     """
-    from hpcimage import convert
-    from hpcimage.errors import UsageError
-
-    if all_:
-        from hpcimage.build import builder
-        if sandbox:
-            raise UsageError("build --all writes the store's image files: no --sandbox")
-        only = [a for a in (out, source) if a]
-        built, skipped, failed = builder.build_site(site_path, force=force, notest=notest,
-                                                    only=only)
-        click.echo(f"hpcimage: build --all: built {len(built)}, skipped {len(skipped)}, "
-                   f"failed {len(failed)}" + (f" ({', '.join(failed)})" if failed else ""),
-                   err=True)
-        raise SystemExit(1 if failed else 0)
-    if not out or not source:
-        raise UsageError("build: usage: hpcimage build [OPTIONS] OUT SOURCE "
-                         "(or hpcimage build --all)")
-    args = {}
-    for a in build_args:
-        k, eq, v = a.partition("=")
-        if not eq or not k:
-            raise UsageError(f"--build-arg {a!r}: want NAME=VALUE")
-        args[k] = v
-    for scheme in ("docker", "oras"):
-        if source.startswith(scheme + "://"):
-            from hpcimage.build import builder
-            kind = builder.build(out, source, sandbox=sandbox, force=force, notest=notest,
-                                 build_args=args, text=f"Bootstrap: {scheme}\n"
-                                 f"From: {source[len(scheme) + 3:]}\n")
-            click.echo(f"hpcimage: built {out} ({kind}) from {source}", err=True)
-            return
-    src = convert.resolve_source(source)
-    if src.kind == "def":
-        from hpcimage.build import builder
-        kind = builder.build(out, src.path, sandbox=sandbox, force=force, notest=notest,
-                             build_args=args)
-    else:
-        if args or notest:
-            raise UsageError("--build-arg and --notest apply to definition files only")
-        kind = convert.build(out, src, sandbox=sandbox, force=force)
-    click.echo(f"hpcimage: built {out} ({kind}) from {source}", err=True)
+    from hpcimage import buildcmd
+    buildcmd.run(sandbox, force, notest, build_args, all_, site_path, out, source)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, _cached, cli_argv
+from conftest import PY, REPO, _cached, cli_argv
 import registry as reg
 
 IMAGES = REPO / "images"
@@ -384,6 +384,8 @@ def test_apps(user, every_image):
 @pytest.mark.parametrize("section, status, what", [
     ("%post\n    echo partial > /partial\n    false\n", 1, "t.def:3: %post failed (exit 1)"),
     ("%test\n    false\n", 1, "t.def:3: %test failed (exit 1)"),
+    # %test runs while mksquashfs works; a slow failing %test must still stop the rename
+    ("%test\n    sleep 1\n    exit 4\n", 1, "t.def:3: %test failed (exit 4)"),
     ("%files\n    no-such-file /x\n", 2, "t.def:4: %files: no-such-file: no such file"),
     ("%setup\n    exit 3\n", 1, "t.def:3: %setup failed (exit 3)"),
 ])
@@ -392,13 +394,63 @@ def test_failure_leaves_nothing(user, userdir, section, status, what):
     tmp.mkdir()
     os.chown(tmp, user.uid, user.gid)
     d = write(userdir / "t.def", "Bootstrap: busybox\n\n" + section, user)
-    for out, opts in ((userdir / "o.sqfs", ()), (userdir / "box", ("--sandbox",))):
+    for out, opts in ((userdir / "o.sqfs", ()), (userdir / "o.sif", ()),
+                      (userdir / "box", ("--sandbox",))):
         r = build(user, userdir, out, d, *opts, env={"TMPDIR": str(tmp)}, ok=False)
         assert r.returncode == status, r.stderr
         assert f"hpcimage: error: {what}" in r.stderr.replace(str(userdir) + "/", "")
         assert not out.exists()
         assert sorted(os.listdir(userdir)) == ["t.def", "tmp"]
         assert os.listdir(tmp) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["o.sif", "t.def"], ["-F", "o.sif", "t.def"], ["--force", "--notest", "o.sqfs", "t.def"],
+    ["-s", "-T", "box", "t.def"], ["--sandbox", "box", "t.def", "--force"],
+    ["--build-arg", "A=1", "--build-arg=B=2", "o.sif", "t.def"],
+    ["--build-arg", "-x", "o.sif", "t.def"], ["o.sif", "docker://debian:12"],
+    # click's: help, --all, --site, combined flags, --, unknown options, wrong counts
+    ["--help"], ["--all"], ["--site", "s.yaml", "--all"], ["-sF", "box", "t.def"],
+    ["--", "o.sif", "t.def"], ["--bogus", "o.sif", "t.def"], ["o.sif"], ["a", "b", "c"],
+    ["--build-arg"], [],
+])
+def test_build_fast_parser_agrees_with_click(args):
+    """`hpcimage build`'s common form is parsed without click (start-up time); where
+    the fast parser answers, click must parse the same command line the same way."""
+    from hpcimage import buildcmd
+    from hpcimage.sifcli import build as click_build
+    kw = buildcmd.fast_parse(list(args))
+    if kw is None:
+        assert args in ([], ["o.sif"], ["a", "b", "c"], ["--build-arg"]) or any(
+            a in ("--help", "--all", "--site", "-sF", "--", "--bogus") for a in args)
+        return
+    assert click_build.make_context("build", list(args)).params == kw
+
+
+def test_build_and_exec_start_without_click(user, userdir):
+    """The light front door: `hpcimage build OUT DEF` and `hpcimage exec` import no click
+    (-X importtime lists every module imported)."""
+    d = write(userdir / "t.def", "Bootstrap: busybox\n%post\n    echo hi > /hi\n", user)
+
+    def run(*args):
+        return user.run([PY, "-I", "-X", "importtime", "-m", "hpcimage.cli", *args],
+                        cwd=str(userdir))
+
+    def imported(stderr):
+        return {ln.rsplit("|", 1)[1].strip() for ln in stderr.splitlines()
+                if ln.startswith("import time:") and "|" in ln}
+    r = run("build", str(userdir / "o.sqfs"), str(d))
+    assert r.returncode == 0 and (userdir / "o.sqfs").is_file(), r.stderr
+    mods = imported(r.stderr)
+    assert "hpcimage.buildcmd" in mods and "click" not in mods
+    r = run("exec", "--dry-run", str(userdir / "o.sqfs"), "true")
+    assert r.returncode == 0, r.stderr
+    mods = imported(r.stderr)
+    assert "hpcimage.runtime.launch" in mods and "click" not in mods
+    r = user.run(cli_argv("exec", str(userdir / "o.sqfs"), "cat", "/hi"), cwd=str(userdir))
+    assert r.returncode == 0 and r.stdout == "hi\n", r.stderr
+    r = run("build", "--help")                                    # click's path
+    assert r.returncode == 0 and "click" in imported(r.stderr) and "--sandbox" in r.stdout
 
 
 def test_notest_skips_failing_test(user, userdir):

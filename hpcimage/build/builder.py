@@ -112,6 +112,7 @@ class _Job:
         self.d, self.out, self.kind, self.force, self.notest = d, out, kind, force, notest
         self.cwd, self.tmpdir, self.comp, self.mode = cwd, tmpdir, comp, mode
         self.roots = {}
+        self.testing = None         # (%test section, its process) while it runs
         self.work = os.path.join(tmpdir, f".{os.path.basename(out)}.build-{os.getpid()}-"
                                  f"{os.urandom(4).hex()}")
 
@@ -135,9 +136,11 @@ class _Job:
             else:
                 _say(f"writing {self.kind} image {self.out}")
                 convert.build(self.out, convert.Source("dir", final), force=self.force,
-                              comp=self.comp)
+                              comp=self.comp, before_install=self.test_result)
                 os.chmod(self.out, 0o644)
         finally:
+            if self.testing is not None:            # mksquashfs failed: stop %test
+                self.testing[1].kill()
             remove_tree(self.work)
         return self.kind
 
@@ -274,15 +277,31 @@ class _Job:
         return env
 
     def test(self, st, root):
+        """Start %test in the finished (read-only) tree. An image file's %test runs
+        while mksquashfs reads the same tree, and its result decides, before the
+        rename, whether the image appears (test_result); a sandbox waits for it here."""
         sec = st.sections.get("test")
         if not sec:
             return
         if not _has_sh(root):
             raise HpcimageError(f"{self.d.path}:{sec.line}: the image has no /bin/sh to run %test")
         _say("running %test (skip with --notest)")
-        rc = userns.run_in_root(root, ["/bin/sh", "-c", SOURCE_ENV, "test",
-                                       "/.singularity.d/test"], self.script_env(),
-                                readonly=True, what="%test")
+        child = userns.start_in_root(root, ["/bin/sh", "-c", SOURCE_ENV, "test",
+                                            "/.singularity.d/test"], self.script_env(),
+                                     readonly=True, what="%test")
+        self.testing = (sec, child)
+        if self.kind == "sandbox":
+            self.test_result()
+
+    def test_result(self):
+        """Wait for %test; raise when it failed."""
+        if self.testing is None:
+            return
+        sec, child = self.testing
+        try:
+            rc = child.wait()
+        finally:
+            self.testing = None
         if rc:
             raise self._fail(sec.line, "%test", rc)
 

@@ -115,13 +115,17 @@ def _map(pid, m):
         _write(f"/proc/{pid}/uid_map", f"0 {m.uid} 1\n")
         _write(f"/proc/{pid}/gid_map", f"0 {m.gid} 1\n")
         return
-    for tool, own, (start, count) in (("newuidmap", m.uid, m.subuid),
-                                      ("newgidmap", m.gid, m.subgid)):
-        r = subprocess.run([tool, str(pid), "0", str(own), "1", "1", str(start), str(count)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
+    procs = [(tool, subprocess.Popen([tool, str(pid), "0", str(own), "1", "1", str(start),
+                                      str(count)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True))
+             for tool, own, (start, count) in (("newuidmap", m.uid, m.subuid),
+                                               ("newgidmap", m.gid, m.subgid))]
+    for tool, p in procs:                   # the two run side by side
+        out = p.communicate()[0]
+        if p.returncode != 0:
             raise HpcimageError(f"build: {tool} failed: "
-                                f"{(r.stderr.strip() or r.stdout.strip() or '?').splitlines()[-1]}")
+                                f"{(out.strip() or '?').splitlines()[-1]}")
 
 
 def run_as_root(func, args=(), idmap=None):
@@ -290,6 +294,12 @@ def run_in_root(root, argv, env, readonly=False, extra_binds=(), what="script"):
                   pidns=True)
 
 
+def start_in_root(root, argv, env, readonly=False, extra_binds=(), what="script"):
+    """run_in_root, without waiting: returns a Child (wait() gives the exit status)."""
+    return _Child(*_start(lambda: _setup_root(root, readonly, extra_binds), argv, env,
+                          what, pidns=True))
+
+
 def run_on_host(argv, env, cwd=None, what="script", pidns=True):
     """Run argv in new mount and PID namespaces, without chroot (%setup, debootstrap)."""
     def setup():
@@ -300,6 +310,52 @@ def run_on_host(argv, env, cwd=None, what="script", pidns=True):
 
 
 def _spawn(setup, argv, env, what, pidns):
+    return _Child(*_start(setup, argv, env, what, pidns)).wait()
+
+
+class _Child:
+    """A process started by _start: wait() returns its exit status (128+N for a
+    signal) or raises HpcimageError when its set-up failed; kill() stops it."""
+
+    def __init__(self, pid, r_err):
+        self.pid, self.r_err, self.status = pid, r_err, None
+
+    def wait(self):
+        if self.status is not None:
+            return self.status
+        msg = b""
+        while True:
+            b = os.read(self.r_err, 4096)
+            if not b:
+                break
+            msg += b
+        os.close(self.r_err)
+        try:
+            _, st = os.waitpid(self.pid, 0)
+        except KeyboardInterrupt:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            raise
+        if msg:
+            self.status = 127
+            raise HpcimageError(msg.decode(errors="replace"))
+        self.status = (os.waitstatus_to_exitcode(st) if os.WIFEXITED(st)
+                       else 128 + os.WTERMSIG(st))
+        return self.status
+
+    def kill(self):
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)   # its pid-1 child dies with it (PDEATHSIG)
+            except ProcessLookupError:
+                pass
+            try:
+                self.wait()
+            except HpcimageError:
+                pass
+
+
+def _start(setup, argv, env, what, pidns):
     r_err, w_err = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -330,19 +386,4 @@ def _spawn(setup, argv, env, what, pidns):
             finally:
                 os._exit(127)
     os.close(w_err)
-    msg = b""
-    while True:
-        b = os.read(r_err, 4096)
-        if not b:
-            break
-        msg += b
-    os.close(r_err)
-    try:
-        _, st = os.waitpid(pid, 0)
-    except KeyboardInterrupt:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise
-    if msg:
-        raise HpcimageError(msg.decode(errors="replace"))
-    return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+    return pid, r_err

@@ -1,0 +1,131 @@
+"""The `hpcimage` commands, with click; hpcimage.cli is the front door that calls main() here
+and turns HpcimageError into one line."""
+import sys
+
+import click
+
+from hpcimage.errors import HpcimageError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hpcimage")
+def cli():
+    """Container images as environment modules, with an unprivileged runtime."""
+
+
+@cli.command()
+@click.option("--site", "site_path", default="site.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="The site description.")
+@click.option("--prefix", type=click.Path(file_okay=False), metavar="DIR",
+              help="Render under DIR instead of the paths in site.yaml.")
+@click.option("--check", is_flag=True,
+              help="Write nothing; show a diff and exit 1 when the files are stale.")
+@click.option("--format", "fmt", type=click.Choice(["lua", "tcl", "all"]), default="all",
+              show_default=True, help="Lmod (lua), Environment Modules (tcl) or both.")
+def generate(site_path, prefix, check, fmt):
+    """Render modulefiles and image-* wrappers from site.yaml."""
+    from hpcimage import generate as gen
+    gen.run(site_path, prefix=prefix, check=check, fmt=fmt)
+
+
+_PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True,
+                "allow_interspersed_args": False, "help_option_names": []}
+
+
+def _runtime_command(verb, summary):
+    @cli.command(verb, context_settings=_PASSTHROUGH, add_help_option=False,
+                 help=summary + " Options as Apptainer's; `hpcimage " + verb +
+                 " --help` lists them.")
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args):
+        from hpcimage.runtime.main import main as runtime_main
+        runtime_main([verb, *args])
+    return command
+
+
+_runtime_command("exec", "Run a command inside IMAGE: exec [OPTIONS] IMAGE COMMAND [ARGS].")
+_runtime_command("run", "Run IMAGE's runscript: run [OPTIONS] IMAGE [ARGS].")
+_runtime_command("shell", "Start a shell inside IMAGE: shell [OPTIONS] IMAGE [SHELL ARGS].")
+
+from hpcimage.sifcli import build as _build, sif as _sif  # noqa: E402  (issue 3)
+cli.add_command(_sif)
+cli.add_command(_build)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.argument("image")
+def inspect(image, as_json):
+    """Show IMAGE's labels, definition file, runscript, help, environment, apps and
+    (SIF) objects, without starting it."""
+    from hpcimage import inspect as insp
+    click.echo(insp.run(image, as_json), nl=False)
+
+
+@cli.command()
+@click.argument("image")
+def apps(image):
+    """List the SCI-F apps of IMAGE (run one with `hpcimage run --app NAME IMAGE`)."""
+    from hpcimage import inspect as insp
+    for name in insp.metadata(image)["apps"]:
+        click.echo(name)
+
+
+@cli.command()
+@click.argument("image", type=click.Path())
+@click.option("--name", required=True, help="The image's name in site.yaml.")
+@click.option("--version", "version", required=True, help="The image's version in site.yaml.")
+@click.option("--site", "site_path", default="site.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="The site description.")
+@click.option("--definition", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The definition file IMAGE was built from (its sha256 goes into the "
+                   "manifest; default: the one inside IMAGE).")
+def publish(image, name, version, site_path, definition):
+    """Place IMAGE in the store as NAME/VERSION (the `file` site.yaml gives), atomically,
+    and record it in the store's manifest (docs/store.md)."""
+    from hpcimage import store
+    store.publish(site_path, image, name, version, definition=definition)
+
+
+@cli.command("update")
+@click.option("--check", is_flag=True,
+              help="Only report: exit 0 when the local copy is current, 1 when an update "
+                   "is available, 2 on error.")
+@click.option("--remove", is_flag=True, help="Remove the local copy.")
+def update_command(check, remove):
+    """Copy the loaded module's image (HPCIMAGE_IMAGE) from the store into your local
+    image directory, verifying its sha256; the image-* commands then start the local
+    copy while it is current. The image-update command of a loaded module runs this."""
+    if check and remove:
+        raise click.UsageError("--check and --remove exclude each other")
+    from hpcimage import store
+    return store.update(check=check, remove=remove)
+
+
+def main(argv=None):
+    args = sys.argv[1:] if argv is None else list(argv)
+    prog, command = "hpcimage", cli
+    if args[:1] == ["image-update"]:        # the image-update wrapper
+        prog, command, args = "image-update", update_command, args[1:]
+    try:
+        rv = command.main(args=args, prog_name=prog, standalone_mode=False)
+    except HpcimageError as e:
+        click.echo(f"{prog}: error: {e.message}", err=True)
+        sys.exit(e.status)
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        if prog != "hpcimage":
+            click.echo(f"{prog}: error: {e.format_message()}", err=True)
+            sys.exit(2)
+        e.show()
+        sys.exit(2 if e.exit_code == 2 else e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    # standalone_mode=False: click returns ctx.exit()'s code instead of raising it.
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
