@@ -5,13 +5,12 @@ modulefiles and wrappers: `module load Debian/12`, then `module load TestMod` in
 """
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import CACHE, PY, runtime_argv
+from conftest import CACHE, PY
 from modtools import (TEST_USER, generate, module_script, requires_lmod, requires_user,
                       world_tmp, write_site)  # noqa: F401
 
