@@ -292,7 +292,7 @@ def render(site, prefix=None, formats=FORMATS):
     except (jinja2.TemplateError, TemplateBug, ValueError) as e:
         # ValueError: an escaping filter refused a value site.py let through.
         raise HpcimageError(f"template error: {e}") from None
-    policy = {"_comment": HEADER, **site.policy()}
+    policy = {"_comment": HEADER, **site.policy(roots)}
     files.append(OutFile(posixpath.join(roots["wrappers"], SITE_JSON),
                          json.dumps(policy, indent=2, sort_keys=True) + "\n", MODE_FILE))
     for f in files:

@@ -79,6 +79,8 @@ class Site:
     local: str = DEFAULT_LOCAL      # as written: ~ and $VAR are expanded by the runtime
     keep: int = DEFAULT_KEEP
     extra_wrappers: Tuple[str, ...] = ()
+    lmod_in_image: bool = False     # the host's Lmod and MODULEPATH inside the images
+    lmod_prefix: Optional[str] = None   # the host's Lmod (LMOD_PKG); None: found at run time
 
     def roots(self, prefix=None):
         """Absolute output roots {"modulefiles", "tcl_modulefiles", "wrappers"}.
@@ -98,8 +100,12 @@ class Site:
             out[key] = posixpath.normpath(posixpath.join(base, value))
         return out
 
-    def policy(self):
-        """The runtime's policy (site.json), plain JSON-able data."""
+    def policy(self, roots=None):
+        """The runtime's policy (site.json), plain JSON-able data.
+
+        `roots`: the absolute output roots (Site.roots()); the Lmod-inside policy names
+        the Lua modulefiles root relative to the wrappers directory, where site.json
+        lives, so that a rendered tree can be moved as a whole."""
         image_binds = {}
         for img in self.images:
             if img.binds:
@@ -115,6 +121,12 @@ class Site:
             out["mpi"] = {k: (list(b.spec for b in v) if k == "binds" else
                               list(v) if isinstance(v, tuple) else v)
                           for k, v in self.mpi.items() if v not in (None, (), "")}
+        if self.lmod_in_image:
+            roots = roots or self.roots()
+            lmod = {"modulepath": [posixpath.relpath(roots["modulefiles"], roots["wrappers"])]}
+            if self.lmod_prefix:
+                lmod["prefix"] = self.lmod_prefix
+            out["lmod"] = lmod
         return out
 
 
@@ -470,6 +482,11 @@ SITE_KEYS: Dict[str, Key] = {
                 doc="previous versions of an image `hpcimage publish` keeps in the store"),
     "extra_wrappers": Key(list_of(choice("image-inspect")), default=(),
                           doc="optional wrappers to render too (image-inspect)"),
+    "lmod_in_image": Key(parse_bool, default=False,
+                         doc="the host's Lmod and MODULEPATH inside the images (`module` works there)"),
+    "lmod_prefix": Key(parse_abs_path, default=None,
+                       doc="the host's Lmod (holding libexec/lmod and init/); default: found "
+                           "at run time from $LMOD_PKG, $LMOD_DIR, $LMOD_CMD, else /usr/share/lmod/lmod"),
 }
 
 
@@ -569,13 +586,17 @@ def _build(ctx, root, values):
             key, _, msg = problem.partition(": ")
             key = key if key in hardware else next(iter(hardware))
             raise ctx.error(_key_node(root, key) or root, key, msg or problem)
+    if values["lmod_prefix"] is not None and not values["lmod_in_image"]:
+        raise ctx.error(_key_node(root, "lmod_prefix") or root, "lmod_prefix",
+                        "has no effect without 'lmod_in_image: true'")
     return Site(
         path=ctx.display, base_dir=ctx.base_dir, store=values["store"],
         modulefiles=roots["modulefiles"], tcl_modulefiles=roots["tcl_modulefiles"],
         wrappers=roots["wrappers"], python=values["python"], binds=values["binds"],
         images=tuple(images), mpi=dict(values["mpi"] or {}), hardware=hardware,
         local=values["local"], keep=values["keep"],
-        extra_wrappers=tuple(values["extra_wrappers"]))
+        extra_wrappers=tuple(values["extra_wrappers"]),
+        lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"])
 
 
 def _nested(a, b):

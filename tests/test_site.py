@@ -156,7 +156,27 @@ BAD = [
      "site.yaml:2: stroe: unknown key (did you mean 'store'? known keys: store, modulefiles, "
      "tcl_modulefiles, wrappers, python, binds, images, gpu, gpu_devices, gpu_extra_libs, "
      "gpu_exclude_libs, gpu_extra_binaries, gpu_extra_devices, infiniband, ib_env, "
-     "ib_extra_libs, ib_memlock_min, mpi, local, keep, extra_wrappers)"),
+     "ib_extra_libs, ib_memlock_min, mpi, local, keep, extra_wrappers, lmod_in_image, "
+     "lmod_prefix)"),
+    ("lmod-misspelt", "store: /s\nimages: []\nlmod_inside: true\n",
+     "site.yaml:3: lmod_inside: unknown key (did you mean 'lmod_in_image'?"),
+    ("lmod-in-image-string", "store: /s\nimages: []\nlmod_in_image: 'yes'\n",
+     "site.yaml:3: lmod_in_image: expected true or false, got a string"),
+    ("lmod-in-image-list", "store: /s\nimages: []\nlmod_in_image: [true]\n",
+     "site.yaml:3: lmod_in_image: expected true or false, got a list"),
+    ("lmod-prefix-relative", "store: /s\nimages: []\nlmod_in_image: true\n"
+     "lmod_prefix: usr/share/lmod/lmod\n",
+     "site.yaml:4: lmod_prefix: must be an absolute path, got 'usr/share/lmod/lmod'"),
+    ("lmod-prefix-int", "store: /s\nimages: []\nlmod_in_image: true\nlmod_prefix: 8\n",
+     "site.yaml:4: lmod_prefix: expected a path, got an integer"),
+    ("lmod-prefix-newline", "store: /s\nimages: []\nlmod_in_image: true\n"
+     "lmod_prefix: \"/opt/lmod\\nx\"\n",
+     "site.yaml:4: lmod_prefix: must not contain control characters"),
+    ("lmod-prefix-without-switch", "store: /s\nimages: []\n\nlmod_prefix: /opt/lmod/lmod\n",
+     "site.yaml:4: lmod_prefix: has no effect without 'lmod_in_image: true'"),
+    ("lmod-prefix-switch-off", "store: /s\nlmod_in_image: false\nimages: []\n"
+     "lmod_prefix: /opt/lmod/lmod\n",
+     "site.yaml:4: lmod_prefix: has no effect without 'lmod_in_image: true'"),
     ("gpu-devices", "store: /s\nimages: []\ngpu: nvidia\ngpu_devices: some\n",
      "site.yaml:4: gpu_devices: must be one of visible, all, not 'some'"),
     ("mpi-mode", "store: /s\nimages: []\nmpi:\n  mode: magic\n",
@@ -331,3 +351,21 @@ def test_gpu_ib_policy_compiled_into_site_json(tmp_path):
     pol = site.load(str(tmp_path / "site.yaml")).policy()
     assert pol["gpu"] == "nvidia" and pol["gpu_extra_libs"] == ["libfoo.so"]
     assert pol["ib_env"] == {"UCX_TLS": "rc,sm"} and pol["infiniband"] in ("off", False)
+
+
+def test_lmod_in_image_compiled_into_site_json(tmp_path):
+    """Off by default (no "lmod" in site.json); on: the Lua modulefiles root relative to
+    the wrappers directory (site.json's own), and the prefix only where it is set."""
+    (tmp_path / "site.yaml").write_text("store: /s\nimages: []\n")
+    s = site.load(str(tmp_path / "site.yaml"))
+    assert s.lmod_in_image is False and s.lmod_prefix is None
+    assert "lmod" not in s.policy()
+    (tmp_path / "site.yaml").write_text("store: /s\nimages: []\nlmod_in_image: true\n"
+                                        "modulefiles: out/mf\nwrappers: bin\n")
+    s = site.load(str(tmp_path / "site.yaml"))
+    assert s.policy()["lmod"] == {"modulepath": ["../out/mf"]}
+    assert s.policy(s.roots(prefix="/elsewhere"))["lmod"] == {"modulepath": ["../out/mf"]}
+    (tmp_path / "site.yaml").write_text("store: /s\nimages: []\nlmod_in_image: yes\n"
+                                        "lmod_prefix: /opt/lmod//lmod/\n")
+    s = site.load(str(tmp_path / "site.yaml"))
+    assert s.policy()["lmod"] == {"modulepath": ["../modulefiles"], "prefix": "/opt/lmod/lmod"}

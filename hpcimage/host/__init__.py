@@ -14,9 +14,16 @@ import errno
 import os
 import stat
 
-__all__ = ["HostRoot", "Contribution", "discover", "validate_policy"]
+__all__ = ["HostRoot", "Contribution", "discover", "validate_policy", "NEVER_BIND"]
 
 _MAX_HOPS = 40
+
+# Sonames (prefixes) of the C runtime that a host library's dependency closure never
+# brings into a container: the image's own copies must stay (a second libc in one
+# process breaks it). Used by the MPI bind model and by Lmod inside (host.lmod).
+NEVER_BIND = ("libc.so.", "libm.so.", "libpthread.so.", "libdl.so.", "librt.so.", "ld-linux",
+              "libresolv.so.", "libutil.so.", "libgcc_s.so.", "libstdc++.so.", "libanl.so.",
+              "libcrypt.so.", "libnsl.so.", "libmvec.so.")
 
 
 class HostRoot:

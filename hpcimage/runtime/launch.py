@@ -74,8 +74,10 @@ class Plan:
             elif name == "exec":
                 verb, argv, env, forced, prepend, append, prog = args[:7]
                 app = args[7] if len(args) > 7 else None
+                rc = args[8] if len(args) > 8 else None
                 what = {"run": (app_dir(app) + "/runscript " if app else RUNSCRIPT + " "),
-                        "shell": "<shell> "}.get(verb, "")
+                        "shell": f"<shell{' (bash: --rcfile ' + rc + ')' if rc else ''}> "
+                        }.get(verb, "")
                 out.append(f"exec {what}{' '.join(_q(a) for a in argv)}"
                            "  # after /.singularity.d/env/*.sh when the image has them"
                            + (f", then {app_dir(app)}/env/*.sh" if app else ""))
@@ -171,6 +173,17 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
     from hpcimage import host as hostmod
     hw = hostmod.discover(site, host_env, nv=opts.nv, rocm=opts.rocm, ib=opts.ib)
     contributions = [hw] + list(contributions)
+    lmod_rc = None
+    if isinstance(site.get("lmod"), dict):
+        # site.yaml lmod_in_image: the host's Lmod, its Lua and MODULEPATH (imported
+        # only here: the plain image-exec path stays light).
+        from hpcimage.host import lmod
+        config = host_env.get("HPCIMAGE_SITE_CONFIG")
+        lc = lmod.discover(site["lmod"], host_env,
+                           site_dir=os.path.dirname(config) if config else None)
+        contributions.append(lc)
+        keep_prefixes = tuple(keep_prefixes) + lmod.CLEANENV_KEEP_PREFIXES
+        lmod_rc = lc.env.get("BASH_ENV")
     p.warnings = [w for c in contributions for w in c.warnings]
     dev_binds = [b for b in hw.binds if b[1] == "/dev" or b[1].startswith("/dev/")]
     hw.binds = [b for b in hw.binds if b not in dev_binds]
@@ -230,6 +243,9 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
     env_set, env_prepend = {}, {}
     for c in contributions:
         for src, dst, ro, why in c.binds:
+            if why.endswith("(lmod_in_image)") and any(
+                    b.src == b.dst and _under(dst, b.dst) and _under(src, b.src) for b in binds):
+                continue        # e.g. a MODULEPATH entry in $HOME or /tmp, bound rw already
             binds.append(Bind(src, dst, ro, why))
         env_set.update(c.env)
         for k, paths in c.prepend.items():
@@ -278,7 +294,7 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
         for k in ("APPTAINER_APPNAME", "SINGULARITY_APPNAME"):
             env[k] = opts.app
     p.add("exec", opts.verb, list(opts.args), env, forced, prepend, append, opts.prog,
-          opts.app)
+          opts.app, lmod_rc)
     return p
 
 
@@ -575,7 +591,7 @@ def which(cmd, path):
     return None
 
 
-def _exec(verb, args, env, forced, prepend, append, prog, app=None):
+def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None):
     has_sh = os.access("/bin/sh", os.X_OK)
     if app is not None and not os.path.isdir(app_dir(app)):
         raise UsageError(f"{prog}: no app {app!r} in this image (hpcimage apps IMAGE "
@@ -598,7 +614,13 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None):
             if sh is None:
                 raise HpcimageError(f"{prog}: this image has no shell (/bin/bash, /bin/sh)",
                                     EXIT_NOT_FOUND)
-        argv = [sh] + (["--norc"] if sh.endswith("/bash") else []) + args
+        # bash: not the user's ~/.bashrc; Lmod's init/bash where the site has Lmod
+        # inside (an interactive bash reads no BASH_ENV).
+        if sh.endswith("/bash"):
+            opt = ["--rcfile", rcfile] if rcfile and os.path.isfile(rcfile) else ["--norc"]
+        else:
+            opt = []
+        argv = [sh] + opt + args
     else:
         argv = args
     scripts = has_sh and app is not None

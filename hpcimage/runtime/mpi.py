@@ -303,9 +303,7 @@ def join_shared(plan, key):
 ABI = {"libmpi.so.40": "openmpi", "libmpi.so.12": "mpich", "libmpich.so.12": "mpich"}
 HOST_MPI_SONAMES = {"openmpi": ("libmpi.so.40",), "mpich": ("libmpich.so.12", "libmpi.so.12")}
 # Never bound from the host: the image's own C runtime must stay consistent.
-NEVER_BIND = ("libc.so.", "libm.so.", "libpthread.so.", "libdl.so.", "librt.so.", "ld-linux",
-              "libresolv.so.", "libutil.so.", "libgcc_s.so.", "libstdc++.so.", "libanl.so.",
-              "libcrypt.so.", "libnsl.so.", "libmvec.so.")
+from hpcimage.host import NEVER_BIND  # noqa: E402  (libc & friends)
 LIBS_DIR = "/.singularity.d/libs"
 
 
