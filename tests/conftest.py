@@ -29,7 +29,7 @@ TESTDATA = Path(os.environ.get("HPCIMAGE_TESTDATA", REPO.parent / "shared" / "te
 
 def _tree_digest(root):
     h = hashlib.sha256()
-    for p in sorted(Path(root).rglob("*.py")):
+    for p in sorted(q for ext in ("*.py", "*.c") for q in Path(root).rglob(ext)):
         if "__pycache__" in p.parts:
             continue
         h.update(str(p.relative_to(root)).encode())

@@ -127,3 +127,125 @@ def test_eight_ranks_one_namespace_one_mount_nothing_left(user, slurm_cluster, s
     assert len(daemons) == 1, daemons
     procs, mounts = wait_no_leaks(user.uid)
     assert procs == [] and mounts == []
+
+
+# ------------------------------------------------ hpcimage-join: no Python per rank
+
+JOIN_CMD = ('echo "r $OMPI_COMM_WORLD_RANK $PMIX_RANK $(readlink /proc/self/ns/user) '
+            '${HPCIMAGE_DEBIAN_ENV:-unset} ${PMIX_SECURITY_MODE:-x} ${PMIX_MCA_psec:-none} '
+            '${FOO:-nofoo} $PWD"')
+
+
+def joiner_lines(stderr):
+    joined = [ln for ln in stderr.splitlines() if ln.startswith("hpcimage-join: ")
+              and "joined holder" in ln]
+    python = [ln for ln in stderr.splitlines() if ln.startswith("hpcimage-join: ")
+              and "Python rank" in ln]
+    return joined, python
+
+
+def state_entries(user):
+    base = f"/tmp/hpcimage-{user.uid}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = os.listdir(base) if os.path.isdir(base) else []
+        if not left:
+            break
+        time.sleep(0.05)
+    return left
+
+
+def rows_of(out):
+    return sorted(ln.split()[1:] for ln in out.splitlines() if ln.startswith("r "))
+
+
+def test_mpirun_ranks_join_through_hpcimage_join(user, host_mpi, site, openmpi_sqfs, userdir):
+    """Outside Slurm image-mpi prepares the node's container while mpirun starts; every
+    rank joins it through the compiled hpcimage-join, with its own rank variables, the
+    image's env script, the PMIx translation and the user's directory."""
+    r = user.run(["image-mpi", "-n", "4", "--oversubscribe", "sh", "-c", JOIN_CMD],
+                 env=dict(env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1"), cwd=str(userdir),
+                 timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = rows_of(r.stdout)
+    assert [row[0] for row in rows] == ["0", "1", "2", "3"], r.stdout
+    assert all(row[0] == row[1] for row in rows)                     # PMIX_RANK, per rank
+    assert len({row[2] for row in rows}) == 1                        # one user namespace
+    assert all(row[3] == "1" for row in rows)                        # 90-environment.sh
+    assert all(row[4] != "x" and row[5] == row[4] for row in rows)   # PMIX_MCA_psec
+    assert all(row[7] == str(userdir) for row in rows)
+    joined, python = joiner_lines(r.stderr)
+    assert len(joined) == 4 and python == [], r.stderr
+    assert all("(the probed environment)" in ln for ln in joined), joined
+    procs, mounts = wait_no_leaks(user.uid)
+    assert procs == [] and mounts == []
+    assert state_entries(user) == []
+
+
+def test_joiner_falls_back_to_python_ranks(user, host_mpi, site, openmpi_sqfs, userdir):
+    """A rank whose environment differs from the one planned (here `-x FOO=bar`) and
+    HPCIMAGE_MPI_JOIN=0 both take the Python rank: same results, same shared container."""
+    env = dict(env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1")
+    r = user.run(["image-mpi", "-n", "3", "--oversubscribe", "-x", "FOO=bar", "sh", "-c",
+                  JOIN_CMD], env=env, cwd=str(userdir), timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = rows_of(r.stdout)
+    assert [row[0] for row in rows] == ["0", "1", "2"] and all(row[6] == "bar" for row in rows)
+    assert len({row[2] for row in rows}) == 1
+    joined, python = joiner_lines(r.stderr)
+    assert joined == [] and len(python) == 3
+    assert all("recipe made for another environment" in ln for ln in python), python
+    r = user.run(["image-mpi", "-n", "3", "--oversubscribe", "sh", "-c", JOIN_CMD],
+                 env=dict(env, HPCIMAGE_MPI_JOIN="0"), cwd=str(userdir), timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = rows_of(r.stdout)
+    assert [row[0] for row in rows] == ["0", "1", "2"] and len({row[2] for row in rows}) == 1
+    assert "hpcimage-join" not in r.stderr
+    assert state_entries(user) == []
+
+
+def test_joiner_env_scripts_reading_rank_variables(user, host_mpi, userdir):
+    """An image whose env script reads a per-rank variable: the holder's probe sees it,
+    so every rank runs the scripts itself (/bin/sh) and gets its own value; an image
+    whose scripts do not gets the probed environment."""
+    for name, line in (("perrank", "export MYRANK=r$OMPI_COMM_WORLD_RANK"),
+                       ("static", "export MYRANK=same")):
+        d = userdir / f"{name}.def"
+        d.write_text(f"Bootstrap: busybox\n%environment\n    {line}\n")
+        r = user.run(cli_argv("build", "--sandbox", str(userdir / name), str(d)),
+                     cwd=str(userdir))
+        assert r.returncode == 0, r.stderr
+        r = user.run(runtime_image_mpi(userdir / name, "sh", "-c",
+                                       'echo "r $OMPI_COMM_WORLD_RANK $MYRANK"'),
+                     env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HPCIMAGE_TRACE": "1",
+                          "HPCIMAGE_IMAGE": str(userdir / name)}, cwd=str(userdir), timeout=120)
+        assert r.returncode == 0, r.stderr
+        rows = rows_of(r.stdout)
+        joined, python = joiner_lines(r.stderr)
+        assert len(joined) == 3 and python == [], r.stderr
+        if name == "perrank":
+            assert rows == [["0", "r0"], ["1", "r1"], ["2", "r2"]]
+            assert all("(the planned environment)" in ln for ln in joined), joined
+        else:
+            assert rows == [["0", "same"], ["1", "same"], ["2", "same"]]
+            assert all("(the probed environment)" in ln for ln in joined), joined
+
+
+def runtime_image_mpi(image, *args):
+    return [PY, "-I", "-c", "from hpcimage.runtime.main import main; main()", "image-mpi",
+            "-n", "3", "--oversubscribe", *args]
+
+
+def test_joiner_errors_match_the_runtime(user, host_mpi, site, openmpi_sqfs, userdir):
+    env = env_for(site, openmpi_sqfs)
+    r = user.run(["image-mpi", "-n", "2", "--oversubscribe", "no-such-prog"], env=env,
+                 cwd=str(userdir), timeout=120)
+    assert r.returncode != 0
+    assert "image-mpi: error: no-such-prog: command not found in the image (PATH=" in r.stderr
+    r = user.run(["image-mpi", "--pwd", "/no/such/dir", "-n", "2", "--oversubscribe", "true"],
+                 env=env, cwd=str(userdir), timeout=120)
+    assert r.returncode != 0
+    assert "image-mpi: error: --pwd /no/such/dir: no such directory in the container" in r.stderr
+    procs, mounts = wait_no_leaks(user.uid)
+    assert procs == [] and mounts == []
+    assert state_entries(user) == []

@@ -8,7 +8,7 @@ disappears. Nothing is mounted on the host, so nothing can be left there.
 Standard library only: hot path.
 """
 import os
-import signal
+import _signal as signal  # the C module: the same names, without enum (~4 ms)
 
 from hpcimage.errors import HpcimageError
 from hpcimage.runtime import syscalls

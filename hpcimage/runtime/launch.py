@@ -552,7 +552,7 @@ def _pin_sources(ops, base):
 
 
 def _kill(pid):
-    import signal
+    import _signal as signal
     try:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

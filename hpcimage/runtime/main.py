@@ -72,7 +72,8 @@ def run(argv, environ=None):
     if argv[0] == "image-mpi-rank":
         from hpcimage.runtime import mpi
         opts.prog = "image-mpi"
-        return mpi.run_rank(opts, open_image(opts.image), site, environ)
+        return mpi.run_rank(opts, open_image(opts.image), site, environ,
+                            mpi.rank_signature(argv[1:], opts))
     image = open_image(opts.image)
     p = launch.plan(opts, image, site, environ)
     if opts.dry_run:
