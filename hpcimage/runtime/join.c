@@ -184,14 +184,17 @@ struct recipe {
 static int parse_recipe(char *buf, size_t len, struct recipe *r)
 {
     memset(r, 0, sizeof *r);
-    r->host = calloc(MAX_ITEMS, sizeof(char *));
-    r->out = calloc(MAX_ITEMS, sizeof(char *));
-    r->sh_out = calloc(MAX_ITEMS, sizeof(char *));
-    r->keep = calloc(MAX_ITEMS, sizeof(char *));
-    r->final = calloc(MAX_ITEMS, sizeof(char *));
-    r->final_keep = calloc(MAX_ITEMS, sizeof(char *));
-    if (!r->host || !r->out || !r->sh_out || !r->keep || !r->final || !r->final_keep)
-        return -1;
+    struct { const char *key; const char ***list; int *n; int cap; } lists[] = {
+        {"vary", NULL, &r->nvary, 64}, {"ignore", NULL, &r->nignore, 64},
+        {"translate", NULL, &r->ntranslate, 64}, {"host", &r->host, &r->nhost, MAX_ITEMS},
+        {"out", &r->out, &r->nout, MAX_ITEMS}, {"sh_out", &r->sh_out, &r->nsh_out, MAX_ITEMS},
+        {"keep", &r->keep, &r->nkeep, MAX_ITEMS}, {"final", &r->final, &r->nfinal, MAX_ITEMS},
+        {"final_keep", &r->final_keep, &r->nfinal_keep, MAX_ITEMS}};
+    const char **fixed[] = {r->vary, r->ignore, r->translate};
+    size_t nlists = sizeof lists / sizeof lists[0];
+    for (size_t i = 3; i < nlists; i++)
+        if (!(*lists[i].list = calloc(MAX_ITEMS, sizeof(char *))))
+            return -1;
     if (len < sizeof MAGIC || memcmp(buf, MAGIC, sizeof MAGIC) != 0 || buf[len - 1] != 0)
         return -1;
     char *p = buf + sizeof MAGIC, *end = buf + len;
@@ -209,35 +212,16 @@ static int parse_recipe(char *buf, size_t len, struct recipe *r)
         else if (!strcmp(k, "explicit_pwd")) r->explicit_pwd = !strcmp(v, "1");
         else if (!strcmp(k, "prog")) r->prog = v;
         else if (!strcmp(k, "script")) r->script = v;
-        else if (!strcmp(k, "vary")) {
-            if (r->nvary >= 64) return -1;
-            r->vary[r->nvary++] = v;
-        } else if (!strcmp(k, "ignore")) {
-            if (r->nignore >= 64) return -1;
-            r->ignore[r->nignore++] = v;
-        } else if (!strcmp(k, "translate")) {
-            if (r->ntranslate >= 64 || !strchr(v, '=')) return -1;
-            r->translate[r->ntranslate++] = v;
-        } else if (!strcmp(k, "host")) {
-            if (r->nhost >= MAX_ITEMS) return -1;
-            r->host[r->nhost++] = v;
-        } else if (!strcmp(k, "out")) {
-            if (r->nout >= MAX_ITEMS) return -1;
-            r->out[r->nout++] = v;
-        } else if (!strcmp(k, "sh_out")) {
-            if (r->nsh_out >= MAX_ITEMS) return -1;
-            r->sh_out[r->nsh_out++] = v;
-        } else if (!strcmp(k, "keep")) {
-            if (r->nkeep >= MAX_ITEMS) return -1;
-            r->keep[r->nkeep++] = v;
-        } else if (!strcmp(k, "final")) {
-            if (r->nfinal >= MAX_ITEMS) return -1;
-            r->final[r->nfinal++] = v;
-        } else if (!strcmp(k, "final_keep")) {
-            if (r->nfinal_keep >= MAX_ITEMS) return -1;
-            r->final_keep[r->nfinal_keep++] = v;
-        }
-        /* unknown keys: ignored (a newer writer may add some) */
+        else {
+            for (size_t i = 0; i < nlists; i++) {
+                if (strcmp(k, lists[i].key))
+                    continue;
+                if (*lists[i].n >= lists[i].cap || (i == 2 && !strchr(v, '=')))
+                    return -1;
+                const char **list = i < 3 ? fixed[i] : *lists[i].list;
+                list[(*lists[i].n)++] = v;
+            }
+        }   /* unknown keys: ignored (a newer writer may add some) */
     }
     return r->sig && r->cwd && r->workdir && r->home && r->prog && r->script ? 0 : -1;
 }

@@ -245,6 +245,19 @@ def _warm_arg(tail):
 PROBE_SUFFIX = "~hpcimage-probe"
 
 
+def _read_all(fd):
+    """Everything from fd up to end of file; closes fd."""
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
 # In an env script, these words read variables indirectly or run other code: no probe.
 INDIRECT = {".", "source", "eval", "printenv", "env", "set", "declare", "typeset", "compgen",
             "-p"}   # -p: export -p
@@ -301,13 +314,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
             finally:
                 os._exit(127)
         os.close(w)
-        out = b""
-        while True:
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            out += chunk
-        os.close(r)
+        out = _read_all(r)
         _, status = os.waitpid(pid, 0)
         if status != 0 or not out.endswith(b"\0"):
             return None
@@ -394,13 +401,7 @@ def _start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             pass
         os._exit(0)
     os.close(w)
-    msg = b""
-    while True:
-        chunk = os.read(r, 4096)
-        if not chunk:
-            break
-        msg += chunk
-    os.close(r)
+    msg = _read_all(r)
     if not msg.startswith(b"R"):
         try:
             os.waitpid(pid, 0)
