@@ -102,6 +102,23 @@ def update_command(check, remove):
     return store.update(check=check, remove=remove)
 
 
+@cli.group("mpi")
+def mpi_group():
+    """MPI on this node: what image-mpi finds."""
+
+
+@mpi_group.command("doctor")
+@click.option("--image", metavar="IMAGE",
+              help="The image to check (default: $HPCIMAGE_IMAGE, the loaded module's).")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def mpi_doctor(image, as_json):
+    """Say what image-mpi would use here (launcher, host MPI, the image's MPI, how
+    the ranks of a node start) and why each mode (hybrid, bind) will or won't work.
+    Exit 0 when at least one mode works, 1 when none does."""
+    from hpcimage import mpidoctor
+    return mpidoctor.run(image, as_json)
+
+
 def main(argv=None):
     args = sys.argv[1:] if argv is None else list(argv)
     prog, command = "hpcimage", cli
