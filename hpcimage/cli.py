@@ -32,9 +32,11 @@ def main(argv=None):
             except KeyboardInterrupt:
                 sys.stderr.write("\nhpcimage: aborted\n")
                 sys.exit(130)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)         # done, nothing left to finalize: skip ~4 ms of tear-down
+            if argv is None:    # the program itself, not a caller in the same process
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)     # done, nothing left to finalize: skip ~4 ms of tear-down
+            sys.exit(0)
     from hpcimage.commands import main as click_main
     click_main(args)
 
