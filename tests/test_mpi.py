@@ -204,6 +204,51 @@ def test_joiner_falls_back_to_python_ranks(user, host_mpi, site, openmpi_sqfs, u
     assert state_entries(user) == []
 
 
+def test_srun_wrapper_ranks_join_through_hpcimage_join(user, slurm_cluster, site, openmpi_sqfs,
+                                                       userdir):
+    """`srun image-mpi PROGRAM` (no `--`): the node's first rank sets the container up,
+    the others join it through hpcimage-join from the wrapper, each with its own rank
+    and Slurm variables (Slurm sets TMPDIR for the first task only)."""
+    wrapper = (site / "wrappers" / "image-mpi").read_text()
+    assert "runtime/hpcimage-join" in wrapper
+    r = srun(user, ["image-mpi", "--env", "FOO=bar", "sh", "-c",
+                    JOIN_CMD + '; echo "t $PMIX_RANK $SLURM_PROCID"'], n=4, mpi="pmix",
+             env=dict(env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1"), cwd=str(userdir))
+    assert r.returncode == 0, r.stderr
+    rows = sorted(ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("r "))
+    assert [row[0] for row in rows] == ["0", "1", "2", "3"], r.stdout
+    assert len({row[1] for row in rows}) == 1                        # one user namespace
+    assert all(row[2] == "1" and row[5] == "bar" and row[6] == str(userdir) for row in rows)
+    assert all(row[4] != "none" for row in rows)                     # PMIX_MCA_psec
+    tasks = sorted(ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("t "))
+    assert tasks == [[str(i), str(i)] for i in range(4)], r.stdout
+    joined, python = joiner_lines(r.stderr)
+    assert len(joined) == 3 and len(python) == 1, r.stderr
+    assert "no holder yet" in python[0]
+    procs, mounts = wait_no_leaks(user.uid)
+    assert procs == [] and mounts == []
+    assert state_entries(user) == []
+
+
+def test_srun_wrapper_ranks_with_other_options_do_not_join(user, slurm_cluster, site,
+                                                           openmpi_sqfs, userdir):
+    """--multi-prog: ranks whose options differ from the planning rank's take the
+    Python rank, whichever rank planned; each gets its own options."""
+    conf = userdir / "multi.conf"
+    conf.write_text("0 image-mpi --env FOO=zero sh -c 'echo \"m $PMIX_RANK ${FOO:-none}\"'\n"
+                    "1-2 image-mpi sh -c 'echo \"m $PMIX_RANK ${FOO:-none}\"'\n")
+    r = srun(user, ["--multi-prog", str(conf)], n=3, mpi="pmix",
+             env=dict(env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1"), cwd=str(userdir))
+    assert r.returncode == 0, r.stderr
+    rows = sorted(ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("m "))
+    assert rows == [["0", "zero"], ["1", "none"], ["2", "none"]], r.stdout + r.stderr
+    joined, python = joiner_lines(r.stderr)
+    assert len(joined) + len(python) == 3
+    assert any("recipe made for other options" in ln for ln in python), r.stderr
+    procs, mounts = wait_no_leaks(user.uid)
+    assert procs == [] and mounts == []
+
+
 def test_joiner_env_scripts_reading_rank_variables(user, host_mpi, userdir):
     """An image whose env script reads a per-rank variable: the holder's probe sees it,
     so every rank runs the scripts itself (/bin/sh) and gets its own value; an image

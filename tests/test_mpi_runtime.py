@@ -36,6 +36,21 @@ def test_rank_detection_and_job_key():
                              "PMIX_SECURITY_MODE": "native"}) == {"PMIX_MCA_ptl": "tcp"}
 
 
+@pytest.mark.parametrize("words, sig", [
+    (["./solver", "-x"], "image-mpi\x1f"),
+    (["--env", "A=1", "--", "-weird"], "image-mpi\x1f--env\x1fA=1\x1f--\x1f"),
+    (["--bind", "--", "prog"], "image-mpi\x1f--bind\x1f--\x1f"),   # "--" as a value
+    (["-B/a,/b", "--cleanenv", "prog", "--", "x"], "image-mpi\x1f-B/a,/b\x1f--cleanenv\x1f"),
+    (["--env", "A=\x1f", "prog"], None),
+])
+def test_wrapper_signature_is_the_words_the_parser_took(words, sig):
+    """What hpcimage-join matches a `srun image-mpi ...` rank against: "image-mpi" and
+    exactly the option words the runtime's parser took (with a separating `--`)."""
+    from hpcimage.runtime import options
+    opts = options.parse(["image-mpi-rank", *words], {"HPCIMAGE_IMAGE": "/x"})
+    assert mpi.wrapper_signature(words, opts) == sig
+
+
 @pytest.fixture
 def fake_launchers(userdir):
     bindir = userdir / "bin"

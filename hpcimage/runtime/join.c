@@ -7,6 +7,10 @@
  * other rank runs this small program instead of a Python interpreter:
  *
  *   hpcimage-join PYTHON -I -c CODE image-mpi-rank [RUNTIME OPTIONS] -- PROGRAM [ARGS]
+ *   hpcimage-join PYTHON -I -c CODE image-mpi [RUNTIME OPTIONS] [--] PROGRAM [ARGS]
+ *
+ * (the second from the image-mpi wrapper: a rank of `srun image-mpi PROGRAM`; when the
+ * wrapper is not a rank, it starts the launcher, and this execs Python at once)
  *
  * It takes the job's lock, finds the live holder and the recipe, checks that the recipe
  * was made for the same options, the same working directory and the same environment
@@ -69,6 +73,45 @@ static const char *getenv_nonempty(const char *name)
 {
     const char *v = getenv(name);
     return v && *v ? v : NULL;
+}
+
+/* Same rules as mpi.is_rank(): started by a launcher as one rank of a job. */
+static int is_rank(void)
+{
+    static const char *markers[] = {"PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMI_FD"};
+    for (size_t i = 0; i < sizeof markers / sizeof *markers; i++)
+        if (getenv_nonempty(markers[i]))
+            return 1;
+    const char *step = getenv_nonempty("SLURM_STEP_ID");
+    if (!step)
+        step = getenv_nonempty("SLURM_STEPID");
+    if (!step || strlen(step) > 10 || strspn(step, "0123456789") != strlen(step))
+        return 0;
+    return strtoull(step, NULL, 10) < 0xFFFFFFF0ull;
+}
+
+/* The wrapper form (`srun image-mpi [OPTIONS] [--] PROGRAM`, no `--` needed): the
+ * recipe's signature is "image-mpi" and the option words the planning rank's parser
+ * took (mpi.wrapper_signature). Our words must start with exactly those, and the next
+ * one must be PROGRAM: not an option (then the runtime's parser, in the same state
+ * after the same words, stops there too). Returns PROGRAM's index, or -1. */
+static int wrapper_program(const char *sig, int first, int argc, char **argv)
+{
+    static const char head[] = "image-mpi\x1f";
+    if (strncmp(sig, head, sizeof head - 1))
+        return -1;
+    sig += sizeof head - 1;
+    int i = first + 1;
+    while (*sig) {
+        if (i >= argc)
+            return -1;
+        size_t l = strlen(argv[i]);
+        if (strncmp(sig, argv[i], l) || sig[l] != '\x1f')
+            return -1;
+        sig += l + 1;
+        i++;
+    }
+    return i < argc && argv[i][0] != '-' ? i : -1;
 }
 
 /* Same rules as mpi.job_key(): the first complete group, joined with '-',
@@ -277,6 +320,16 @@ static int same_environment(const struct recipe *r)
         }
         n++;
     }
+    if (n != r->nhost && tracing)
+        for (int i = 0; i < r->nhost; i++) {
+            size_t nl = name_len(r->host[i]);
+            int found = 0;
+            for (char **e = environ; *e && !found; e++)
+                found = !strncmp(*e, r->host[i], nl) && (*e)[nl] == '=';
+            if (!found)
+                fprintf(stderr, "hpcimage-join: %d: %.*s unset\n", (int)getpid(), (int)nl,
+                        r->host[i]);
+        }
     return n == r->nhost;
 }
 
@@ -371,16 +424,26 @@ int main(int argc, char **argv)
     const char *share = getenv("HPCIMAGE_MPI_SHARE");
     if (share && !strcmp(share, "0"))
         fallback_why(-1, "HPCIMAGE_MPI_SHARE=0");
-    int first = -1, sep = -1;
+    int first = -1, sep = -1, wrapper = 0;
     for (int i = 1; i < argc; i++) {
-        if (first < 0 && !strcmp(argv[i], "image-mpi-rank"))
+        if (first < 0 && (!strcmp(argv[i], "image-mpi-rank") || !strcmp(argv[i], "image-mpi"))) {
             first = i;
-        else if (first >= 0 && !strcmp(argv[i], "--")) {
+            wrapper = !strcmp(argv[i], "image-mpi");
+            if (wrapper)
+                break;
+        } else if (first >= 0 && !strcmp(argv[i], "--")) {
             sep = i;
             break;
         }
     }
-    if (first < 0 || sep < 0 || sep + 1 >= argc)
+    const char *join = getenv("HPCIMAGE_MPI_JOIN");
+    if (wrapper && (!is_rank() || (join && !strcmp(join, "0")))) {
+        /* the image-mpi wrapper starting a launcher, or the joiner is off */
+        execv(pyargv[0], pyargv);
+        fprintf(stderr, "image-mpi: error: cannot start %s: %s\n", pyargv[0], strerror(errno));
+        return 1;
+    }
+    if (!wrapper && (first < 0 || sep < 0 || sep + 1 >= argc))
         fallback_why(-1, "no image-mpi-rank ... -- PROGRAM on the command line");
     char key[128];
     if (job_key(key, sizeof key) != 0)
@@ -437,6 +500,11 @@ int main(int argc, char **argv)
         }
 
         /* Made for this command line, this directory, this environment? */
+        int prog = sep + 1;
+        if (wrapper && (prog = wrapper_program(r.sig, first, argc, argv)) < 0) {
+            close(refs);
+            fallback_why(-1, "recipe made for other options");
+        }
         size_t siglen = 0;
         for (int i = first + 1; i < sep; i++)
             siglen += strlen(argv[i]) + 1;
@@ -451,7 +519,7 @@ int main(int argc, char **argv)
         }
         *q = 0;
         char cwd[4096];
-        const char *differs = strcmp(sig, r.sig) ? "recipe made for other options"
+        const char *differs = !wrapper && strcmp(sig, r.sig) ? "recipe made for other options"
             : !getcwd(cwd, sizeof cwd) || strcmp(cwd, r.cwd) ? "recipe made in another directory"
             : !same_environment(&r) ? "recipe made for another environment" : NULL;
         if (differs) {
@@ -475,8 +543,8 @@ int main(int argc, char **argv)
         if (tracing)
             fprintf(stderr, "hpcimage-join: %d: joined holder %ld (%s)\n", (int)getpid(), pid,
                     r.nfinal ? "the probed environment" : "the planned environment");
-        char **cmd = argv + sep + 1;
-        int ncmd = argc - sep - 1;
+        char **cmd = argv + prog;
+        int ncmd = argc - prog;
         if (r.nfinal == 0 && has_env_scripts()) {
             char **env = rank_environment(&r, r.sh_out, r.nsh_out, r.keep, r.nkeep);
             char **av = calloc((size_t)ncmd + 5, sizeof(char *));

@@ -422,12 +422,14 @@ JOIN_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hpcimage
 # Variables that may differ between the ranks of one job (PMIX_RANK, OMPI_COMM_WORLD_RANK,
 # SLURM_PROCID, ...): a joining rank passes its own; every other variable must equal the
 # planning rank's for the recipe to apply.
-# Prefixes of NAME=VALUE. MPIRUN_EXTRA: what Open MPI's mpirun sets besides OMPI_/PMIX_
-# (PWD: the rank's directory, which must equal the planned one anyway; `_`: the
-# launching shell's last command): passed per rank like the others, or, under
+# Prefixes of NAME=VALUE. LAUNCHER_EXTRA: what the launchers set besides OMPI_/PMIX_/
+# SLURM_: Open MPI's mpirun HFI_, IPATH_, PWD (the rank's directory, which must equal
+# the planned one anyway) and `_` (the launching shell's last command); srun
+# SLURMD_NODENAME, SRUN_DEBUG and TMPDIR (Slurm 22.05 sets TMPDIR=/tmp, when it is
+# unset, for the node's first task only). Passed per rank like the others, or, under
 # --cleanenv (which drops them), neither compared nor passed.
 VARY_PREFIXES = FORWARD_PREFIXES
-MPIRUN_EXTRA = ("HFI_", "IPATH_", "_=", "PWD=")
+LAUNCHER_EXTRA = ("HFI_", "IPATH_", "_=", "PWD=", "TMPDIR=", "SLURMD_", "SRUN_")
 
 
 def join_helper(environ):
@@ -452,8 +454,8 @@ class Recipe:
         self.direct = envmod.direct_env(env, forced, prepend, append)
         self.shell = envmod.shell_env(env, forced, prepend, append, label)
         self.script = envmod.shell_prologue(forced, prepend, append, None) + envmod.SHELL_EXEC
-        self.vary = tuple(VARY_PREFIXES) + (() if cleanenv else MPIRUN_EXTRA)
-        self.ignore = MPIRUN_EXTRA if cleanenv else ()
+        self.vary = tuple(VARY_PREFIXES) + (() if cleanenv else LAUNCHER_EXTRA)
+        self.ignore = LAUNCHER_EXTRA if cleanenv else ()
         self.environ, self.signature, self.cwd = dict(environ), signature, cwd
         self.keep = sorted({k for out in (self.direct, self.shell) for k, v in out.items()
                             if self.varies(k) and environ.get(k) != v})
@@ -689,12 +691,23 @@ def rank_signature(rest, opts):
     way hpcimage-join cuts them (up to the first `--`), or None when that cut does not
     give the program the runtime parsed."""
     rest = list(rest)
-    if "--" not in rest:
+    if "--" not in rest or any("\x1f" in a for a in rest):
         return None
     k = rest.index("--")
     if rest[k + 1:] != list(opts.args):
         return None
     return "".join(a + "\x1f" for a in rest[:k])
+
+
+def wrapper_signature(rest, opts):
+    """The same for the wrapper form, `srun image-mpi [OPTIONS] [--] PROGRAM` (no `--`
+    needed): "image-mpi" and the words the parser took as options; hpcimage-join
+    accepts a rank whose words start with exactly those and go on with PROGRAM."""
+    rest = list(rest)
+    n = len(rest) - len(opts.args)
+    if n < 0 or rest[n:] != list(opts.args) or any("\x1f" in a for a in rest):
+        return None
+    return "".join(a + "\x1f" for a in ["image-mpi", *rest[:n]])
 
 
 def run_rank(opts, image, site, environ, signature=None):
@@ -744,7 +757,11 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
     """Outside Slurm: set up this node's shared container for the job while mpirun
     starts, so that every local rank, the first included, only joins it (hpcimage-join).
     Adds HPCIMAGE_MPI_KEY to env (and `-x` for Open MPI); returns the new argv, or argv2
-    unchanged when the ranks should prepare it themselves."""
+    unchanged when the ranks should prepare it themselves.
+
+    Not under srun: Slurm's PMIx server directory (PMIX_SERVER_TMPDIR, per step, bound
+    into the container) exists only once the step has started, so the node's first
+    rank sets the container up; the others join it."""
     if (argv2[0].endswith("srun") or not join_helper(env) or "--contain" in ours
             or any(o.split("=")[0] in WDIR_OPTS for o in launcher_opts)
             or env.get("HPCIMAGE_MPI_PREPARE", "1") == "0"):
@@ -824,7 +841,7 @@ def main(argv, environ, site):
         from hpcimage.runtime import local
         opts.image = local.choose(opts.image, site, environ)   # image-update's copy
         return run_rank(opts, open_image(opts.image), site, environ,
-                        rank_signature(argv[1:], opts))
+                        wrapper_signature(argv[1:], opts))
     args = argv[1:]
     if args[:1] in (["-h"], ["--help"]):
         sys.stdout.write(HELP)
