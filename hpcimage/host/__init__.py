@@ -1,6 +1,6 @@
 """Host discovery: what of the host (GPUs, InfiniBand, ...) enters a container.
 
-Every host file is read through one `HostRoot`, so that tests and `doctor` can point the
+Every host file is read through one `HostRoot`, so that tests (and a site checking a copy of a node) can point the
 discovery at a fake host tree (env HPCIMAGE_HOST_ROOT, default `/`): paths are resolved
 inside that root with chroot semantics (an absolute symlink in the tree points into the
 tree, `..` stops at its top). Discovery functions are pure: they read, and return a
@@ -182,7 +182,7 @@ class Contribution:
               container (GPUs outside CUDA_VISIBLE_DEVICES); the renumbered variables
               are only right when the runtime keeps them out of the container's /dev.
     warnings  [str] for stderr (one line each: what is missing and what it means).
-    notes     [str] for doctor / --dry-run (what was found, what was skipped and why).
+    notes     [str] for --dry-run (what was found, what was skipped and why).
     """
 
     __slots__ = ("binds", "env", "prepend", "hide", "warnings", "notes")
@@ -230,7 +230,7 @@ class Contribution:
         return bool(self.binds or self.env or self.prepend or self.hide)
 
     def describe(self):
-        """Lines for doctor / --dry-run."""
+        """Lines for --dry-run."""
         out = []
         for src, dst, ro, why in self.binds:
             out.append(f"bind {src} -> {dst}{' (ro)' if ro else ''}  # {why}")

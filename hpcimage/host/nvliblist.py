@@ -7,7 +7,7 @@ libcuda.so.1 and libcuda.so), a longer name matches itself and `NAME.*`. A site 
 names with the policy keys gpu_extra_libs / ib_extra_libs (docs/gpu-ib.md).
 
 ESSENTIAL_* names give a warning when the host lacks them (the container would not
-work without them); the others only a note for doctor, since most hosts lack most of
+work without them); the others only a note for --dry-run, since most hosts lack most of
 the graphics libraries.
 """
 
