@@ -1,9 +1,9 @@
 """Host discovery: what of the host (GPUs, InfiniBand, ...) enters a container.
 
 Every host file is read through one `HostRoot`, so that tests (and a site checking a
-copy of a node) can point the discovery at a fake host tree (env HPCIMAGE_HOST_ROOT, default `/`): paths are resolved
-inside that root with chroot semantics (an absolute symlink in the tree points into the
-tree, `..` stops at its top). Discovery functions are pure: they read, and return a
+copy of a node) can point the discovery at a fake host tree (env HPCIMAGE_HOST_ROOT,
+default `/`): paths are resolved inside that root with chroot semantics (an absolute
+symlink in the tree points into the tree, `..` stops at its top). Discovery functions are pure: they read, and return a
 `Contribution` (binds, environment, warnings) that the runtime adds to its launch plan;
 they never mount, exec or fork.
 
