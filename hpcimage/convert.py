@@ -21,9 +21,8 @@ SOURCE handling is `resolve_source`; a definition file (kind "def": a `.def` nam
 text file whose first statement is `Bootstrap:`) is built by hpcimage.build.builder.
 """
 import os
-import shutil
-import subprocess
 
+from hpcimage import lite
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.image import sif as _sif
 
@@ -245,6 +244,7 @@ def _unsquashfs_cat(sqfs_path, inner, offset=0):
     if offset:
         cmd += ["-o", str(offset)]
     cmd += [sqfs_path, inner]
+    import subprocess
     try:
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     except OSError:
@@ -298,7 +298,7 @@ def _install(tmp, out, force):
 def _remove(path):
     try:
         if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
+            lite.rmtree(path)
         else:
             os.unlink(path)
     except FileNotFoundError:
@@ -323,18 +323,17 @@ def _copy_file(src, dst):
 
 def _run(cmd, what, nonfatal=()):
     try:
-        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, errors="replace")
+        rc, out = lite.run(cmd)
     except FileNotFoundError:
         hint = " (install squashfs-tools)" if "squashfs" in cmd[0] else ""
         raise HpcimageError(f"{what}: {cmd[0]} not found{hint}") from None
-    if p.returncode == 0:
+    if rc == 0:
         return
-    lines = [ln.strip() for ln in p.stdout.splitlines() if ln.strip()]
-    if p.returncode in nonfatal:
+    lines = [ln.strip() for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+    if rc in nonfatal:
         import sys
         for ln in lines[-5:]:
             print(f"hpcimage: warning: {cmd[0]}: {ln}", file=sys.stderr)
         return
     detail = lines[-1] if lines else "no output"
-    raise HpcimageError(f"{what}: {cmd[0]} failed (exit {p.returncode}): {detail}")
+    raise HpcimageError(f"{what}: {cmd[0]} failed (exit {rc}): {detail}")

@@ -443,6 +443,13 @@ def test_build_and_exec_start_without_click(user, userdir):
     assert r.returncode == 0 and (userdir / "o.sqfs").is_file(), r.stderr
     mods = imported(r.stderr)
     assert "hpcimage.buildcmd" in mods and "click" not in mods
+    # The Demo image (%arguments, {{ }}, %help, %labels, %test) imports none of the
+    # modules that hpcimage.lite and the hand-written deffile matching stand in for.
+    r = run("build", str(userdir / "demo.sqfs"), str(IMAGES / "Demo.def"))
+    assert r.returncode == 0 and (userdir / "demo.sqfs").is_file(), r.stderr
+    heavy = {"re", "enum", "subprocess", "shutil", "json", "tempfile", "textwrap", "glob",
+             "shlex", "signal", "threading", "fnmatch", "random", "click", "yaml", "jinja2"}
+    assert mods & heavy == set() and imported(r.stderr) & heavy == set()
     r = run("exec", "--dry-run", str(userdir / "o.sqfs"), "true")
     assert r.returncode == 0, r.stderr
     mods = imported(r.stderr)

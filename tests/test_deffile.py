@@ -284,3 +284,48 @@ REAL_WORLD = [
 def test_real_world(text):
     d = parse(text)
     assert d.final.bootstrap
+
+
+# ----------------------------------------------- the hand-written matching vs re
+
+def _reference():
+    """The regular expressions the parser used to match with (re stays off the
+    build's import path now); the hand-written matching must agree with them."""
+    import re
+    return {
+        "name": lambda s: bool(re.match(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\Z", s)),
+        "arg_name": lambda s: bool(re.match(r"[A-Za-z_][A-Za-z0-9_]*\Z", s)),
+        "section": lambda s: (lambda m: m and (m.group(1), m.group(2)))(
+            re.match(r"%([A-Za-z]+)(?:[ \t]+(.*?))?[ \t]*\Z", s)),
+        "header": lambda s: (lambda m: m and (m.group(1), m.group(2)))(
+            re.match(r"\s*([A-Za-z][A-Za-z0-9]*)\s*:\s*(.*?)\s*\Z", s)),
+        "subst": lambda s: re.sub(r"\{\{\s*([A-Za-z0-9_.\-]*)\s*\}\}",
+                                  lambda m: f"<{m.group(1)}>", s),
+    }
+
+
+def _random_lines(seed, n=4000):
+    import random
+    rnd = random.Random(seed)
+    alphabet = list("aZ9_.+-%:{} \t#\r\x0b\x0c\u00a0\u2028é0x") + ["{{", "}}", "%post", " : "]
+    for _ in range(n):
+        yield "".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 14)))
+
+
+def test_hand_written_matching_agrees_with_the_regular_expressions():
+    ref = _reference()
+    for ln in _random_lines(7):
+        assert deffile.valid_name(ln) == ref["name"](ln), repr(ln)
+        assert deffile.valid_arg_name(ln) == ref["arg_name"](ln), repr(ln)
+        assert (deffile._section_match(ln) or None) == (ref["section"](ln) or None), repr(ln)
+        assert (deffile._header_match(ln) or None) == (ref["header"](ln) or None), repr(ln)
+        assert deffile._substitute(ln, lambda name: f"<{name}>") == ref["subst"](ln), repr(ln)
+
+
+def test_dedent_agrees_with_textwrap():
+    import random
+    rnd = random.Random(11)
+    pieces = ["", " ", "  ", "\t", " \t", "x", "y z", "\n", "\n", "\n", "  # c"]
+    for _ in range(3000):
+        text = "".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 12)))
+        assert deffile._dedent(text) == textwrap.dedent(text), repr(text)

@@ -9,10 +9,9 @@ the tree works wherever it is mounted.
     python -m hpcimage.build.busybox [--bare] [--demo NAME VERSION] ROOT
 """
 import os
-import shutil
-import subprocess
 import sys
 
+from hpcimage import lite
 from hpcimage.errors import HpcimageError
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -43,9 +42,12 @@ def populate(root, busybox=None):
     bindir = os.path.join(root, "bin")
     os.makedirs(bindir, exist_ok=True)
     target = os.path.join(bindir, "busybox")
-    shutil.copy2(busybox, target)
-    applets = subprocess.run([busybox, "--list"], check=True, capture_output=True,
-                             text=True).stdout.split()
+    lite.copy_file(busybox, target)
+    rc, out = lite.run([busybox, "--list"])
+    if rc != 0:
+        raise HpcimageError(f"{busybox} --list failed (exit {rc}): "
+                            f"{out.decode(errors='replace').strip()[-200:]}")
+    applets = out.decode().split()
     for a in applets:
         if a != "busybox" and "/" not in a:
             try:

@@ -17,18 +17,17 @@ Files that subordinate ids own are, on the host, owned by ids of the caller's ra
 so only a process in such a namespace can remove them: a failed build cleans up from
 inside it. Standard library only.
 """
-import json
+import _signal as signal      # not signal: its IntEnum wrappers import enum
+import marshal
 import os
 import pwd
 import grp
-import shutil
-import signal
-import subprocess
 import sys
 
 from hpcimage.errors import HpcimageError
 from hpcimage.runtime import syscalls as sc
-from hpcimage.runtime.launch import resolve_in
+from hpcimage import lite
+from hpcimage.runtime.launch import resolve_in, which
 
 MAX_SUBIDS = 65536
 
@@ -80,7 +79,8 @@ class IdMap:
             gname = str(gid)
         su = _subid_range("/etc/subuid", name, uid)
         sg = _subid_range("/etc/subgid", name, uid) or _subid_range("/etc/subgid", gname, gid)
-        helpers = shutil.which("newuidmap") and shutil.which("newgidmap")
+        path = os.environ.get("PATH") or os.defpath
+        helpers = which("newuidmap", path) and which("newgidmap", path)
         why = ("" if su and sg and helpers else
                "newuidmap/newgidmap not found (install uidmap)" if not helpers else
                f"no subordinate ids for {name} in /etc/subuid and /etc/subgid")
@@ -115,23 +115,23 @@ def _map(pid, m):
         _write(f"/proc/{pid}/uid_map", f"0 {m.uid} 1\n")
         _write(f"/proc/{pid}/gid_map", f"0 {m.gid} 1\n")
         return
-    procs = [(tool, subprocess.Popen([tool, str(pid), "0", str(own), "1", "1", str(start),
-                                      str(count)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True))
+    procs = [(tool, lite.spawn([tool, str(pid), "0", str(own), "1", "1", str(start),
+                                str(count)]))
              for tool, own, (start, count) in (("newuidmap", m.uid, m.subuid),
                                                ("newgidmap", m.gid, m.subgid))]
     for tool, p in procs:                   # the two run side by side
-        out = p.communicate()[0]
-        if p.returncode != 0:
+        rc, out = lite.finish(*p)
+        if rc != 0:
+            out = out.decode(errors="replace")
             raise HpcimageError(f"build: {tool} failed: "
                                 f"{(out.strip() or '?').splitlines()[-1]}")
 
 
 def run_as_root(func, args=(), idmap=None):
     """Run func(*args) in a forked child that is root of a new user and mount namespace
-    (idmap decides the map); return its JSON-able result, or raise its HpcimageError
-    here. KeyboardInterrupt in the child is raised again here."""
+    (idmap decides the map); return its result (a plain value, passed back with
+    marshal), or raise its HpcimageError here. KeyboardInterrupt in the child is raised
+    again here."""
     m = idmap or IdMap.choose()
     r_sync, w_sync = os.pipe()
     r_go, w_go = os.pipe()
@@ -174,7 +174,12 @@ def run_as_root(func, args=(), idmap=None):
                 import traceback
                 traceback.print_exc()
                 res = {"error": f"build failed: internal error: {e!r}", "status": 1}
-            data = json.dumps(res).encode()
+            try:
+                data = marshal.dumps(res)
+            except ValueError:              # not a plain value: a bug in the caller
+                data = marshal.dumps({"error": "build failed: internal error: result "
+                                      f"{type(res.get('ok')).__name__} cannot be passed back",
+                                      "status": 1})
             while data:
                 n = os.write(w_res, data)
                 data = data[n:]
@@ -220,8 +225,8 @@ def run_as_root(func, args=(), idmap=None):
     finally:
         signal.signal(signal.SIGINT, old)
     try:
-        res = json.loads(b"".join(chunks) or b"{}")
-    except ValueError:
+        res = marshal.loads(b"".join(chunks)) if chunks else {}
+    except (ValueError, EOFError, TypeError):
         res = {}
     if "ok" in res:
         return res["ok"]
