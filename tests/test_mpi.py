@@ -228,6 +228,11 @@ def test_srun_wrapper_ranks_join_through_hpcimage_join(user, slurm_cluster, site
     procs, mounts = wait_no_leaks(user.uid)
     assert procs == [] and mounts == []
     assert state_entries(user) == []
+    r = srun(user, ["image-mpi", "sh", "-c", 'echo "t $PMIX_RANK"'], n=2, mpi="pmix",
+             env=dict(env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1", HPCIMAGE_MPI_JOIN="0"),
+             cwd=str(userdir))
+    assert r.returncode == 0 and sorted(r.stdout.split()) == ["0", "1", "t", "t"], r.stderr
+    assert "hpcimage-join" not in r.stderr                          # switched off
 
 
 def test_srun_wrapper_ranks_with_other_options_do_not_join(user, slurm_cluster, site,

@@ -421,9 +421,6 @@ int main(int argc, char **argv)
     pyargv = argv + 1;
     const char *trace = getenv("HPCIMAGE_TRACE");
     tracing = trace && !strcmp(trace, "1");
-    const char *share = getenv("HPCIMAGE_MPI_SHARE");
-    if (share && !strcmp(share, "0"))
-        fallback_why(-1, "HPCIMAGE_MPI_SHARE=0");
     int first = -1, sep = -1, wrapper = 0;
     for (int i = 1; i < argc; i++) {
         if (first < 0 && (!strcmp(argv[i], "image-mpi-rank") || !strcmp(argv[i], "image-mpi"))) {
@@ -443,6 +440,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "image-mpi: error: cannot start %s: %s\n", pyargv[0], strerror(errno));
         return 1;
     }
+    const char *share = getenv("HPCIMAGE_MPI_SHARE");
+    if (share && !strcmp(share, "0"))
+        fallback_why(-1, "HPCIMAGE_MPI_SHARE=0");
     if (!wrapper && (first < 0 || sep < 0 || sep + 1 >= argc))
         fallback_why(-1, "no image-mpi-rank ... -- PROGRAM on the command line");
     char key[128];
