@@ -80,18 +80,7 @@ def _link_chain(exe):
 
 def launcher(environ, policy):
     from hpcimage.runtime.launch import which
-    forced = environ.get("HPCIMAGE_MPI_LAUNCHER") or policy.get("launcher")
-    if forced == "auto":
-        forced = None
-    in_slurm = bool(environ.get("SLURM_JOB_ID"))
-    kind = forced or ("srun" if in_slurm else "mpirun")
-    if forced:
-        why = ("HPCIMAGE_MPI_LAUNCHER" if environ.get("HPCIMAGE_MPI_LAUNCHER")
-               else "site mpi.launcher") + f"={forced}"
-    elif in_slurm:
-        why = f"inside Slurm allocation {environ['SLURM_JOB_ID']}"
-    else:
-        why = "no Slurm allocation: SLURM_JOB_ID unset"
+    kind, why = mpi.launcher_kind(environ, policy)
     path = environ.get("PATH") or "/usr/bin:/bin"
     exe = which(kind, path)
     if exe is not None and not (os.path.isfile(exe) and os.access(exe, os.X_OK)):

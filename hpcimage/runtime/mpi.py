@@ -110,14 +110,22 @@ def implementation_of(exe):
         seen += 1
 
 
+def launcher_kind(environ, policy):
+    """(launcher name, why): HPCIMAGE_MPI_LAUNCHER, else the site's mpi.launcher, else
+    (either is "auto" or unset) srun inside a Slurm allocation and mpirun outside."""
+    env, site = environ.get("HPCIMAGE_MPI_LAUNCHER"), policy.get("launcher")
+    forced = env or site
+    if forced and forced != "auto":
+        return forced, ("HPCIMAGE_MPI_LAUNCHER" if env else "site mpi.launcher") + f"={forced}"
+    if environ.get("SLURM_JOB_ID"):
+        return "srun", f"inside Slurm allocation {environ['SLURM_JOB_ID']}"
+    return "mpirun", "no Slurm allocation: SLURM_JOB_ID unset"
+
+
 def launcher_argv(opts, environ, site, mode, runtime_opts, program):
     """The command that starts one runtime per rank."""
     policy = site.get("mpi") or {}
-    forced = environ.get("HPCIMAGE_MPI_LAUNCHER") or policy.get("launcher")
-    if forced == "auto":
-        forced = None
-    in_slurm = bool(environ.get("SLURM_JOB_ID"))
-    kind = forced or ("srun" if in_slurm else "mpirun")
+    kind = launcher_kind(environ, policy)[0]
     from hpcimage.runtime.launch import which
     exe = which(kind, environ.get("PATH") or "/usr/bin:/bin")
     if exe is None:
