@@ -114,3 +114,14 @@ def test_dumps_labels_as_json():
 def test_busybox_that_cannot_list_its_applets(tmp_path):
     with pytest.raises(HpcimageError, match=r"--list failed \(exit 1\)"):
         busybox.populate(tmp_path / "root", busybox="/bin/false")
+
+
+def test_namespace_child_result_comes_back_by_marshal():
+    """userns.run_as_root passes its child's result back with marshal (not json):
+    plain values round-trip, tuples included; a value marshal cannot carry is a clear
+    internal error, not 'the build process died'."""
+    from hpcimage.build import userns
+    root = userns.IdMap("root")
+    assert userns.run_as_root(lambda: {"k": ("a", 1, None)}, (), root) == {"k": ("a", 1, None)}
+    with pytest.raises(HpcimageError, match="internal error: result object cannot be passed"):
+        userns.run_as_root(object, (), root)
