@@ -45,15 +45,7 @@ def finish(pid, fd):
             chunks.append(b)
     finally:
         os.close(fd)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except ChildProcessError:
-            status = 0
-            break
-        except InterruptedError:
-            continue
+    _, status = os.waitpid(pid, 0)          # EINTR is retried by Python (PEP 475)
     return os.waitstatus_to_exitcode(status), b"".join(chunks)
 
 
