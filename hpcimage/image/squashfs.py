@@ -18,16 +18,23 @@ from hpcimage.runtime import syscalls
 FUSE_PROGRAMS = ("squashfuse_ll", "squashfuse")
 
 
-def find_program(path_env=None):
-    override = os.environ.get("HPCIMAGE_SQUASHFUSE")
-    if override:
-        return override
+def candidates(path_env=None):
+    """The FUSE programs found, in the order of preference (PATH, then /usr/bin and
+    /usr/local/bin); `hpcimage doctor` lists them."""
     dirs = (path_env or os.environ.get("PATH") or "/usr/bin:/bin").split(":")
     for prog in FUSE_PROGRAMS:
         for d in dirs + ["/usr/bin", "/usr/local/bin"]:
             p = os.path.join(d or ".", prog)
             if os.access(p, os.X_OK):
-                return p
+                yield p
+
+
+def find_program(path_env=None):
+    override = os.environ.get("HPCIMAGE_SQUASHFUSE")
+    if override:
+        return override
+    for p in candidates(path_env):
+        return p
     raise HpcimageError("squashfuse not found: install squashfuse (squashfuse_ll) "
                         "to run SquashFS and SIF images")
 
