@@ -50,11 +50,12 @@ def as_user(user, argv, env, cwd=None, timeout=60, umask=0o027, passed=None):
         kw["pass_fds"] = (passed,)
     p = subprocess.Popen(argv, env=env, cwd=cwd or user.home, user=user.uid, group=user.gid,
                          extra_groups=[], umask=umask, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, **kw)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        p.kill()
+        os.killpg(p.pid, signal.SIGKILL)       # the whole pipeline, not only bash
         out, err = p.communicate()
         raise AssertionError(f"timed out: {argv}\n{out}\n{err}")
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
