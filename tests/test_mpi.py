@@ -309,14 +309,14 @@ STATE_CMD = ('R=${SLURM_PROCID:-$OMPI_COMM_WORLD_RANK}; '
 
 
 def rank_states(d, n):
-    """[(state, fds, refs fd or None, LC_/LANG variables)] of ranks 0..n-1 (STATE_CMD)."""
+    """[(state, fds, refs fd or None, LC_CTYPE (the image sets LC_ALL))] of ranks 0..n-1."""
     from test_procstate import parse_state
     out = []
     for i in range(n):
         text = (d / f"st.{i}").read_text()
         refs = [int(ln.split(" -> ")[0].split()[-1]) for ln in text.splitlines()
                 if ln.endswith("/refs")]
-        env = [ln for ln in (d / f"env.{i}").read_text().splitlines() if ln.startswith(("LC_", "LANG="))]
+        env = [ln for ln in (d / f"env.{i}").read_text().splitlines() if ln.startswith("LC_CTYPE=")]
         state, fds = parse_state(text)
         out.append((state, fds, refs[0] if refs else None, env))
     return out
