@@ -11,7 +11,7 @@ import os
 import _signal as signal  # the C module: the same names, without enum (~4 ms)
 
 from hpcimage.errors import HpcimageError
-from hpcimage.runtime import syscalls
+from hpcimage.runtime import syscalls, procstate
 
 # Multithreaded squashfuse_ll first: single-threaded squashfuse makes metadata-heavy
 # jobs several times slower.
@@ -85,8 +85,10 @@ def mount(image, mountpoint, log_path):
                 low = k + 1
             os.closerange(low, 1024)
             os.chdir("/")
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-                signal.signal(s, signal.SIG_IGN)   # signals are for the application
+            # Signals are for the application: a session of its own (no group
+            # signal, no terminal's) and the ones Slurm sends to a step ignored.
+            os.setsid()
+            procstate.helper_signals()
             os.execv(prog, argv)
         except BaseException:
             pass

@@ -26,6 +26,7 @@ import stat
 from hpcimage.errors import HpcimageError, UsageError, EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE
 from hpcimage.runtime import syscalls as sc
 from hpcimage.runtime import environ
+from hpcimage.runtime import procstate
 
 SESSION_DIRS = ("/var/lib/hpcimage/mnt", "/mnt", "/srv", "/media", "/opt")
 # cwd below these is not bound into the container (the image has its own).
@@ -632,6 +633,7 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
         label = prog if prog.startswith("image-") else "hpcimage"
         e = environ.shell_env(env, forced, prepend, append, label)
         script = environ.shell_prologue(forced, prepend, append, app) + environ.SHELL_EXEC
+        procstate.for_exec()
         os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
     e = environ.direct_env(env, forced, prepend, append)
     cmd = argv[0]
@@ -639,6 +641,7 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
     if path is None:
         raise HpcimageError(f"{prog}: {cmd}: command not found in the image "
                             f"(PATH={e.get('PATH', '')})", EXIT_NOT_FOUND)
+    procstate.for_exec()
     try:
         os.execve(path, argv, e)
     except FileNotFoundError:

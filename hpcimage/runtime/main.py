@@ -3,6 +3,7 @@ import os
 import sys
 
 from hpcimage.errors import HpcimageError
+from hpcimage.runtime import procstate  # first: it records the caller's signal state
 
 
 def load_site(environ):
@@ -87,6 +88,7 @@ def run(argv, environ=None):
 
 
 def main(argv=None):
+    procstate.caller_environ()          # before anything reads os.environ
     argv = sys.argv[1:] if argv is None else argv
     prog = argv[0] if argv and argv[0].startswith("image-") else "hpcimage"
     if prog == "image-mpi-rank":

@@ -25,6 +25,7 @@ import sys
 
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.runtime import syscalls as sc
+from hpcimage.runtime import procstate
 
 # Reach the rank even under --cleanenv.
 FORWARD_PREFIXES = ("PMIX_", "PMI_", "SLURM_", "OMPI_", "MPICH_", "UCX_", "FI_", "PRTE_",
@@ -318,6 +319,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
                 os.dup2(null, 0)
                 os.dup2(null, 2)
                 _chdir(workdir, home, False)
+                procstate.for_exec()
                 os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage", "env", "-0"], env)
             finally:
                 os._exit(127)
@@ -364,8 +366,8 @@ def _start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1):
                 os.dup2(null, fd)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            procstate.helper_signals()      # signals are for the program; the holder
+                                            # lives while any rank does (refs)
             from hpcimage.runtime import launch
             if warm:                    # what _warm needs, imported while the host is seen
                 from hpcimage.host import elf, ldcache  # noqa: F401
@@ -899,6 +901,7 @@ def main(argv, environ, site):
     # argv[0] as a user types it: Open MPI's mpirun started by an absolute path acts as
     # with --prefix and prepends its directories to the ranks' PATH and LD_LIBRARY_PATH.
     exe, argv2 = argv2[0], [os.path.basename(argv2[0])] + argv2[1:]
+    procstate.for_exec()
     try:
         os.execve(exe, argv2, env)
     except OSError as e:
