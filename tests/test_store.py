@@ -355,12 +355,12 @@ def test_publish_a_sif_and_update_it(store, demo_sif):
     assert store.chosen(env=env) == str(store.local / "Other-1.sqfs")
 
 
-def test_publish_build_date_is_iso_utc_from_the_file(store, demo_dir, tmp_path):
+def test_publish_build_date_is_iso_utc_from_the_file(store, tmp_path):
     """The manifest's build_date is ISO 8601 UTC, read from the file (SquashFS
     superblock, SIF header), never the free-text label: Apptainer writes
     org.label-schema.build-date as 'Friday_14_June_2019_16:49:57_PDT'."""
     root = tmp_path / "root"
-    shutil.copytree(demo_dir, root, symlinks=True)
+    (root / ".singularity.d").mkdir(parents=True)
     (root / ".singularity.d" / "labels.json").write_text(json.dumps(
         {"org.label-schema.build-date": "Friday_14_June_2019_16:49:57_PDT"}))
     sqfs = tmp_path / "dated.sqfs"
