@@ -456,7 +456,7 @@ class Recipe:
 
     def __init__(self, tail, environ, signature, cwd, cleanenv=False):
         from hpcimage.runtime import environ as envmod
-        (c_name, self.workdir, self.home, self.explicit), e_op = tail.ops[0], tail.ops[1]
+        (c_name, self.workdir, self.home, self.explicit), e_op = tail.ops[0][:4], tail.ops[1]
         verb, args, env, forced, prepend, append, self.prog, app = e_op[1:9]
         self.ok = (c_name == "chdir" and e_op[0] == "exec" and verb == "exec"
                    and app is None and (len(e_op) < 10 or e_op[9] is None))
@@ -894,7 +894,8 @@ def main(argv, environ, site):
         # Open MPI 4.1 loses track of exits when it starts 32+ local ranks from threads.
         env.setdefault("OMPI_MCA_odls_base_max_threads", "0")
     if dry:
-        sys.stdout.write(" ".join(argv2) + "\n")
+        from hpcimage.runtime.launch import quote
+        sys.stdout.write(" ".join(quote(a) for a in argv2) + "\n")
         return 0
     argv2 = prepare(argv2, env, site, mode, ours, program, rest)
     sys.stdout.flush()
