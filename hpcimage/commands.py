@@ -136,6 +136,9 @@ def mpi_doctor(image, as_json):
     return mpidoctor.run(image, as_json)
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())    # click >= 8.2
+
+
 def usage_line(prog, e):
     """click's usage error as one line: `PROG: error: no such option: --x (see 'hpcimage
     build --help')`, instead of its three lines (Usage, Try, Error)."""
@@ -172,6 +175,9 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo(f"{prog}: aborted", err=True)
         sys.exit(130)
+    except _NO_ARGS_IS_HELP as e:       # `hpcimage`, `hpcimage mpi`: the help, as click
+        click.echo(e.format_message(), err=True)
+        sys.exit(2)
     except click.UsageError as e:
         click.echo(usage_line(prog, e), err=True)
         sys.exit(2)
