@@ -380,7 +380,7 @@ def image_facts(path, definition=None):
     abbreviation -- and stays in the image as it is.) definition_sha256: of
     `definition` when given, else of the image's /.singularity.d/Singularity, else None."""
     from hpcimage.image import open_image
-    image = open_image(path)
+    image = open_image(path, check_arch=False)   # publish any architecture
     deffile = None
     try:
         from hpcimage.inspect import _Reader
