@@ -82,12 +82,11 @@ def test_wrong_hpcimage_python_is_one_line(user, verb, userdir, not_executable):
         assert (r.returncode, r.stdout, r.stderr) == (status, "", f"{verb}: error: {what}\n")
 
 
-def test_wrong_site_python_is_one_line(user, tmp_path):
-    w = tmp_path / "image-exec"
+def test_wrong_site_python_is_one_line(user, userdir):
+    w = userdir / "image-exec"
     text = (REPO / "wrappers" / "image-exec").read_text()
     w.write_text(text.replace("hpcimage_python='/opt/hpcimage/venv/bin/python3'",
                               "hpcimage_python='/opt/none/python3'"))
-    tmp_path.chmod(0o755)
     w.chmod(0o755)
     r = user.run([str(w), "true"], env={"HPCIMAGE_IMAGE": "/x.sqfs"})
     assert (r.returncode, r.stderr) == (127, "image-exec: error: python /opt/none/python3 "
