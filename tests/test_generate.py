@@ -170,7 +170,7 @@ def test_format_selection(site_dir):
     ok(generate("--format", "tcl", cwd=site_dir))
     assert (site_dir / "modulefiles-tcl/Demo/1.0").is_file()
     p = generate("--format", "sh", cwd=site_dir)
-    assert p.returncode == 2 and "Invalid value for '--format'" in p.stderr
+    assert p.returncode == 2 and "invalid value for '--format'" in p.stderr
 
 
 # --------------------------------------------------------------------------

@@ -216,14 +216,16 @@ def test_sif_for_another_architecture_is_refused(user, demo_sqfs, userdir):
 
 
 @pytest.fixture
-def foreign_tree(user, bare_dir, userdir):
-    """The bare busybox image with its ELF header saying another machine."""
+def foreign_tree(user, userdir):
+    """A tree whose /bin/sh (a link to busybox) has an ELF header saying another machine."""
     root = userdir / "foreign"
-    shutil.copytree(bare_dir, root, symlinks=True)
-    busybox = root / "bin" / "busybox"
-    data = bytearray(busybox.read_bytes())
+    (root / "bin").mkdir(parents=True)
+    data = bytearray(Path("/bin/busybox").read_bytes())
     data[18:20] = (183 if foreign() == "arm64" else 62).to_bytes(2, "little")
-    busybox.write_bytes(bytes(data))
+    (root / "bin" / "busybox").write_bytes(bytes(data))
+    (root / "bin" / "busybox").chmod(0o755)
+    (root / "bin" / "sh").symlink_to("busybox")
+    (root / "bin" / "true").symlink_to("busybox")
     subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(root)], check=True)
     return root
 

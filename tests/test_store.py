@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PY, _cached, _mksquashfs, cli_argv
+from modtools import wrapper_code
 
 from hpcimage import site as sitemod
 from hpcimage.errors import UsageError
@@ -695,7 +696,7 @@ def test_update_errors(store, v1, userdir):
         "('module avail' lists the images)\n")
     r = store.user.run(cli_argv("update"), env={"PATH": "/usr/bin:/bin"})
     one_error(r, 2, "hpcimage", "no image module loaded")
-    one_error(store.update("--bogus"), 2, "image-update", "No such option")
+    one_error(store.update("--bogus"), 2, "image-update", "no such option: --bogus")
     # not published: a store without a manifest, or one that does not list the image
     store.dir.mkdir()
     one_error(store.update(), 1, "image-update", "is not in the store's manifest",
@@ -742,8 +743,9 @@ def test_wrapper_execs_the_cli(store, tmp_path):
            "STUB_OUT": str(out)}
     r = subprocess.run([str(store.top / "wrappers/image-update"), "--check", "a b"], env=env)
     assert r.returncode == 5
-    assert out.read_bytes().split(b"\0")[:-1] == [
-        b"-I", b"-m", b"hpcimage.cli", b"image-update", b"--check", b"a b"]
+    assert out.read_bytes().decode().split("\0")[:-1] == [
+        "-I", "-c", wrapper_code("image-update", "hpcimage.cli"), "image-update", "--check",
+        "a b"]
     assert Path(str(out) + ".cfg").read_text() == f"{store.top}/wrappers/site.json"
 
 
