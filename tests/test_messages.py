@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, REPO, cli_argv, runtime_argv
+from conftest import PY, cli_argv, readable, runtime_argv
 
 from hpcimage.image import arch as archmod
 from hpcimage.image import sif
@@ -47,7 +47,7 @@ def test_usage_errors_are_one_line(user, argv, line):
 
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_image_update_h_is_help(user, flag):
-    r = user.run(["sh", str(REPO / "wrappers" / "image-update"), flag],
+    r = user.run(["sh", str(readable("wrappers/image-update")), flag],
                  env={"HPCIMAGE_IMAGE": "/nonexistent.sqfs", "HPCIMAGE_PYTHON": PY})
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Usage: image-update [OPTIONS]")
@@ -66,7 +66,7 @@ def not_executable(userdir):
 
 @pytest.mark.parametrize("verb", ["image-exec", "image-mpi", "image-update"])
 def test_wrong_hpcimage_python_is_one_line(user, verb, userdir, not_executable):
-    wrapper = str(REPO / "wrappers" / verb)
+    wrapper = str(readable(f"wrappers/{verb}"))
     base = {"HPCIMAGE_IMAGE": "/nonexistent.sqfs"}
     cases = [
         ("/no/such/python3", 127, "HPCIMAGE_PYTHON=/no/such/python3: no such file"),
@@ -84,7 +84,7 @@ def test_wrong_hpcimage_python_is_one_line(user, verb, userdir, not_executable):
 
 def test_wrong_site_python_is_one_line(user, userdir):
     w = userdir / "image-exec"
-    text = (REPO / "wrappers" / "image-exec").read_text()
+    text = readable("wrappers/image-exec").read_text()
     w.write_text(text.replace("hpcimage_python='/opt/hpcimage/venv/bin/python3'",
                               "hpcimage_python='/opt/none/python3'"))
     w.chmod(0o755)
@@ -167,9 +167,9 @@ def test_hpcimage_exec_without_image_says_the_image_comes_first(user, userdir):
                                            "comes first: hpcimage exec [OPTIONS] IMAGE "
                                            "COMMAND [ARGS...])\n")
     r = user.run(runtime_argv("image-exec", "true"),
-                 env={"HPCIMAGE_IMAGE": "/no/such/Demo-1.0.sqfs", "HPCIMAGE_MODULE": "Demo/1.0"})
-    assert (r.returncode, r.stderr) == (2, "image-exec: error: /no/such/Demo-1.0.sqfs: image "
-                                           "not found (the image of module Demo/1.0 is "
+                 env={"HPCIMAGE_IMAGE": "/no/such/Gone-1.0.sqfs", "HPCIMAGE_MODULE": "Gone/1.0"})
+    assert (r.returncode, r.stderr) == (2, "image-exec: error: /no/such/Gone-1.0.sqfs: image "
+                                           "not found (the image of module Gone/1.0 is "
                                            "missing on this node)\n")
 
 
