@@ -6,13 +6,13 @@ stays the reference: tests/test_build_def.py checks that both parse alike."""
 import sys
 
 FLAGS = {"--sandbox": "sandbox", "-s": "sandbox", "--force": "force", "-F": "force",
-         "--notest": "notest", "-T": "notest"}
+         "--notest": "notest", "-T": "notest", "--verbose": "verbose", "-v": "verbose"}
 
 
 def fast_parse(args):
     """The keyword arguments of run() for ARGS (after `build`), or None for click."""
     kw = {"sandbox": False, "force": False, "notest": False, "build_args": [],
-          "all_": False, "site_path": "site.yaml"}
+          "all_": False, "site_path": "site.yaml", "verbose": False}
     pos, i = [], 0
     while i < len(args):
         a = args[i]
@@ -40,10 +40,14 @@ def _echo(text):
     sys.stderr.flush()
 
 
-def run(sandbox, force, notest, build_args, all_, site_path, out, source):
-    """Build OUT from SOURCE (see `hpcimage build --help`)."""
+def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose=False):
+    """Build OUT from SOURCE (see `hpcimage build --help`); verbose: the bootstrap
+    agent's own output (debootstrap's) on stderr too, not only the phases."""
     from hpcimage import convert
     from hpcimage.errors import UsageError
+    if verbose:
+        from hpcimage.build import builder
+        builder.VERBOSE = True
 
     if all_:
         from hpcimage.build import builder

@@ -87,7 +87,7 @@ def publish(image, name, version, site_path, definition):
     store.publish(site_path, image, name, version, definition=definition)
 
 
-@cli.command("update")
+@cli.command("update", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--check", is_flag=True,
               help="Only report: exit 0 when the local copy is current, 1 when an update "
                    "is available, 2 on error.")
@@ -136,6 +136,32 @@ def mpi_doctor(image, as_json):
     return mpidoctor.run(image, as_json)
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())    # click >= 8.2
+
+
+def usage_line(prog, e):
+    """click's usage error as one line: `PROG: error: no such option: --x (see 'hpcimage
+    build --help')`, instead of its three lines (Usage, Try, Error)."""
+    msg = " ".join(e.format_message().split())
+    msg = msg[:1].lower() + msg[1:]
+    for what in ("option", "command"):      # click: No such option '--x'. Did you mean...
+        head = f"no such {what} '"
+        end = msg.find("'", len(head))
+        if msg.startswith(head) and end > 0:
+            rest = msg[end + 1:].strip(" .()")
+            msg = f"no such {what}: {msg[len(head):end]}"
+            if rest:
+                msg += "; " + rest[:1].lower() + rest[1:].strip("()")
+    msg = msg.rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else prog
+    if prog == "image-update":
+        path = "image-update"
+    elif not path.startswith(prog):
+        path = prog
+    return f"{prog}: error: {' '.join(msg.split())} (see '{path} --help')"
+
+
 def main(argv=None):
     args = sys.argv[1:] if argv is None else list(argv)
     prog, command = "hpcimage", cli
@@ -149,17 +175,19 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo(f"{prog}: aborted", err=True)
         sys.exit(130)
+    except _NO_ARGS_IS_HELP as e:       # `hpcimage`, `hpcimage mpi`: the help, as click
+        click.echo(e.format_message(), err=True)
+        sys.exit(2)
+    except click.UsageError as e:
+        click.echo(usage_line(prog, e), err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        if prog != "hpcimage":
-            click.echo(f"{prog}: error: {e.format_message()}", err=True)
-            sys.exit(2)
-        e.show()
-        sys.exit(2 if e.exit_code == 2 else e.exit_code)
+        click.echo(f"{prog}: error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     # standalone_mode=False: click returns ctx.exit()'s code instead of raising it.
     sys.exit(rv if isinstance(rv, int) else 0)
-
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,7 @@ class _Reader:
 
 
 def metadata(path):
-    image = open_image(path)
+    image = open_image(path, check_arch=False)   # any architecture
     rd = _Reader(image)
     info = {"path": image.path, "kind": image.kind}
     if image.kind != "sandbox":

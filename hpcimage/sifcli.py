@@ -86,6 +86,9 @@ def dump(object_id, image):
               help="Definition files: do not run the %test section.")
 @click.option("--build-arg", "build_args", multiple=True, metavar="NAME=VALUE",
               help="Definition files: a value for {{ NAME }} (repeatable).")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Show the bootstrap agent's output (debootstrap's), not only what "
+                   "the build is doing.")
 @click.option("--all", "all_", is_flag=True,
               help="Build every image of --site that has images/<Name>-<version>.def "
                    "(or images/<Name>.def) into the store; OUT/SOURCE: none, or the "
@@ -94,7 +97,7 @@ def dump(object_id, image):
               type=click.Path(dir_okay=False), help="With --all: the site description.")
 @click.argument("out", required=False)
 @click.argument("source", required=False)
-def build(sandbox, force, notest, build_args, all_, site_path, out, source):
+def build(sandbox, force, notest, build_args, all_, site_path, out, source, verbose):
     """Build OUT (.sif, .sqfs or, with --sandbox, a directory) from SOURCE.
 
     SOURCE is a definition file (.def, Apptainer syntax; built without root in a
@@ -105,4 +108,4 @@ def build(sandbox, force, notest, build_args, all_, site_path, out, source):
     renamed into place: a failed build leaves nothing behind.
     """
     from hpcimage import buildcmd
-    buildcmd.run(sandbox, force, notest, build_args, all_, site_path, out, source)
+    buildcmd.run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose)

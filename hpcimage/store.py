@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import stat
 import sys
 import time
@@ -191,9 +192,15 @@ def _isatty(stream):
 # --------------------------------------------------------------------------
 
 class Progress:
-    """A one-line progress bar on a terminal; silent elsewhere or for small copies."""
+    """A one-line progress bar on a terminal; silent elsewhere or for small copies.
 
-    WIDTH = 30
+    Each redraw is `\r`, the line, then "clear to the end of the line" (ESC [K); the
+    line fits the terminal's width at that moment (TIOCGWINSZ: a resized window is
+    followed), dropping the rate, then the sizes, then shortening the bar and the
+    label, so that it never wraps into a stale second line."""
+
+    WIDTH = 30          # the bar's width where there is room
+    MIN_BAR = 10
 
     def __init__(self, label, total, stream=None, force=None):
         self.stream = stream or sys.stderr
@@ -204,6 +211,31 @@ class Progress:
         self.start = time.monotonic()
         self.last = 0.0
 
+    def columns(self):
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (AttributeError, ValueError, OSError):
+            return shutil.get_terminal_size().columns
+
+    def line(self, done, rate, columns):
+        """The text of the bar for `done` bytes at `rate` bytes/s, at most columns - 1
+        characters (the last column would make some terminals wrap)."""
+        room = max(columns - 1, 1)
+        frac = min(done / self.total, 1.0)
+        pct = f" {frac * 100:3.0f}%"
+        tails = (f"{pct} {_mib(done)} of {_mib(self.total)} {rate / (1 << 20):.0f} MiB/s",
+                 f"{pct} {_mib(done)} of {_mib(self.total)}", pct)
+        label = self.label
+        for tail in tails:
+            bar = min(room - len(label) - 3 - len(tail), self.WIDTH)
+            if bar >= self.MIN_BAR:
+                break
+        else:
+            bar = self.MIN_BAR
+            label = label[:max(room - 3 - bar - len(tail), 0)]
+        fill = int(frac * bar)
+        return f"{label} [{'#' * fill}{'.' * (bar - fill)}]{tail}"[:room]
+
     def update(self, done, final=False):
         if not self.on:
             return
@@ -211,12 +243,8 @@ class Progress:
         if not final and now - self.last < 0.1:
             return
         self.last = now
-        frac = min(done / self.total, 1.0)
-        fill = int(frac * self.WIDTH)
         rate = done / max(now - self.start, 1e-6)
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (self.WIDTH - fill)}] "
-                          f"{frac * 100:3.0f}% {_mib(done)} of {_mib(self.total)} "
-                          f"{rate / (1 << 20):.0f} MiB/s ")
+        self.stream.write("\r" + self.line(done, rate, self.columns()) + "\x1b[K")
         self.stream.flush()
 
     def close(self, done=None):
@@ -380,7 +408,7 @@ def image_facts(path, definition=None):
     abbreviation -- and stays in the image as it is.) definition_sha256: of
     `definition` when given, else of the image's /.singularity.d/Singularity, else None."""
     from hpcimage.image import open_image
-    image = open_image(path)
+    image = open_image(path, check_arch=False)   # publish any architecture
     deffile = None
     try:
         from hpcimage.inspect import _Reader

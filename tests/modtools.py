@@ -219,3 +219,17 @@ def world_tmp():
     os.chmod(d, 0o755)
     yield Path(d)
     shutil.rmtree(d, ignore_errors=True)
+
+
+def wrapper_code(verb, module="hpcimage.runtime.main"):
+    """The `python -I -c CODE` that the wrapper VERB execs: main() of MODULE, or one line
+    naming the interpreter when hpcimage is not installed for it."""
+    return (f"try: from {module} import main\n"
+            "except ImportError as e:\n"
+            "    import os, sys\n"
+            '    if not (getattr(e, "name", None) or "hpcimage").startswith("hpcimage"): raise\n'
+            '    v = os.environ.get("HPCIMAGE_PYTHON")\n'
+            f'    sys.exit("{verb}: error: " + ("HPCIMAGE_PYTHON=" + v if v else "python " + '
+            'sys.executable + " (site.yaml)") + ": hpcimage is not installed for it (" + '
+            'str(e) + ")")\n'
+            "main()")

@@ -409,6 +409,7 @@ def test_failure_leaves_nothing(user, userdir, section, status, what):
     ["-s", "-T", "box", "t.def"], ["--sandbox", "box", "t.def", "--force"],
     ["--build-arg", "A=1", "--build-arg=B=2", "o.sif", "t.def"],
     ["--build-arg", "-x", "o.sif", "t.def"], ["o.sif", "docker://debian:12"],
+    ["-v", "o.sif", "t.def"], ["o.sqfs", "--verbose", "t.def"],
     # click's: help, --all, --site, combined flags, --, unknown options, wrong counts
     ["--help"], ["--all"], ["--site", "s.yaml", "--all"], ["-sF", "box", "t.def"],
     ["--", "o.sif", "t.def"], ["--bogus", "o.sif", "t.def"], ["o.sif"], ["a", "b", "c"],

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modtools import (LMOD_CMD, LUAC, REPO, TCLSH, generate, have_lmod, snapshot,
+from modtools import (LMOD_CMD, LUAC, REPO, TCLSH, generate, have_lmod, snapshot, wrapper_code,
                       write_site)
 
 from hpcimage import generate as gen
@@ -170,7 +170,7 @@ def test_format_selection(site_dir):
     ok(generate("--format", "tcl", cwd=site_dir))
     assert (site_dir / "modulefiles-tcl/Demo/1.0").is_file()
     p = generate("--format", "sh", cwd=site_dir)
-    assert p.returncode == 2 and "Invalid value for '--format'" in p.stderr
+    assert p.returncode == 2 and "invalid value for '--format'" in p.stderr
 
 
 # --------------------------------------------------------------------------
@@ -516,7 +516,7 @@ def test_wrapper_execs_runtime_with_argv_verbatim(wrappers, verb):
     pid, rc, so, se = run_wrapper([verb] + ARGS, env, wdir.parent)   # found through PATH
     assert (rc, se) == (7, "")
     assert Path(f"{out}.argv").read_bytes().decode().split("\0")[:-1] == \
-        ["-I", "-c", "from hpcimage.runtime.main import main; main()", verb] + ARGS
+        ["-I", "-c", wrapper_code(verb), verb] + ARGS
     assert Path(f"{out}.cfg").read_text() == f"{wdir}/site.json"
     assert Path(f"{out}.pid").read_text() == str(pid)               # exec, not fork
     assert not list(wdir.parent.glob("pwned*"))
@@ -528,7 +528,8 @@ def test_wrapper_uses_site_python_and_is_set_u_safe(wrappers):
     env = {"HPCIMAGE_IMAGE": "/x.sqfs", "STUB_OUT": str(out)}
     pid, rc, so, se = run_wrapper(["sh", "-u", "wrappers/image-exec", "true"], env, wdir.parent)
     assert (rc, se) == (7, "")
-    assert Path(f"{out}.argv").read_bytes() == b"-I\0-c\0from hpcimage.runtime.main import main; main()\0image-exec\0true\0"
+    assert Path(f"{out}.argv").read_bytes().decode() == \
+        f"-I\0-c\0{wrapper_code('image-exec')}\0image-exec\0true\0"
     cfg = Path(f"{out}.cfg").read_text()
     assert os.path.isabs(cfg) and os.path.samefile(cfg, wdir / "site.json")
     assert not list(wdir.parent.glob("pwned*"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from modtools import (REPO, TEST_USER, generate, load, module_script, requires_envmodules,
-                      requires_lmod, requires_user, world_tmp, write_site)  # noqa: F401
+                      requires_lmod, requires_user, world_tmp, wrapper_code, write_site)  # noqa: F401
 
 SITE = textwrap.dedent("""\
     store: /apps/images
@@ -155,7 +155,7 @@ def test_loaded_module_puts_working_wrappers_on_path(system, world_tmp):
                         [root_of(system, world_tmp)])
     assert res.rc == 0, res.err
     assert res.out == (f"/apps/images/Demo-2.0.sqfs|Demo/2.0|{world_tmp}/wrappers/site.json|"
-                       "-I|-c|from hpcimage.runtime.main import main; main()|image-exec|ls|a b|")
+                       f"-I|-c|{wrapper_code('image-exec')}|image-exec|ls|a b|")
 
 
 @pytest.mark.parametrize("system", ALL)

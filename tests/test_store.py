@@ -3,6 +3,7 @@ user): placement, manifest, verification, the wrappers' choice of the local copy
 concurrency, and the faults (corrupt store file, full disk, kill -9, symlinks,
 unreachable store)."""
 import calendar
+import fcntl
 import hashlib
 import json
 import os
@@ -10,8 +11,10 @@ import pty
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
+import termios
 import textwrap
 import threading
 import time
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PY, _cached, _mksquashfs, cli_argv
+from modtools import wrapper_code
 
 from hpcimage import site as sitemod
 from hpcimage.errors import UsageError
@@ -646,10 +650,42 @@ def test_progress_bar_on_a_terminal_only(store, big_a):
     tty = b"".join(chunks).decode()
     assert p.returncode == 0
     assert "\rimage-update Demo/1.0 [" in tty and "100% " in tty and "MiB/s" in tty, tty
-    assert tty.rstrip().endswith("MiB/s"), tty
+    assert tty.rstrip().endswith("MiB/s\x1b[K"), tty
     ok(store.update("--remove"))
     r = ok(store.update())                    # not a terminal: quiet
     assert r.stderr == "" and r.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize("columns", [60, 30])
+def test_progress_bar_fits_the_terminal(store, big_a, columns):
+    """At 60 (or 30) columns every redraw is \r, at most columns - 1 characters, then
+    clear-to-end-of-line: nothing wraps, so no stale line is left behind."""
+    store.publish(big_a)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    p = store.user.popen([str(store.top / "wrappers" / "image-update")], env=store.env(),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    p.wait(timeout=60)
+    os.close(master)
+    tty = b"".join(chunks).decode()
+    assert p.returncode == 0, tty
+    assert tty.endswith("\x1b[K\r\n"), repr(tty)        # the pty turns \n into \r\n
+    draws = tty[:-len("\x1b[K\r\n")].split("\x1b[K")
+    assert len(draws) >= 1
+    for d in draws:
+        assert d.startswith("\r") and "\n" not in d, repr(d)
+        assert len(d) - 1 <= columns - 1, repr(d)
+    assert "100%" in draws[-1], repr(draws[-1])
 
 
 def test_update_errors(store, v1, userdir):
@@ -660,7 +696,7 @@ def test_update_errors(store, v1, userdir):
         "('module avail' lists the images)\n")
     r = store.user.run(cli_argv("update"), env={"PATH": "/usr/bin:/bin"})
     one_error(r, 2, "hpcimage", "no image module loaded")
-    one_error(store.update("--bogus"), 2, "image-update", "No such option")
+    one_error(store.update("--bogus"), 2, "image-update", "no such option: --bogus")
     # not published: a store without a manifest, or one that does not list the image
     store.dir.mkdir()
     one_error(store.update(), 1, "image-update", "is not in the store's manifest",
@@ -707,8 +743,9 @@ def test_wrapper_execs_the_cli(store, tmp_path):
            "STUB_OUT": str(out)}
     r = subprocess.run([str(store.top / "wrappers/image-update"), "--check", "a b"], env=env)
     assert r.returncode == 5
-    assert out.read_bytes().split(b"\0")[:-1] == [
-        b"-I", b"-m", b"hpcimage.cli", b"image-update", b"--check", b"a b"]
+    assert out.read_bytes().decode().split("\0")[:-1] == [
+        "-I", "-c", wrapper_code("image-update", "hpcimage.cli"), "image-update", "--check",
+        "a b"]
     assert Path(str(out) + ".cfg").read_text() == f"{store.top}/wrappers/site.json"
 
 

@@ -36,7 +36,8 @@ def bootstrap(st, root, job):
         from hpcimage.build import debootstrap
         include = [p for p in st.get("include", "").replace(",", " ").split() if p]
         debootstrap.into(root, st.get("osversion"), st.get("mirrorurl") or
-                         debootstrap.DEFAULT_MIRROR, include, where=where)
+                         debootstrap.DEFAULT_MIRROR, include, where=where,
+                         verbose=getattr(job, "verbose", False))
     elif agent in ("docker-archive", "oci-archive", "oci"):
         from hpcimage.build import oci
         path, _, ref = frm.partition(":") if agent != "docker-archive" else (frm, "", "")

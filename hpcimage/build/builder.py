@@ -41,6 +41,9 @@ PASS_ENV = ("TERM", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTP
             "NO_PROXY", "ftp_proxy")
 
 
+VERBOSE = False     # hpcimage build -v: the agents' own output too
+
+
 def _say(msg):
     print(f"hpcimage: build: {msg}", file=sys.stderr, flush=True)
 
@@ -108,6 +111,7 @@ class _Job:
         self.d, self.out, self.kind, self.force, self.notest = d, out, kind, force, notest
         self.cwd, self.tmpdir, self.comp, self.mode = cwd, tmpdir, comp, mode
         self.roots = {}
+        self.verbose = VERBOSE
         self.testing = None         # (%test section, its process) while it runs
         self.work = os.path.join(tmpdir, f".{os.path.basename(out)}.build-{os.getpid()}-"
                                  f"{os.urandom(4).hex()}")

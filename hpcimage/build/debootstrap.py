@@ -63,8 +63,13 @@ def bootstrap(root, suite="bookworm", mirror=DEFAULT_MIRROR, variant="minbase",
     return root
 
 
-def into(root, suite, mirror=DEFAULT_MIRROR, include=(), variant="minbase", where="debootstrap"):
-    """debootstrap SUITE into ROOT (must not exist) from MIRROR, as hpcimage build does."""
+def into(root, suite, mirror=DEFAULT_MIRROR, include=(), variant="minbase", where="debootstrap",
+         verbose=False):
+    """debootstrap SUITE into ROOT (must not exist) from MIRROR, as hpcimage build does.
+
+    Its output goes to a log (the last lines make the error message); on a terminal
+    one status line shows its latest step ("I: Retrieving ..."). verbose
+    (`hpcimage build -v`): its whole output on stderr instead, as Apptainer shows it."""
     from hpcimage.build import userns
     exe = shutil.which("debootstrap", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if exe is None:
@@ -78,27 +83,91 @@ def into(root, suite, mirror=DEFAULT_MIRROR, include=(), variant="minbase", wher
     for k in ("http_proxy", "https_proxy", "no_proxy"):
         if k in os.environ:
             env[k] = os.environ[k]
-    print(f"hpcimage: build: debootstrap {suite} from {mirror} (takes a few minutes)",
-          file=sys.stderr, flush=True)
+    print(f"hpcimage: build: debootstrap {suite} from {mirror} (takes a few minutes"
+          f"{'' if verbose else '; -v shows its output'})", file=sys.stderr, flush=True)
     log = root + ".debootstrap.log"
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     saved = os.dup(1), os.dup(2)
+    status = None
     try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
+        if verbose:
+            os.dup2(2, 1)           # all of it on stderr, where the build's lines go
+        else:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            status = StatusLine(log, saved[1], "debootstrap")
         rc = userns.run_on_host(cmd, env, what="debootstrap")
     finally:
+        if status is not None:
+            status.stop()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         os.close(saved[0]), os.close(saved[1]), os.close(fd)
     if rc != 0:
-        with open(log, errors="replace") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
-        tail = "; ".join(lines[-3:]) or "no output"
+        if verbose:
+            tail = "its output is above"
+        else:
+            with open(log, errors="replace") as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+            tail = "; ".join(lines[-3:]) or "no output"
         raise HpcimageError(f"{where}: debootstrap {suite} failed (exit {rc}): {tail}")
     os.unlink(log)
     userns.run_in_root(root, ["/usr/bin/apt-get", "clean"], env, what="apt-get clean")
     return root
+
+
+class StatusLine:
+    """On a terminal (fd), one line redrawn twice a second with the latest line of
+    LOG that starts with "I: " (debootstrap's steps), fitted to the terminal's width;
+    erased by stop(). Does nothing when fd is not a terminal."""
+
+    def __init__(self, log, fd, label, interval=0.5):
+        self.log, self.fd, self.label, self.interval = log, fd, label, interval
+        self.thread = None
+        if not os.isatty(fd):
+            return
+        import threading
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _latest(self, f, last):
+        for ln in f.read().splitlines():
+            if ln.startswith("I: "):
+                last = ln[3:].strip()
+        return last
+
+    def _run(self):
+        last = shown = None
+        try:
+            with open(self.log, errors="replace") as f:
+                while not self.done.wait(self.interval):
+                    last = self._latest(f, last)
+                    if last and last != shown:
+                        shown = last
+                        self._draw(f"hpcimage: build: {self.label}: {last}")
+        except OSError:
+            pass
+
+    def _draw(self, text):
+        try:
+            cols = os.get_terminal_size(self.fd).columns or 80
+        except OSError:
+            cols = 80
+        try:
+            os.write(self.fd, ("\r" + text[:max(cols - 1, 1)] + "\x1b[K").encode())
+        except OSError:
+            pass
+
+    def stop(self):
+        if self.thread is not None:
+            self.done.set()
+            self.thread.join()
+            try:
+                os.write(self.fd, b"\r\x1b[K")
+            except OSError:
+                pass
+            self.thread = None
 
 
 def main(argv=None):

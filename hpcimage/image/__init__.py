@@ -15,10 +15,11 @@ SIF_MAGIC_OFFSET = 32
 class Image:
     """An image the runtime can start: where it is, what kind, where its SquashFS is."""
 
-    __slots__ = ("path", "kind", "offset", "size")
+    __slots__ = ("path", "kind", "offset", "size", "arch")
 
-    def __init__(self, path, kind, offset=0, size=None):
+    def __init__(self, path, kind, offset=0, size=None, arch=None):
         self.path = path
+        self.arch = arch        # what a SIF says it was built for (Go's name), else None
         self.kind = kind        # "sandbox" | "squashfs" | "sif"
         self.offset = offset    # byte offset of the SquashFS inside the file
         self.size = size
@@ -46,8 +47,9 @@ def sniff(path):
     return None
 
 
-def open_image(path):
-    """Open the image at path; UsageError (exit 2) when it is missing or unknown."""
+def open_image(path, check_arch=True):
+    """Open the image at path; UsageError (exit 2) when it is missing or unknown, or
+    (check_arch) a SIF built for an architecture this node cannot run (image.arch)."""
     if not path:
         raise UsageError("no image given")
     path = os.path.abspath(path)
@@ -69,6 +71,9 @@ def open_image(path):
         return Image(path, "squashfs", 0, os.path.getsize(path))
     if kind == "sif":
         from hpcimage.image import sif
-        offset, size = sif.primary_squashfs(path)
-        return Image(path, "sif", offset, size)
+        offset, size, arch = sif.primary_squashfs(path, with_arch=True)
+        if check_arch:
+            from hpcimage.image import arch as archmod
+            archmod.check(path, arch)
+        return Image(path, "sif", offset, size, arch)
     raise UsageError(f"{path}: not an image (neither a directory, a SquashFS file nor a SIF file)")

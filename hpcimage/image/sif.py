@@ -140,16 +140,7 @@ ARCH_CODES = {
 }
 ARCH_UNKNOWN = b"00\x00"
 _GOARCH_CODES = {v: k for k, v in ARCH_CODES.items()}
-# os.uname().machine -> Go architecture name.
-_MACHINE_GOARCH = {
-    "x86_64": "amd64", "amd64": "amd64",
-    "i386": "386", "i486": "386", "i586": "386", "i686": "386",
-    "aarch64": "arm64", "arm64": "arm64",
-    "armv6l": "arm", "armv7l": "arm", "armv8l": "arm",
-    "ppc64": "ppc64", "ppc64le": "ppc64le",
-    "mips": "mips", "mips64": "mips64",
-    "s390x": "s390x", "riscv64": "riscv64",
-}
+# os.uname().machine -> Go architecture name: hpcimage.image.arch.MACHINE_GOARCH.
 
 SQUASHFS_MAGIC = b"hsqs"
 
@@ -161,8 +152,9 @@ def goarch_name(code):
 
 def host_goarch():
     """The Go architecture name of this machine (what `apptainer build` records)."""
+    from hpcimage.image.arch import MACHINE_GOARCH
     machine = os.uname().machine
-    arch = _MACHINE_GOARCH.get(machine)
+    arch = MACHINE_GOARCH.get(machine)
     if arch is None:
         raise UsageError(f"unknown machine architecture {machine!r}; pass arch=")
     return arch
@@ -466,14 +458,23 @@ def is_sif(path):
         return False
 
 
-def primary_squashfs(path):
-    """(offset, size) of the SquashFS primary system partition of the SIF at `path`.
+def primary_squashfs(path, with_arch=False):
+    """(offset, size) of the SquashFS primary system partition of the SIF at `path`;
+    with_arch: (offset, size, arch), arch the Go name of what the partition (else the
+    header) says it was built for, "unknown" when neither says.
 
     The runtime's hot path: header + descriptor table + the 4 bytes of SquashFS magic.
     UsageError if there is no primary system partition or it is not SquashFS.
     """
     img = SifImage.open(path)
     d = img.primary_partition()
+    if with_arch:
+        arch = d.arch_name if d.arch_name != "unknown" else img.header.arch_name
+        return (*_primary_squashfs_of(img, d), arch)
+    return _primary_squashfs_of(img, d)
+
+
+def _primary_squashfs_of(img, d):
     if d.fstype != FS_SQUASH:
         hint = ""
         if d.fstype == FS_ENCRYPTED_SQUASH:

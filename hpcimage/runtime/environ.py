@@ -88,28 +88,43 @@ def shell_prologue(forced, prepend, append, app=None):
     return "\n".join(lines) + "\n"
 
 
-# Resolve the command as the shell would, with clear messages and 126/127.
+# Resolve the command as the shell's `exec` will, and say what is wrong in one line with
+# the direct path's words and statuses (launch._exec): 127 not found, 126 not executable.
+# No fork: `[` and `for` are builtins. The PATH search is done here because `command -v`
+# also finds builtins and functions (that `exec` does not run) and, in busybox, files
+# without the execute bit. A command with a '/' was checked by the launcher already (with
+# its interpreter); __HPCIMAGE_HINT (optional) ends the not-found message.
 SHELL_EXEC = r'''
 __hpcimage_c=$1
 case $__hpcimage_c in
   */*) if [ ! -e "$__hpcimage_c" ]; then
-         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: no such file in the image" >&2; exit 127
+         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: no such file in the image${__HPCIMAGE_HINT-}" >&2; exit 127
        elif [ -d "$__hpcimage_c" ]; then
-         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: is a directory, not a program" >&2; exit 126
+         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: is a directory, not a program${__HPCIMAGE_HINT-}" >&2; exit 126
        elif [ ! -x "$__hpcimage_c" ]; then
-         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: not executable (permission denied)" >&2; exit 126
+         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: not executable (permission denied)${__HPCIMAGE_HINT-}" >&2; exit 126
        fi ;;
-  *) if ! command -v -- "$__hpcimage_c" >/dev/null 2>&1; then
-       echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: command not found in the image (PATH=$PATH)" >&2; exit 127
-     fi ;;
+  *) __hpcimage_p=
+     IFS=:
+     set -f
+     for __hpcimage_d in $PATH; do
+       if [ -f "${__hpcimage_d:-.}/$__hpcimage_c" ] && [ -x "${__hpcimage_d:-.}/$__hpcimage_c" ]; then
+         __hpcimage_p=1
+         break
+       fi
+     done
+     if [ -z "$__hpcimage_p" ]; then
+       echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: command not found in the image (PATH=$PATH)${__HPCIMAGE_HINT-}" >&2; exit 127
+     fi
+     unset IFS __hpcimage_p __hpcimage_d ;;
 esac
-unset __hpcimage_c __HPCIMAGE_PROG
+unset __hpcimage_c __HPCIMAGE_PROG __HPCIMAGE_HINT
 exec "$@"
 '''
 
 
-def shell_env(env, forced, prepend, append, prog):
-    """The environment for the /bin/sh prologue."""
+def shell_env(env, forced, prepend, append, prog, hint=""):
+    """The environment for the /bin/sh prologue (HINT: appended to a not-found error)."""
     out = dict(env)
     for k, v in forced.items():
         out["__HPCIMAGE_F_" + k] = v
@@ -118,6 +133,8 @@ def shell_env(env, forced, prepend, append, prog):
     if append is not None:
         out["__HPCIMAGE_APPEND"] = append
     out["__HPCIMAGE_PROG"] = prog
+    if hint:
+        out["__HPCIMAGE_HINT"] = hint
     return out
 
 

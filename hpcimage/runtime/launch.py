@@ -587,6 +587,9 @@ def execute(p):
                     sc.mount(image.path, at, None, sc.MS_BIND | sc.MS_REC)
                     _remount_ro(at)
                 image_root = at
+                if image.arch in (None, "unknown"):     # a SIF's header was checked
+                    from hpcimage.image import arch
+                    arch.check_tree(image.path, at)
             elif name == "rootfs":
                 image_dir, root, targets = args
                 _build_root(image_dir, root, targets)
@@ -732,33 +735,92 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
         argv = [sh] + opt + args
     else:
         argv = args
+    cmd = argv[0]
+    hint = _hint(prog, verb, cmd)
+    if verb == "exec" and "/" in cmd and hint and _is_image(cmd):
+        raise HpcimageError(f"{prog}: {cmd}: is an image, not a program{hint}",
+                            EXIT_NOT_EXECUTABLE)
     scripts = has_sh and app is not None
     try:
         scripts = scripts or has_sh and any(n.endswith(".sh") for n in os.listdir(ENV_DIR))
     except OSError:
         pass
     if scripts:
+        if "/" in cmd:      # the shell's own exec error is raw: say it here, as below
+            why = _why_not(cmd)
+            if why:
+                raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1])
         label = prog if prog.startswith("image-") else "hpcimage"
-        e = environ.shell_env(env, forced, prepend, append, label)
+        e = environ.shell_env(env, forced, prepend, append, label, hint)
         script = environ.shell_prologue(forced, prepend, append, app) + environ.SHELL_EXEC
         procstate.for_exec()
         os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
     e = environ.direct_env(env, forced, prepend, append)
-    cmd = argv[0]
     path = which(cmd, e.get("PATH", environ.DEFAULT_PATH))
     if path is None:
         raise HpcimageError(f"{prog}: {cmd}: command not found in the image "
-                            f"(PATH={e.get('PATH', '')})", EXIT_NOT_FOUND)
+                            f"(PATH={e.get('PATH', '')}){hint}", EXIT_NOT_FOUND)
     procstate.for_exec()
     try:
         os.execve(path, argv, e)
-    except FileNotFoundError:
-        raise HpcimageError(f"{prog}: {cmd}: no such file in the image",
-                            EXIT_NOT_FOUND) from None
-    except (PermissionError, IsADirectoryError):
-        what = "is a directory, not a program" if os.path.isdir(path) else \
-            "not executable (permission denied)"
-        raise HpcimageError(f"{prog}: {cmd}: {what}", EXIT_NOT_EXECUTABLE) from None
     except OSError as e2:
-        raise HpcimageError(f"{prog}: {cmd}: cannot execute: {e2.strerror}",
-                            EXIT_NOT_EXECUTABLE) from None
+        why = _why_not(path) or (f"cannot execute: {e2.strerror}", EXIT_NOT_EXECUTABLE)
+        raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1]) from None
+
+
+IMAGE_SUFFIXES = (".sif", ".sqfs", ".squashfs", ".img", ".simg")
+
+
+def _hint(prog, verb, cmd):
+    """What a user probably meant by a command the image cannot run: the Apptainer
+    habit of naming the image first (image-exec IMAGE CMD), or a script in the current
+    directory named without ./ ("" when nothing comes to mind)."""
+    if verb == "exec" and prog.startswith("image-") and (
+            cmd.endswith(IMAGE_SUFFIXES) or _is_image(cmd)):
+        also = ", or use 'hpcimage exec IMAGE CMD'" if prog == "image-exec" else ""
+        return f"; {prog} runs the loaded module's image: drop the image argument{also}"
+    if "/" not in cmd and os.path.isfile(cmd):
+        return f"; did you mean ./{cmd}?"
+    return ""
+
+
+def _is_image(path):
+    """path (as seen from here) is a SIF or SquashFS file or a sandbox directory."""
+    try:
+        if os.path.isdir(path):
+            return os.path.isdir(os.path.join(path, ".singularity.d"))
+        with open(path, "rb") as f:
+            head = f.read(42)
+    except OSError:
+        return False
+    return head[:4] == b"hsqs" or head[32:41] == b"SIF_MAGIC"
+
+
+def _why_not(path, interpreter=True):
+    """(message, status) saying why path cannot be executed, None when it looks runnable:
+    missing (127), a directory or without execute permission (126; access() also sees a
+    noexec mount), a script whose #! interpreter is missing (127) or not executable."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "no such file in the image", EXIT_NOT_FOUND
+    except OSError as e:
+        return f"cannot execute: {e.strerror}", EXIT_NOT_EXECUTABLE
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a program", EXIT_NOT_EXECUTABLE
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+        return "not executable (permission denied)", EXIT_NOT_EXECUTABLE
+    if interpreter:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(256)
+        except OSError:
+            return None
+        if head[:2] == b"#!":
+            words = head[2:].split(b"\n")[0].split()
+            if words:
+                interp = words[0].decode(errors="replace")
+                why = _why_not(interp, False)
+                if why:
+                    return f"bad interpreter {interp}: {why[0]}", why[1]
+    return None

@@ -95,7 +95,7 @@ def run(argv, environ=None):
         opts.prog = "image-mpi"
         return mpi.run_rank(opts, open_image(opts.image), site, environ,
                             mpi.rank_signature(argv[1:], opts))
-    image = open_image(opts.image)
+    image = _open_image(opts, environ)
     p = launch.plan(opts, image, site, environ)
     if opts.dry_run:
         sys.stdout.write(p.describe())
@@ -105,6 +105,27 @@ def run(argv, environ=None):
     p.warn(opts.prog, environ)
     launch.execute(p)
     return 1
+
+
+def _open_image(opts, environ):
+    """open_image, saying what the user can do about a missing image."""
+    from hpcimage.image import open_image
+    from hpcimage.runtime import launch
+    if os.path.lexists(opts.image):
+        return open_image(opts.image)
+    if opts.prog.startswith("image-"):
+        module = environ.get("HPCIMAGE_MODULE")
+        raise HpcimageError(f"{opts.image}: image not found (the image of "
+                            f"{'module ' + module if module else 'HPCIMAGE_IMAGE'} is "
+                            "missing on this node)", 2)
+    hint = ""
+    if "/" not in opts.image and not opts.image.endswith(launch.IMAGE_SUFFIXES):
+        what = "COMMAND [ARGS...]" if opts.verb == "exec" else "[ARGS...]"
+        hint = f" (the image comes first: {opts.prog} [OPTIONS] IMAGE {what}"
+        if environ.get("HPCIMAGE_IMAGE"):
+            hint += f"; the loaded module's image: image-{opts.verb} {what}"
+        hint += ")"
+    raise HpcimageError(f"{opts.image}: image not found{hint}", 2)
 
 
 def main(argv=None):
