@@ -100,6 +100,10 @@ for root, globs in ((sys.argv[1], ("*.py", "*.c")), (sys.argv[2], ("*.j2",))):
 print(h.hexdigest())
 EOF
 }
+mkdir -p "$prefix/venvs" "$prefix/bin"
+chmod a+rx "$prefix" "$prefix/venvs" "$prefix/bin"    # whatever the umask: users run it
+exec 9>"$prefix/.hpcimage-install.lock"                 # one install.sh at a time here
+flock 9
 want="$(digest "$base_python" "$here/hpcimage" "$here/templates") extras=$extras optional=$optional"
 current=$prefix/venv
 have=none
@@ -115,7 +119,6 @@ if [ "$have" = "$want" ]; then
 fi
 
 version=$("$base_python" -I -c 'import configparser, sys; c = configparser.ConfigParser(); c.read(sys.argv[1]); print(c["metadata"]["version"])' "$here/setup.cfg")
-mkdir -p "$prefix/venvs" "$prefix/bin"
 new=$prefix/venvs/hpcimage-$version-$(date -u +%Y%m%dT%H%M%S)-$$
 trap 'rm -rf "$new"' EXIT          # a failed install leaves nothing (PREFIX/venv unchanged)
 echo "$prog: installing hpcimage $version into $new"
@@ -129,8 +132,10 @@ for p in $optional; do
     "$new/bin/python3" -m pip install -q "$p" 2>/dev/null \
         || echo "$prog: warning: optional package $p not installed" >&2
 done
-"$new/bin/python3" -I -c 'import hpcimage.runtime.main, hpcimage.cli' \
-    || { echo "$prog: error: the new venv $new cannot import hpcimage: PREFIX/venv left as it was" >&2; exit 1; }
+if ! why=$("$new/bin/python3" -I -c 'import hpcimage.runtime.main, hpcimage.cli' 2>&1); then
+    echo "$prog: error: the new venv cannot import hpcimage ($(printf '%s\n' "$why" | tail -n 1)): $current left as it was" >&2
+    exit 1
+fi
 printf 'hpcimage %s installed %s from %s\noptions: extras=%s optional=%s\n' \
     "$version" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$here" "$extras" "$optional" > "$new/.hpcimage-install"
 chmod -R a+rX "$new"

@@ -112,3 +112,21 @@ def test_install_bad_usage(top):
                            capture_output=True, text=True)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("install.sh: error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_failed_install_leaves_the_current_version(top):
+    """A new version that does not import is never switched to, and nothing of it stays."""
+    src, prefix, fakebin = top / "src", top / "apps", top / "fakebin"
+    _checkout(src)
+    fakebin.mkdir()
+    (prefix / "venvs" / "hpcimage-old").mkdir(parents=True)
+    (prefix / "venv").symlink_to("venvs/hpcimage-old")
+    init = src / "hpcimage" / "__init__.py"
+    init.write_text(init.read_text() + "raise RuntimeError('a broken version')\n")
+    r = _install(src, prefix, fakebin, "--no-packages")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.splitlines()[-1] == (
+        "install.sh: error: the new venv cannot import hpcimage (RuntimeError: a broken "
+        f"version): {prefix}/venv left as it was"), r.stderr
+    assert os.readlink(prefix / "venv") == "venvs/hpcimage-old"
+    assert sorted(p.name for p in (prefix / "venvs").iterdir()) == ["hpcimage-old"]
