@@ -102,6 +102,23 @@ def update_command(check, remove):
     return store.update(check=check, remove=remove)
 
 
+@cli.command("doctor")
+@click.option("--json", "as_json", is_flag=True,
+              help="machine-readable output: a list of {name, status, detail, fix}")
+@click.option("--site-config", metavar="PATH", type=click.Path(dir_okay=False),
+              help="The site.json to check (default: $HPCIMAGE_SITE_CONFIG, else the one "
+                   "beside image-exec on PATH).")
+@click.option("--site", "site_yaml", metavar="SITE.YAML", type=click.Path(dir_okay=False),
+              help="Compare the site.json with what this site.yaml renders.")
+def doctor(as_json, site_config, site_yaml):
+    """Check that this node can start containers: user namespaces, /dev/fuse,
+    squashfuse, the session directory, the site configuration (needed), and overlayfs,
+    fuse-overlayfs, fuse2fs, subordinate ids, Lmod, the MPI joiner. Each line is OK,
+    WARN or FAIL with what to do. Exit 0 when containers can start, 1 when not."""
+    from hpcimage import doctor as doc
+    return doc.run(as_json, site_config, site_yaml)
+
+
 @cli.group("mpi")
 def mpi_group():
     """MPI on this node: what image-mpi finds."""

@@ -14,7 +14,9 @@
     %appinstall APP  %apprun APP  %appenv APP  %applabels APP  %apphelp APP
     %appfiles APP  %apptest APP     # SCI-F apps under /scif/apps/APP
 
-A new `Bootstrap:` line after sections starts the next stage; the last stage is the
+A line that starts with `%` and a letter is a section header wherever it appears
+(inside a script too); an unknown one is an error. A new `Bootstrap:` line after
+sections starts the next stage; the last stage is the
 image. `{{ NAME }}` is replaced before parsing by --build-arg NAME=VALUE or by the
 default from a %arguments section (an undefined NAME is an error). Every error is a
 UsageError naming the file and the line (`file.def:12: ...`, exit 2).
@@ -305,11 +307,15 @@ def _parse_lines(lines, display):
                 close()
                 cur = (word, (m[1] or "").strip() if m else "", n, [])
                 continue
-            if cur is None or cur[0] in ("files", "labels", "arguments", "appfiles",
-                                         "applabels"):
+            # `%` and a letter at the start of a line is a section header wherever it
+            # is, inside a script too (a misspelt `%hlep` after `%runscript` must not
+            # become part of the runscript). Only `%` followed by something else (`%%`,
+            # `%-8s`, `% x`) stays script text; in the header and in %files, %labels,
+            # %arguments it is an error too.
+            if ln[1:2] in _LETTERS or cur is None or cur[0] in (
+                    "files", "labels", "arguments", "appfiles", "applabels"):
                 raise _err(display, n, f"unknown section %{word} (sections: "
                            + ", ".join("%" + s for s in SECTIONS + APP_SECTIONS) + ")")
-            # inside a script a line may start with % (e.g. printf format): keep it
         if cur is not None:
             key = None if ln[:1].isspace() else _header_key(ln)
             if key and key[0].lower() == "bootstrap":

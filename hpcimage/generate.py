@@ -184,7 +184,7 @@ def summary_of(description):
     return " ".join(description.split())
 
 
-def help_text(image):
+def help_text(image, extra_wrappers=()):
     lines = [f"{image.module}: {summary_of(image.description)}" if image.description
              else image.module]
     if "\n" in image.description.strip():
@@ -201,6 +201,8 @@ def help_text(image):
         "  image-update [--check]    copy the image into your local image directory",
         "                            (then used instead of the store's while current)",
     ]
+    if "image-inspect" in extra_wrappers:
+        lines.append("  image-inspect [--json]    labels, definition file, runscript of the image")
     if image.help:
         lines += ["", image.help.strip("\n")]
     if image.url:
@@ -229,7 +231,7 @@ class ModuleSystem:
             moddir = posixpath.join(root, image.name)
             up, rel = _relative(roots["wrappers"], moddir)
             text = mf.render(image=image, summary=summary_of(image.description),
-                             help_text=help_text(image), up=up, wrappers_rel=rel)
+                             help_text=help_text(image, site.extra_wrappers), up=up, wrappers_rel=rel)
             out.append(OutFile(posixpath.join(moddir, self.modulefile_name(image)),
                                text, MODE_FILE))
             if image.default:

@@ -19,12 +19,14 @@ def spawn(argv, env=None):
     """Start argv (looked up on PATH as execvp does) with stdin from /dev/null and
     stdout and stderr into one pipe. (pid, read end). Raises OSError (FileNotFoundError
     when there is no such program) as subprocess.Popen does."""
+    from hpcimage.runtime import procstate   # signals: the caller's, not Python's
     r, w = os.pipe()                  # both close-on-exec; dup2 makes 1 and 2 inherited
     try:
         pid = os.posix_spawnp(argv[0], argv, os.environ if env is None else env,
                               file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                                             (os.POSIX_SPAWN_DUP2, w, 1),
-                                            (os.POSIX_SPAWN_DUP2, w, 2)])
+                                            (os.POSIX_SPAWN_DUP2, w, 2)],
+                              **procstate.spawn_args())
     except BaseException:
         os.close(r)
         raise

@@ -216,37 +216,10 @@ def image_mpi(image):
 # ------------------------------------------------------------ 5. ranks on a node
 
 def _userns_probe():
-    """None when a child can make a user + mount namespace and a private mount, else
-    why not (the runtime's first two steps)."""
-    from hpcimage.runtime import syscalls as sc
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            if os.getuid() == 0:
-                sc.unshare(sc.CLONE_NEWNS)
-            else:
-                sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-            os._exit(0)
-        except OSError as e:
-            os.write(w, str(e).encode())
-        finally:
-            os._exit(1)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        msg = fh.read().decode(errors="replace")
-    _, status = os.waitpid(pid, 0)
-    return None if status == 0 else (msg or f"child status {status}")
-
-
-def _read_sysctl(path):
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    """None when a child can make the runtime's namespaces (user + mount, private
+    mounts), else why not."""
+    from hpcimage.doctor import enter_namespaces, in_child
+    return in_child(enter_namespaces)[1]
 
 
 def state_dir(environ):
@@ -278,6 +251,7 @@ def state_dir(environ):
 
 
 def ranks(environ):
+    from hpcimage.doctor import read_sysctl
     share = environ.get("HPCIMAGE_MPI_SHARE", "1") != "0"
     out = {"share": share, "findings": []}
     f = out["findings"]
@@ -289,7 +263,7 @@ def ranks(environ):
                           "namespaces and image mount; single-copy shared memory (CMA) is "
                           "switched off, slower for large messages"))
     # User namespaces.
-    maxns = _read_sysctl("/proc/sys/user/max_user_namespaces")
+    maxns = read_sysctl("/proc/sys/user/max_user_namespaces")
     err = _userns_probe()
     out["user_namespaces"] = {"max_user_namespaces": maxns, "usable": err is None,
                               "error": err}
@@ -302,7 +276,7 @@ def ranks(environ):
     else:
         f.append(_finding("no", f"{label}; a test namespace failed: {err} (image-mpi cannot "
                           "start containers: ask for user.max_user_namespaces > 0)"))
-    aa = _read_sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+    aa = read_sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
     if aa == "1" and os.getuid() != 0:
         f.append(_finding("warn", "kernel.apparmor_restrict_unprivileged_userns=1: an AppArmor "
                           "profile may deny mounts in the container"))

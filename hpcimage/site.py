@@ -25,6 +25,7 @@ from hpcimage.errors import UsageError
 DEFAULT_PYTHON = "/opt/hpcimage/venv/bin/python3"
 DEFAULT_LOCAL = "~/.hpcimage/images"     # image-update's copies; ~ expanded at run time
 DEFAULT_KEEP = 2                         # previous versions publish keeps in the store
+POLICY_VERSION = 1                       # the format of site.json; hpcimage doctor compares it
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 RESERVED_VERSIONS = ("default", "latest")
@@ -114,7 +115,7 @@ class Site:
             "binds": [b.spec for b in self.binds],
             "image_binds": image_binds,
             "local": self.local,
-            "version": 1,
+            "version": POLICY_VERSION,
         }
         out.update(self.hardware)
         if self.mpi:

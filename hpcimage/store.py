@@ -373,38 +373,32 @@ def write_json_atomic(path, data, mode=0o644):
 def image_facts(path, definition=None):
     """{"build_date", "definition_sha256"} of the image at `path`.
 
-    build_date: the org.label-schema.build-date label, else the SquashFS creation
-    time (or the SIF's); definition_sha256: of `definition` when given, else of the
-    image's /.singularity.d/Singularity, else None."""
+    build_date: when the image file was made, ISO 8601 UTC ("2024-11-27T09:12:00Z"):
+    the SIF header's creation time, else the SquashFS superblock's (mksquashfs's time);
+    None when the file records none. (The org.label-schema.build-date label is free
+    text -- Apptainer writes "Friday_14_June_2019_16:49:57_PDT", local time and a zone
+    abbreviation -- and stays in the image as it is.) definition_sha256: of
+    `definition` when given, else of the image's /.singularity.d/Singularity, else None."""
     from hpcimage.image import open_image
     image = open_image(path)
-    build_date = None
     deffile = None
     try:
         from hpcimage.inspect import _Reader
-        rd = _Reader(image)
-        labels = rd.cat(".singularity.d/labels.json")
-        if labels:
-            try:
-                value = json.loads(labels).get("org.label-schema.build-date")
-                build_date = str(value) if value else None
-            except (ValueError, AttributeError):
-                pass
-        deffile = rd.cat(".singularity.d/Singularity")
+        deffile = _Reader(image).cat(".singularity.d/Singularity")
     except (OSError, HpcimageError):
         pass
-    if build_date is None:
-        try:
-            if image.kind == "sif":
-                from hpcimage.image import sif
-                created = sif.SifImage.open(path).header.created_at
-            else:
-                with open(path, "rb") as f:
-                    f.seek(image.offset + 8)
-                    created = int.from_bytes(f.read(4), "little")
-            build_date = _now_iso(created) if created else None
-        except (OSError, ValueError, HpcimageError):
-            build_date = None
+    created = 0
+    try:
+        if image.kind == "sif":
+            from hpcimage.image import sif
+            created = sif.SifImage.open(path).header.created_at
+        if created <= 0 and image.kind in ("sif", "squashfs"):   # Go's zero time is < 0
+            with open(path, "rb") as f:
+                f.seek(image.offset + 8)
+                created = int.from_bytes(f.read(4), "little")
+    except (OSError, ValueError, HpcimageError):
+        created = 0
+    build_date = _now_iso(created) if created > 0 else None
     if definition is not None:
         try:
             with open(definition, "rb") as f:

@@ -30,6 +30,72 @@ CACHE = Path(os.environ.get("HPCIMAGE_CACHE", "/var/cache/hpcimage/test-images")
 TESTDATA = Path(os.environ.get("HPCIMAGE_TESTDATA", REPO.parent / "shared" / "testdata"))
 
 
+# ------------------------------------------------------ files the test user reads
+#
+# The checkout may sit where the test user cannot read (a clone under /root, mode
+# 0700). What a test hands to that user (definition files, C sources, scripts) comes
+# from a session copy every user can read, made on first use; User.run refuses a path
+# inside the checkout, so a test that forgets passes nowhere.
+
+_READABLE = []
+
+
+def readable(rel):
+    """REPO/rel, copied (once per session, with its whole top-level directory) to a
+    place the test user can read; returns the copy's Path."""
+    rel = Path(rel)
+    if rel.is_absolute():
+        rel = rel.relative_to(REPO)
+    if not _READABLE:
+        base = Path("/tmp/hpcimage-tests")
+        base.mkdir(exist_ok=True)
+        base.chmod(0o755)
+        top = Path(tempfile.mkdtemp(dir=base, prefix="checkout-"))
+        top.chmod(0o755)
+        _READABLE.append(top)
+    top = _READABLE[0]
+    first = rel.parts[0]
+    if not (top / first).exists():
+        src = REPO / first
+        tmp = top / (first + ".copying")
+        if src.is_dir():
+            shutil.copytree(src, tmp, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, tmp)
+        subprocess.run(["chmod", "-R", "a+rX", str(tmp)], check=True)
+        os.rename(tmp, top / first)
+    return top / rel
+
+
+def pytest_sessionfinish(session):
+    for top in _READABLE:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def in_checkout(word):
+    """The path inside the checkout that `word` names or ends with (`--opt=PATH`,
+    `K=PATH`), else None."""
+    word = str(word)
+    repo = str(REPO)
+    i = word.find(repo)
+    if i < 0:
+        return None
+    rest = word[i + len(repo):]
+    if rest and rest[0] != "/":
+        return None
+    return word[i:]
+
+
+def assert_user_can_reach(argv, cwd=None, env=None):
+    """A run as the test user names no path inside the checkout (see readable())."""
+    words = [*map(str, argv), *([str(cwd)] if cwd else []), *(env or {}).values()]
+    bad = [p for p in map(in_checkout, words) if p]
+    assert not bad, (f"a test runs {argv[0]} as the test user with {bad[0]}, inside the "
+                     f"checkout, which that user may not be able to read (a clone under "
+                     f"/root): pass conftest.readable(...) instead")
+
+
 def _tree_digest(root):
     h = hashlib.sha256()
     for p in sorted(q for ext in ("*.py", "*.c") for q in Path(root).rglob(ext)):
@@ -82,6 +148,7 @@ class User:
         if root:
             e = dict(self.env(env), HOME="/root", USER="root", LOGNAME="root")
             return subprocess.Popen(argv, env=e, cwd=cwd or "/", **kw)
+        assert_user_can_reach(argv, cwd, env)
         return subprocess.Popen(argv, env=self.env(env), cwd=cwd or self.home,
                                 user=self.uid, group=self.gid, extra_groups=[], **kw)
 

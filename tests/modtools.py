@@ -171,6 +171,8 @@ def module_script(system, script, modulepath=(), user=None, env=None, cwd=None, 
         argv = ["bash", "-lc", body] if system == "lmod-login" else ["bash", "-c", body]
         kwargs = {}
         if user is not None:
+            from conftest import assert_user_can_reach
+            assert_user_can_reach(argv, cwd, env)
             kwargs = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
         p = subprocess.run(argv, env=clean_env(home, uname, env), cwd=cwd or home,
                            capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, REPO, _cached, cli_argv
+from conftest import PY, _cached, cli_argv, readable
 import registry as reg
 
-IMAGES = REPO / "images"
+IMAGES = readable("images")           # the test user may not read the checkout
 
 
 def write(path, text, user=None, mode=0o644):

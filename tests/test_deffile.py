@@ -144,6 +144,14 @@ def test_arguments_and_build_args():
     ("Bootstrap: busybox\nBootstrap: docker\nFrom: x\nFrom: y\n", 4, "given twice"),
     ("Bootstrap: busybox\n\n%frobnicate\n", 3, "unknown section %frobnicate"),
     ("Bootstrap: busybox\n%labels\n  a b\n%frobnicate\n", 4, "unknown section %frobnicate"),
+    # a misspelt header after a script section is not script text (issue 12)
+    ("Bootstrap: busybox\n%runscript\n  echo hi\n%hlep\n  Usage: x\n", 4,
+     "unknown section %hlep"),
+    ("Bootstrap: busybox\n%post\n  true\n\n%enviroment\n  X=1\n", 5,
+     "unknown section %enviroment"),
+    ("Bootstrap: busybox\n%appinstall a\n  true\n%apprnu a\n", 4, "unknown section %apprnu"),
+    ("Bootstrap: busybox\n%test\n  true\n%post: true\n", 4, "unknown section %post:"),
+    ("Bootstrap: busybox\n%setup\n  true\n%Hlep\n", 4, "unknown section %hlep"),
     ("Bootstrap: busybox\n%apprun\n  true\n", 2, "needs an app name"),
     ("Bootstrap: busybox\n%apprun a b\n", 2, "want one app name"),
     ("Bootstrap: busybox\n%files from nowhere\n  a b\n", 2, "no stage named 'nowhere'"),
@@ -329,3 +337,49 @@ def test_dedent_agrees_with_textwrap():
     for _ in range(3000):
         text = "".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 12)))
         assert deffile._dedent(text) == textwrap.dedent(text), repr(text)
+
+
+def test_percent_lines_that_stay_script_text():
+    """Only `%` + a letter at the start of a line is a section header: an indented
+    `%word`, `%` + anything else and `%` further on a line are the script's."""
+    d = parse("""
+        Bootstrap: busybox
+        %runscript
+            printf '%s\\n' "$@"
+            %notaheader
+        %% literal
+        %-8s
+        % spaced
+        %{braces}
+        %help
+            100% done
+        """)
+    run = d.final.script("runscript")
+    for text in ("printf '%s", "    %notaheader", "%% literal", "%-8s", "% spaced", "%{braces}"):
+        assert text in run, run
+    assert d.final.script("help") == "100% done\n"
+
+
+APPTAINER_PARSER = Path("/work/shared/testdata/apptainer/parser")
+
+
+@pytest.mark.skipif(not APPTAINER_PARSER.is_dir(),
+                    reason=f"Apptainer's parser test data not found ({APPTAINER_PARSER})")
+def test_apptainer_parser_data_sections():
+    """Apptainer's parser test data: no good file is refused for a section line (some
+    are refused for things hpcimage does not support, e.g. no Bootstrap header), and
+    its bad section is refused with its line number."""
+    good = [p for d in ("testdata_good", "testdata_multi") for p in
+            sorted((APPTAINER_PARSER / d).rglob("*"))
+            if p.is_file() and p.suffix != ".json" and p.name != "result"]
+    assert len(good) > 15
+    for p in good:
+        try:
+            deffile.load(p)
+        except UsageError as e:
+            assert "section %" not in e.message, e.message
+    with pytest.raises(UsageError) as e:
+        deffile.load(APPTAINER_PARSER / "testdata_bad" / "bad_section")
+    assert e.value.message.endswith("bad_section:3: unknown section %badsection (sections: "
+                                    + ", ".join("%" + s for s in deffile.SECTIONS
+                                                + deffile.APP_SECTIONS) + ")")

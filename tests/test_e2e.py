@@ -98,18 +98,24 @@ image-exec sh -c 'ls /; echo "$HPCIMAGE_MODULE"'
 image-run; echo "run=$?"
 w=$(command -v image-exec)
 module unload Bare
+image-exec true; echo "unloaded=$?"
 "$w" true; echo "nomodule=$?"
 """, modulepath=[str(site / "modulefiles")], user="hpcuser")
     out = r.out.splitlines()
     assert "Bare/1" in out and "etc" not in out[:2]
     assert "run=1" in out and "nomodule=2" in out
+    # README: without a module the wrappers are off PATH (the shell's 127); reached
+    # by their path (a link, a site's PATH), they say so and exit 2
+    assert "unloaded=127" in out and "image-exec: command not found" in r.err
     assert "image-exec: no image module loaded" in r.err
 
 
 @requires_lmod
 def test_image_inspect_wrapper(site):
-    r = module_script("lmod", "module load Demo/2.0\nimage-inspect\nimage-inspect --json",
+    r = module_script("lmod", "module load Demo/2.0\nimage-inspect\nimage-inspect --json\n"
+                      "module help Demo/2.0 2>&1",
                       modulepath=[str(site / "modulefiles")], user="hpcuser")
     assert r.rc == 0, r.err
+    assert "  image-inspect [--json]" in r.out                  # `module help` lists it
     assert "org.label-schema.name: Demo" in r.out and "SIF objects:" in r.out
     assert '"kind": "sif"' in r.out

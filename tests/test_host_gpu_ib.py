@@ -403,7 +403,7 @@ def test_contribution_merge_and_describe():
     assert a.env == {"X": "2"} and a.hide == ["/dev/nvidia0"]
     assert a.warnings == ["w"] and a.notes == ["n"]
     text = "\n".join(a.describe())
-    assert "bind /h/libcuda.so.1 -> /.singularity.d/libs/libcuda.so.1 (ro)  # nv" in text
+    assert "bind /h/libcuda.so.1 -> /.singularity.d/libs/libcuda.so.1 ro  # nv" in text
     assert "hide /dev/nvidia0" in text and "env X=2" in text and "warning: w" in text
 
 

@@ -145,14 +145,14 @@ def test_dry_run_shows_the_binds_with_their_reason(on, mods):
     out = res.out
     lua = os.path.realpath("/usr/bin/lua5.3")
     real = os.path.realpath("/usr/share/lmod/lmod")
-    assert f"bind {lua} -> /usr/bin/lua5.3 (ro)  # Lua for Lmod (lmod_in_image)" in out
-    assert f"bind {real} -> /usr/share/lmod/lmod (ro)  # Lmod inside (lmod_in_image)" in out
-    assert f"bind {mods} -> {mods} (ro)  # MODULEPATH (lmod_in_image)" in out
-    assert "-> /.singularity.d/libs/libreadline.so.8 (ro)  # library of Lmod's Lua" in out
+    assert f"bind {lua} -> /usr/bin/lua5.3 ro  # Lua for Lmod (lmod_in_image)" in out
+    assert f"bind {real} -> /usr/share/lmod/lmod ro  # Lmod inside (lmod_in_image)" in out
+    assert f"bind {mods} -> {mods} ro  # MODULEPATH (lmod_in_image)" in out
+    assert "-> /.singularity.d/libs/libreadline.so.8 ro  # library of Lmod's Lua" in out
     assert "/.singularity.d/libs/libc.so" not in out and "ld-linux" not in out
     assert "  env BASH_ENV=/usr/share/lmod/lmod/init/bash" in out
     assert "  env LD_LIBRARY_PATH=/.singularity.d/libs" in out
-    assert "<shell (bash: --rcfile /usr/share/lmod/lmod/init/bash)>" in out
+    assert "exec /bin/bash --rcfile /usr/share/lmod/lmod/init/bash  # " in out
 
 
 def test_warning_where_the_host_has_no_lmod(world_tmp, mods, debian_sqfs, demo_sqfs):

@@ -124,6 +124,25 @@ def test_moved_tree_still_finds_its_wrappers(system, prefix, world_tmp):
 
 
 @pytest.mark.parametrize("system", ALL)
+@pytest.mark.parametrize("how", ["root", "file"])
+def test_symlinked_tree_finds_its_wrappers(system, how, prefix, world_tmp):
+    """A MODULEPATH entry that is a link to the rendered root (/apps/modulefiles ->
+    /opt/site/modulefiles), or a tree whose modulefile is a link, puts the real
+    wrappers directory on PATH (issue 12: a nonexistent one, next to the link)."""
+    real = root_of(system, prefix)
+    apps = world_tmp / "apps"
+    apps.mkdir()
+    if how == "root":
+        (apps / real.name).symlink_to(os.path.relpath(real, apps))
+    else:
+        name = "1.0" if system == "em" else "1.0.lua"
+        (apps / real.name / "Demo").mkdir(parents=True)
+        (apps / real.name / "Demo" / name).symlink_to(real / "Demo" / name)
+    res = load(system, [apps / real.name], "Demo/1.0")
+    assert_loaded(res, prefix, "Demo/1.0", "/apps/images/Demo-1.0.sqfs")
+
+
+@pytest.mark.parametrize("system", ALL)
 def test_loaded_module_puts_working_wrappers_on_path(system, world_tmp):
     """module load, then `image-exec` from PATH execs the runtime (a stub here)."""
     stub = world_tmp / "python3"

@@ -299,3 +299,88 @@ def test_joiner_errors_match_the_runtime(user, host_mpi, site, openmpi_sqfs, use
     procs, mounts = wait_no_leaks(user.uid)
     assert procs == [] and mounts == []
     assert state_entries(user) == []
+
+
+# ------------------------------------------- the ranks' process state (issue 12)
+
+STATE_CMD = ('R=${SLURM_PROCID:-$OMPI_COMM_WORLD_RANK}; '
+             '{ cat /proc/self/status; echo fds; ls -l /proc/self/fd; } > "$D/st.$R"; '
+             'env > "$D/env.$R"')
+
+
+def rank_states(d, n):
+    """[(state, fds, refs fd or None, LC_CTYPE (the image sets LC_ALL))] of ranks 0..n-1."""
+    from test_procstate import parse_state
+    out = []
+    for i in range(n):
+        text = (d / f"st.{i}").read_text()
+        refs = [int(ln.split(" -> ")[0].split()[-1]) for ln in text.splitlines()
+                if ln.endswith("/refs")]
+        env = [ln for ln in (d / f"env.{i}").read_text().splitlines() if ln.startswith("LC_CTYPE=")]
+        state, fds = parse_state(text)
+        out.append((state, fds, refs[0] if refs else None, env))
+    return out
+
+
+def _state_dirs(userdir, user):
+    dirs = []
+    for name in ("host", "ours"):
+        d = userdir / name
+        d.mkdir()
+        os.chown(d, user.uid, user.gid)
+        dirs.append(d)
+    return dirs
+
+
+def _compare_ranks(host, ours, r):
+    """Every rank's state equals a host task's; its descriptors too, less the one that
+    holds the node's shared container (the job's refs lock, README)."""
+    h_state, h_fds, _, h_env = host[0]
+    assert h_env == []
+    for state, fds, refs, env in ours:
+        assert state == h_state, r.stderr
+        assert state["SigIgn"] == "0" * 16 and state["SigBlk"] == "0" * 16
+        assert [f for f in fds if f != refs] == h_fds, r.stderr
+        assert env == [], "no locale added by the interpreter"
+
+
+def test_srun_rank_state_is_a_host_tasks(user, slurm_cluster, site, openmpi_sqfs, userdir):
+    """srun image-mpi with no locale set: the Python rank and the joined ranks start
+    as `srun busybox sh` does, and (nothing the interpreter adds reaching the plan)
+    the ranks after the first join through hpcimage-join."""
+    from test_procstate import as_user, base_env
+    hd, od = _state_dirs(userdir, user)
+    env = dict(base_env(user), **env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1")
+    r = as_user(user, ["srun", "-n", "3", "--mpi=pmix", "/usr/bin/busybox", "sh", "-c",
+                       STATE_CMD.replace("cat ", "busybox cat ").replace("ls ", "busybox ls ")
+                       .replace("env ", "busybox env ")], dict(env, D=str(hd)),
+                cwd=str(userdir), timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = as_user(user, ["srun", "-n", "3", "--mpi=pmix", "image-mpi", "sh", "-c", STATE_CMD],
+                dict(env, D=str(od)), cwd=str(userdir), timeout=120)
+    assert r.returncode == 0, r.stderr
+    joined, python = joiner_lines(r.stderr)
+    assert len(joined) == 2 and len(python) == 1, r.stderr
+    _compare_ranks(rank_states(hd, 3), rank_states(od, 3), r)
+    assert wait_no_leaks(user.uid) == ([], [])
+
+
+def test_mpirun_rank_state_is_a_host_ranks(user, host_mpi, site, openmpi_sqfs, userdir):
+    """image-mpi outside Slurm (the launcher execs mpirun; every rank joins through
+    hpcimage-join) against the host's mpirun starting busybox sh."""
+    from test_procstate import as_user, base_env
+    from mpitools import MPIRUN
+    hd, od = _state_dirs(userdir, user)
+    env = dict(base_env(user), **env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1")
+    r = as_user(user, [MPIRUN["openmpi"], "--oversubscribe", "-n", "2", "/usr/bin/busybox",
+                       "sh", "-c", STATE_CMD.replace("cat ", "busybox cat ")
+                       .replace("ls ", "busybox ls ").replace("env ", "busybox env ")],
+                dict(env, D=str(hd)), cwd=str(userdir), timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = as_user(user, ["image-mpi", "-n", "2", "--oversubscribe", "sh", "-c", STATE_CMD],
+                dict(env, D=str(od)), cwd=str(userdir), timeout=120)
+    assert r.returncode == 0, r.stderr
+    joined, python = joiner_lines(r.stderr)
+    assert len(joined) == 2 and python == [], r.stderr
+    _compare_ranks(rank_states(hd, 2), rank_states(od, 2), r)
+    assert wait_no_leaks(user.uid) == ([], [])

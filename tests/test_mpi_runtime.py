@@ -3,6 +3,7 @@ rank environment, and the shared namespaces of the ranks of one job on one node
 (ranks simulated by processes carrying a launcher's variables)."""
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -157,3 +158,38 @@ def test_rank_env_forwarded_under_cleanenv_and_pmix_dir_bound(user, demo_dir):
         os.rmdir(pmixdir)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["0|9|sm|hash|", pmixdir]
+
+
+def test_step_signal_leaves_the_shared_container_served(user, demo_sqfs):
+    """USR1 to every process of the job on the node (what `scancel --signal=USR1` and
+    `--signal=USR1@60` do through Slurm's cgroup: the ranks, the holder and its
+    squashfuse): the ranks' handlers still read the image; all goes when they exit."""
+    job = f"sig{os.getpid()}{time.monotonic_ns() % 100000}"
+    prog = ('trap \'head -1 /etc/os-release; exit 0\' USR1; echo ready; '
+            'i=0; while [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; exit 3')
+    procs = []
+    for i in range(2):
+        env = {"HPCIMAGE_IMAGE": str(demo_sqfs), "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0",
+               "PMIX_RANK": str(i)}
+        procs.append(user.popen(runtime_argv("image-mpi", "sh", "-c", prog), env=env,
+                                start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True))
+    try:
+        for p in procs:
+            assert p.stdout.readline() == "ready\n"
+        holder = int(open(f"/tmp/hpcimage-{user.uid}/{job}-0/holder").read())
+        daemons = fuse_processes(user.uid)
+        assert len(daemons) == 1
+        for pid in [holder] + daemons:
+            os.kill(pid, signal.SIGUSR1)
+        for p in procs:
+            os.killpg(p.pid, signal.SIGUSR1)
+        outs = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    assert all(o[0] == 'NAME="hpcimage Demo"\n' for o in outs), outs
+    assert wait_no_leaks(user.uid) == ([], [])

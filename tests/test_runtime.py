@@ -1,9 +1,13 @@
 """The runtime as a user meets it: image-exec/run/shell on directory and SquashFS images,
 started as the non-root test user (and once as root)."""
 import os
+import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -313,10 +317,63 @@ def test_dry_run_prints_plan_and_does_nothing(user, image, userdir):
     ops = [ln.split()[0] for ln in r.stdout.splitlines() if not ln.startswith(" ")]
     assert ops[:4] == ["userns", "private", "session", "image"]
     assert ops[-4:] == ["readonly", "pivot", "chdir", "exec"]
-    assert f"chdir {userdir} {user.home} False" in r.stdout
+    assert f"chdir {userdir}  # else {user.home}, else /" in r.stdout
     assert f"bind {userdir} ->" not in r.stdout       # under /tmp, bound already
     r = exec_(user, image, "true", opts=("--dry-run",), cwd="/opt/hpcimage")
     assert "bind /opt/hpcimage -> /opt/hpcimage  # current directory" in r.stdout
+
+
+def _words(line):
+    """The words of a --dry-run line (its `  # note` left out), and that part."""
+    head = line.split("  # ", 1)[0]
+    return shlex.split(head), head
+
+
+def test_quote_is_shlex_quote():
+    import random
+    from hpcimage.runtime.launch import quote
+    rnd = random.Random(5)
+    for _ in range(20000):
+        t = "".join(rnd.choice("aZ9 '\"$\\\n\t-=%@,:./_+*?[]~#!&;|()<>{}é") for _ in range(rnd.randrange(8)))
+        assert quote(t) == shlex.quote(t), repr(t)
+
+
+def test_dry_run_speaks_shell_words(user, image, userdir):
+    """--dry-run prints words a shell user reads: every path and argument quoted as sh
+    needs it, no Python list, True/False/None (issue 12)."""
+    here = userdir / "my dir"
+    data = userdir / "data set"
+    for d in (here, data):
+        d.mkdir()
+        os.chown(d, user.uid, user.gid)
+    cmd = ["sh", "-c", 'echo "it\'s $HOME" > out', "arg with spaces", ""]
+    r = exec_(user, image, *cmd, cwd=str(here),
+              opts=("--dry-run", "-B", f"{data}:/in put:ro", "--env", "Q=a 'b' \"c\""))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for line in lines:
+        assert not any(x in line for x in ("['", "']", "', '", "True", "False", "None")), line
+        if line.startswith("#"):
+            continue
+        words, head = _words(line)          # sh syntax: shlex.split takes it
+        assert words, line
+    found = {tuple(_words(ln)[0]) for ln in lines}
+    assert ("bind", str(data), "->", "/in put", "ro") in found, r.stdout
+    assert ("chdir", str(here)) in found
+    assert ("exec", *cmd) in found
+    assert ("env", "Q=a 'b' \"c\"") in found
+    rootfs = next(ln for ln in lines if ln.startswith("rootfs "))
+    assert "'/in put'" in rootfs.split("  # ", 1)[1]
+    # image-mpi --dry-run prints the launcher's command line, quoted the same way
+    r = user.run(runtime_argv("image-mpi", "--dry-run", "--launcher", "mpirun", "-n", "2",
+                              "--bind", str(data), *cmd),
+                 env={"HPCIMAGE_IMAGE": image}, cwd=str(here))
+    if r.returncode == 0:
+        words = shlex.split(r.stdout)
+        assert " ".join(shlex.quote(w) for w in words) == r.stdout.strip()
+        assert words[-len(cmd) - 1:] == ["--", *cmd] and str(data) in words
+    else:
+        assert "launcher 'mpirun' not found" in r.stderr
 
 
 # ------------------------------------------------------------------- leaks
@@ -365,3 +422,121 @@ def test_session_dir_over_user_data_keeps_binds_and_image(user, demo_dir, userdi
                  env={"HPCIMAGE_IMAGE": str(img), "HPCIMAGE_SESSION_DIR": str(userdir)})
     assert r.returncode == 0, r.stderr
     assert r.stdout == 'bound\nNAME="hpcimage Demo"\n'
+
+
+# ------------------------------------------------------- the working directory
+
+@pytest.fixture
+def usr_project(user):
+    """A project directory of the test user below a system directory, which the
+    image lacks (/usr/local/src/NAME)."""
+    d = Path(tempfile.mkdtemp(prefix="hpcimage-proj-", dir="/usr/local/src"))
+    os.chown(d, user.uid, user.gid)
+    d.chmod(0o755)
+    (d / "here.txt").write_text("project-file\n")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_cwd_below_a_system_directory_is_bound(user, image, usr_project):
+    """`cd /usr/local/src/proj; image-exec make clean` works in that directory, not
+    silently in $HOME (issue 12)."""
+    r = exec_(user, image, "sh", "-c", "pwd; cat here.txt; touch made", cwd=str(usr_project))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{usr_project}\nproject-file\n"
+    assert r.stderr == ""
+    assert (usr_project / "made").exists()
+
+
+def test_cwd_deleted_on_the_host_warns(user, image, userdir):
+    gone = userdir / "gone"
+    gone.mkdir()
+    os.chown(gone, user.uid, user.gid)
+    r = user.run(["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone),
+                  *runtime_argv("image-exec", "pwd")], env={"HPCIMAGE_IMAGE": image})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{user.home}\n"
+    assert r.stderr == (f"image-exec: warning: cannot enter {gone} in the container "
+                        f"(deleted on the host); running in {user.home}\n")
+
+
+def test_cwd_that_is_a_system_directory_warns(user, image):
+    """/etc itself is never replaced by the host's: the command runs in the image's
+    /etc, and says so; / is the container's /, silently."""
+    r = exec_(user, image, "pwd", cwd="/etc")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "/etc\n"
+    assert r.stderr == ("image-exec: warning: cannot enter the host's /etc in the container "
+                        "(a system directory: the image's own is there); running in the "
+                        "image's /etc\n")
+    r = exec_(user, image, "pwd", cwd="/")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "/\n", "")
+
+
+def test_cwd_the_image_lacks_warns(user, image):
+    """A system directory the image does not have (/usr/lib in the busybox image): a
+    warning naming it and where the command runs."""
+    r = exec_(user, image, "pwd", cwd="/usr/lib")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{user.home}\n"
+    assert r.stderr == ("image-exec: warning: cannot enter /usr/lib in the container "
+                        f"(No such file or directory); running in {user.home}\n")
+
+
+# --------------------------------------------- wrappers reached through links
+
+@pytest.fixture
+def linked_site(user, demo_sqfs):
+    """The wrappers of a site with a bind, rendered under a world-readable prefix, and
+    links to image-exec: absolute (/usr/local/bin style) and relative (~/bin style)."""
+    from modtools import generate, write_site
+    top = Path(tempfile.mkdtemp(prefix="hpcimage-links-"))
+    top.chmod(0o755)
+    (top / "data").mkdir()
+    (top / "data" / "marker").write_text("site-bind\n")
+    write_site(top, f"store: {Path(demo_sqfs).parent}\npython: {PY}\n"
+                    f"binds: ['{top}/data:/site-data:ro']\n"
+                    f"images:\n  - name: Demo\n    version: '1.0'\n"
+                    f"    file: {Path(demo_sqfs).name}\n")
+    p = generate("--site", top / "site.yaml", "--prefix", top / "out")
+    assert p.returncode == 0, p.stderr
+    for d in ("bin", "home/bin"):
+        (top / d).mkdir(parents=True)
+    (top / "bin" / "image-exec").symlink_to(top / "out" / "wrappers" / "image-exec")
+    (top / "home" / "bin" / "image-exec").symlink_to("../../out/wrappers/image-exec")
+    (top / "home" / "bin" / "link2").symlink_to("image-exec")      # a link to a link
+    subprocess.run(["chmod", "-R", "a+rX", str(top)], check=True)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("link", ["bin/image-exec", "home/bin/image-exec", "home/bin/link2"])
+def test_wrapper_through_a_symlink_finds_its_site(user, demo_sqfs, linked_site, link):
+    """A wrapper linked into /usr/local/bin or ~/bin reads the site.json beside its
+    target: the site's binds are there (issue 12: it ran with an empty policy)."""
+    env = {"HPCIMAGE_IMAGE": str(demo_sqfs), "HPCIMAGE_MODULE": "Demo/1.0"}
+    r = user.run([str(linked_site / link), "cat", "/site-data/marker"], env=env)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "site-bind\n", "")
+    # called by name from PATH, and from the link's directory as ./image-exec
+    bindir = (linked_site / link).parent
+    r = user.run(["sh", "-c", f"{(linked_site / link).name} cat /site-data/marker"],
+                 env=dict(env, PATH=f"{bindir}:/usr/bin:/bin"))
+    assert (r.returncode, r.stdout) == (0, "site-bind\n"), r.stderr
+    r = user.run([f"./{(linked_site / link).name}", "sh", "-c",
+                  'cat /site-data/marker; echo "${HPCIMAGE_WRAPPER-unset}"'],
+                 env=env, cwd=str(bindir))
+    assert (r.returncode, r.stdout) == (0, "site-bind\nunset\n"), r.stderr
+
+
+def test_missing_site_json_is_an_error(user, demo_sqfs, linked_site):
+    (linked_site / "out" / "wrappers" / "site.json").unlink()
+    env = {"HPCIMAGE_IMAGE": str(demo_sqfs)}
+    for w in (linked_site / "out" / "wrappers" / "image-exec", linked_site / "bin" / "image-exec"):
+        r = user.run([str(w), "true"], env=env)
+        assert r.returncode == 2
+        assert r.stderr == (f"image-exec: error: site configuration {linked_site}/out/wrappers/"
+                            "site.json not found (the wrappers' site.json, written by "
+                            "'hpcimage generate'; HPCIMAGE_SITE_CONFIG names another)\n")
+    # without the wrappers there is no site: allowed
+    r = user.run(cli_argv("exec", str(demo_sqfs), "true"))
+    assert r.returncode == 0, r.stderr

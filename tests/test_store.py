@@ -2,6 +2,7 @@
 user): placement, manifest, verification, the wrappers' choice of the local copy,
 concurrency, and the faults (corrupt store file, full disk, kill -9, symlinks,
 unreachable store)."""
+import calendar
 import hashlib
 import json
 import os
@@ -352,6 +353,31 @@ def test_publish_a_sif_and_update_it(store, demo_sif):
     ok(store.update(env=env))
     assert sha(store.local / "Other-1.sqfs") == sha(demo_sif)
     assert store.chosen(env=env) == str(store.local / "Other-1.sqfs")
+
+
+def test_publish_build_date_is_iso_utc_from_the_file(store, tmp_path):
+    """The manifest's build_date is ISO 8601 UTC, read from the file (SquashFS
+    superblock, SIF header), never the free-text label: Apptainer writes
+    org.label-schema.build-date as 'Friday_14_June_2019_16:49:57_PDT'."""
+    root = tmp_path / "root"
+    (root / ".singularity.d").mkdir(parents=True)
+    (root / ".singularity.d" / "labels.json").write_text(json.dumps(
+        {"org.label-schema.build-date": "Friday_14_June_2019_16:49:57_PDT"}))
+    sqfs = tmp_path / "dated.sqfs"
+    subprocess.run(["mksquashfs", str(root), str(sqfs), "-noappend", "-quiet", "-no-progress",
+                    "-all-root", "-mkfs-time", "1732699920"], check=True,
+                   stdout=subprocess.DEVNULL)
+    store.publish(sqfs)
+    cur = store.manifest()["images"]["Demo-1.0.sqfs"]["current"]
+    assert cur["build_date"] == "2024-11-27T09:32:00Z"
+    sif = tmp_path / "dated.sif"
+    before = time.time()
+    subprocess.run(cli_argv("build", str(sif), str(root)), check=True,
+                   stdout=subprocess.DEVNULL)
+    store.publish(sif, "Other", "1")
+    date = store.manifest()["images"]["Other-1.sqfs"]["current"]["build_date"]
+    made = calendar.timegm(time.strptime(date, "%Y-%m-%dT%H:%M:%SZ"))
+    assert int(before) - 1 <= made <= time.time() + 1, date       # the SIF header's time
 
 
 def test_publish_unlisted_image_is_refused(store, v1):

@@ -26,6 +26,7 @@ import sys
 
 from hpcimage.errors import HpcimageError
 from hpcimage.runtime import syscalls as sc
+from hpcimage.runtime import procstate
 from hpcimage import lite
 from hpcimage.runtime.launch import resolve_in, which
 
@@ -381,6 +382,7 @@ def _start(setup, argv, env, what, pidns):
                 sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
             setup()
+            procstate.for_exec()                # the caller's signal state, not ours
             os.execve(argv[0], argv, env)
         except BaseException as e:              # noqa: BLE001
             msg = f"{what}: {e.strerror or e}" if isinstance(e, OSError) else f"{what}: {e}"

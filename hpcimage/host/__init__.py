@@ -233,7 +233,7 @@ class Contribution:
         """Lines for --dry-run."""
         out = []
         for src, dst, ro, why in self.binds:
-            out.append(f"bind {src} -> {dst}{' (ro)' if ro else ''}  # {why}")
+            out.append(f"bind {src} -> {dst}{' ro' if ro else ''}  # {why}")
         for h in self.hide:
             out.append(f"hide {h}  # not a visible device")
         for k in sorted(self.env):

@@ -11,23 +11,30 @@ import os
 import _signal as signal  # the C module: the same names, without enum (~4 ms)
 
 from hpcimage.errors import HpcimageError
-from hpcimage.runtime import syscalls
+from hpcimage.runtime import syscalls, procstate
 
 # Multithreaded squashfuse_ll first: single-threaded squashfuse makes metadata-heavy
 # jobs several times slower.
 FUSE_PROGRAMS = ("squashfuse_ll", "squashfuse")
 
 
-def find_program(path_env=None):
-    override = os.environ.get("HPCIMAGE_SQUASHFUSE")
-    if override:
-        return override
+def candidates(path_env=None):
+    """The FUSE programs found, in the order of preference (PATH, then /usr/bin and
+    /usr/local/bin); `hpcimage doctor` lists them."""
     dirs = (path_env or os.environ.get("PATH") or "/usr/bin:/bin").split(":")
     for prog in FUSE_PROGRAMS:
         for d in dirs + ["/usr/bin", "/usr/local/bin"]:
             p = os.path.join(d or ".", prog)
             if os.access(p, os.X_OK):
-                return p
+                yield p
+
+
+def find_program(path_env=None):
+    override = os.environ.get("HPCIMAGE_SQUASHFUSE")
+    if override:
+        return override
+    for p in candidates(path_env):
+        return p
     raise HpcimageError("squashfuse not found: install squashfuse (squashfuse_ll) "
                         "to run SquashFS and SIF images")
 
@@ -78,8 +85,10 @@ def mount(image, mountpoint, log_path):
                 low = k + 1
             os.closerange(low, 1024)
             os.chdir("/")
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-                signal.signal(s, signal.SIG_IGN)   # signals are for the application
+            # Signals are for the application: a session of its own (no group
+            # signal, no terminal's) and the ones Slurm sends to a step ignored.
+            os.setsid()
+            procstate.helper_signals()
             os.execv(prog, argv)
         except BaseException:
             pass

@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,6 +66,19 @@ static void die(int status, const char *fmt, const char *a, const char *b)
     fprintf(stderr, fmt, a, b);
     fputc('\n', stderr);
     _exit(status);
+}
+
+/* The command's signal state, as hpcimage.runtime.procstate.for_exec() gives it (the
+ * Python rank's): SIGPIPE and SIGXFSZ at their default (the interpreter that may have
+ * started our launcher ignores them), every other disposition as our caller left it
+ * (this program changes none), an empty signal mask. */
+static void exec_signal_state(void)
+{
+    sigset_t none;
+    signal(SIGPIPE, SIG_DFL);
+    signal(SIGXFSZ, SIG_DFL);
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
 /* ---------------------------------------------------------------- the job's key */
@@ -555,6 +569,7 @@ int main(int argc, char **argv)
             av[2] = (char *)r.script;
             av[3] = "hpcimage";
             memcpy(av + 4, cmd, (size_t)ncmd * sizeof(char *));
+            exec_signal_state();
             execve("/bin/sh", av, env);
             die(126, "/bin/sh: cannot execute: %s%s", strerror(errno), "");
         }
@@ -565,6 +580,7 @@ int main(int argc, char **argv)
         if (!env)
             die(1, "out of memory%s%s", "", "");
         const char *c = cmd[0];
+        exec_signal_state();
         if (strchr(c, '/')) {
             execve(c, cmd, env);
         } else {

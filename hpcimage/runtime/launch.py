@@ -10,7 +10,7 @@
     file        a generated file (passwd, group) bound read-only into the root
     readonly    the root mount read-only
     pivot       pivot_root into the root and drop the host's tree
-    chdir       the working directory (falling back to $HOME, then /)
+    chdir       the working directory (else $HOME, else /, with a warning)
     exec        replace this process by the command (env scripts first via /bin/sh)
 
 `plan()` only reads; `describe()` prints the list (`--dry-run`); `execute()` runs it.
@@ -26,11 +26,18 @@ import stat
 from hpcimage.errors import HpcimageError, UsageError, EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE
 from hpcimage.runtime import syscalls as sc
 from hpcimage.runtime import environ
+from hpcimage.runtime import procstate
 
 SESSION_DIRS = ("/var/lib/hpcimage/mnt", "/mnt", "/srv", "/media", "/opt")
-# cwd below these is not bound into the container (the image has its own).
-SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
-               "/etc", "/boot", "/proc", "/sys", "/dev", "/run", "/var/lib")
+# A current directory that is one of these (or directly below /usr, /usr/local or
+# /usr/lib*) is not bound: the host's would replace what the image's system needs
+# (Apptainer's addCwdMount list, with the merged-/usr names). Any other directory is
+# bound at its path, below a system directory too (/usr/local/src/proj); /proc, /sys
+# and /dev are the host's already (or a private /dev).
+CWD_NOT_BOUND = ("/", "/bin", "/boot", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/mnt",
+                 "/opt", "/run", "/sbin", "/usr", "/var", "/var/lib")
+CWD_NOT_BOUND_BELOW = ("/usr", "/usr/local", "/usr/lib", "/usr/lib32", "/usr/lib64",
+                       "/usr/libx32")
 SHELLS = ("/bin/bash", "/bin/sh")
 RUNSCRIPT = "/.singularity.d/runscript"
 ENV_DIR = "/.singularity.d/env"
@@ -46,7 +53,8 @@ class Bind:
         self.src, self.dst, self.ro, self.what = src, dst, ro, what
 
     def __str__(self):
-        return f"bind {self.src} -> {self.dst}{' (ro)' if self.ro else ''}  # {self.what}"
+        return (f"bind {quote(self.src)} -> {quote(self.dst)}{' ro' if self.ro else ''}"
+                f"  # {self.what}")
 
 
 class Plan:
@@ -59,45 +67,91 @@ class Plan:
 
     def warn(self, prog, environ):
         """Say the plan's warnings on stderr (MPI: rank 0 only)."""
-        rank = next((environ[k] for k in ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK",
-                                          "SLURM_PROCID") if environ.get(k)), "0")
-        if rank == "0":
+        if _rank0(environ):
             for w in self.warnings:
                 os.write(2, f"{prog}: warning: {w}\n".encode())
 
     def describe(self):
+        """The plan as `--dry-run` prints it: one step a line, its words quoted as sh
+        would need them (`shlex.split(line, comments=True)` gives them back), then
+        `  # ` and a note in words."""
         out = [f"# warning: {w}" for w in self.warnings]
         for op in self.ops:
             name, args = op[0], op[1:]
             if name == "bind":
                 out.append(str(args[0]))
+            elif name == "image":
+                image, at = args
+                note = image.kind + (f", the squashfs partition at offset {image.offset}"
+                                     if getattr(image, "offset", 0) else "")
+                out.append(f"image {quote(image.path)} -> {quote(at)}  # {note}")
+            elif name == "rootfs":
+                image_dir, root, targets = args
+                out.append(f"rootfs {quote(image_dir)} -> {quote(root)}  # mount points: "
+                           + " ".join(quote(t) for t in targets))
+            elif name == "files":
+                base, uid, gid, user, home, gecos, shell, group = args
+                out.append(f"files {quote(base + '/passwd')} {quote(base + '/group')}  # the "
+                           f"image's, plus user {quote(user)} ({uid}:{gid}, home "
+                           f"{quote(home)}, shell {quote(shell or '/bin/sh')}) and group "
+                           f"{quote(group)}")
+            elif name == "chdir":
+                workdir, home, explicit, note = (args + (None,))[:4]
+                out.append(f"chdir {quote(workdir)}  # "
+                           + ("--pwd: an error where the container lacks it" if explicit
+                              else ("the image's own (a system directory is not bound), "
+                                    if note == "system" else "")
+                              + f"else {quote(home)}, else /"))
             elif name == "exec":
-                verb, argv, env, forced, prepend, append, prog = args[:7]
-                app = args[7] if len(args) > 7 else None
-                rc = args[8] if len(args) > 8 else None
-                what = {"run": (app_dir(app) + "/runscript " if app else RUNSCRIPT + " "),
-                        "shell": f"<shell{' (bash: --rcfile ' + rc + ')' if rc else ''}> "
-                        }.get(verb, "")
-                out.append(f"exec {what}{' '.join(_q(a) for a in argv)}"
-                           "  # after /.singularity.d/env/*.sh when the image has them"
-                           + (f", then {app_dir(app)}/env/*.sh" if app else ""))
-                for k in sorted(env):
-                    out.append(f"  env {k}={_q(env[k])}")
-                for k in sorted(forced):
-                    out.append(f"  env {k}={_q(forced[k])}  # forced, after env scripts")
-                if prepend is not None:
-                    out.append(f"  env PATH=+{_q(prepend)}:...")
-                if append is not None:
-                    out.append(f"  env PATH=...:{_q(append)}")
+                out += _describe_exec(*args)
             else:
-                out.append(" ".join([name] + [str(a) for a in args]))
+                out.append(" ".join([name] + [quote(str(a)) for a in args]))
         return "\n".join(out) + "\n"
 
 
-def _q(s):
-    if s and all(c.isalnum() or c in "@%+=:,./-_" for c in s):
+def _describe_exec(verb, argv, env, forced, prepend, append, prog, app=None, rc=None):
+    note = "after /.singularity.d/env/*.sh when the image has them" + (
+        f", then {app_dir(app)}/env/*.sh" if app else "")
+    if verb == "run":
+        argv = [(app_dir(app) + "/runscript") if app else RUNSCRIPT] + list(argv)
+    elif verb == "shell":
+        sh = env.get("APPTAINER_SHELL") or env.get("SINGULARITY_SHELL")
+        opt = ["--rcfile", rc] if rc else ["--norc"]
+        if sh:
+            argv = [sh] + (opt if sh.endswith("/bash") else []) + list(argv)
+        else:
+            argv = ["/bin/bash"] + opt + list(argv)
+            note += "; /bin/sh where the image has no /bin/bash"
+    lines = [f"exec {' '.join(quote(a) for a in argv)}  # {note}"]
+    for k in sorted(env):
+        lines.append(f"  env {_assign(k, env[k])}")
+    for k in sorted(forced):
+        lines.append(f"  env {_assign(k, forced[k])}  # forced, after the env scripts")
+    if prepend is not None:
+        lines.append(f"  prepend PATH {quote(prepend)}  # after the env scripts")
+    if append is not None:
+        lines.append(f"  append PATH {quote(append)}  # after the env scripts")
+    return lines
+
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@%+=:,./-_")
+
+
+def quote(s):
+    """shlex.quote(s) (without importing shlex and re on the hot path)."""
+    if s and all(c in _SAFE for c in s):
         return s
-    return "'" + s.replace("'", "'\\''") + "'"
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+_q = quote
+
+
+def _assign(k, v):
+    """K=V as one sh word."""
+    if k and all(c in _SAFE and c not in "=" for c in k):
+        return f"{k}={quote(v)}"
+    return quote(f"{k}={v}")
 
 
 # --------------------------------------------------------------------------- plan
@@ -144,6 +198,37 @@ def _session_dir():
 
 def _under(path, top):
     return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _covered(path, binds):
+    """path is below a host directory bound at its own path."""
+    return any(b.src == b.dst and _under(path, b.dst) for b in binds
+               if not b.src.startswith("session:"))
+
+
+def _system_dir(path):
+    return path in CWD_NOT_BOUND or os.path.dirname(path) in CWD_NOT_BOUND_BELOW
+
+
+def _cwd():
+    """(the current directory, None), or (None, its name) when it was deleted."""
+    try:
+        return os.getcwd(), None
+    except OSError:
+        pass
+    try:
+        name = os.readlink("/proc/self/cwd")
+    except OSError:
+        name = ""
+    if name.endswith(" (deleted)"):
+        name = name[:-len(" (deleted)")]
+    return None, name or "the current directory"
+
+
+def _rank0(environ):
+    """Not an MPI rank, or rank 0 (warnings are said once per job)."""
+    return next((environ[k] for k in ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK",
+                                      "SLURM_PROCID") if environ.get(k)), "0") == "0"
 
 
 BIND_ENV = ("SINGULARITY_BIND", "APPTAINER_BIND", "HPCIMAGE_BIND")
@@ -251,24 +336,30 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
         for k, paths in c.prepend.items():
             env_prepend.setdefault(k, []).extend(paths)
 
-    # Working directory.
-    cwd = None
-    try:
-        cwd = os.getcwd()
-    except OSError:
-        pass
+    # Working directory: the caller's, bound at its own path (as Apptainer does,
+    # where the image's own directory of that name would be another directory), except
+    # where that would replace a directory the image's system needs (CWD_NOT_BOUND).
+    # Where the command cannot run in the caller's directory, the warning says so and
+    # where it runs instead.
+    cwd, gone = _cwd()
+    cwd_note = None
     if opts.pwd:
         if not opts.pwd.startswith("/"):
             raise UsageError(f"{opts.prog}: --pwd wants an absolute path, got {opts.pwd!r}")
         workdir = opts.pwd
     elif opts.contain:
         workdir = home
+    elif cwd is None:
+        workdir = home if _covered(home, binds) else "/"
+        p.warnings.append(f"cannot enter {gone} in the container (deleted on the host); "
+                          f"running in {workdir}")
     else:
-        workdir = cwd or home
-        covered = any(b.src == b.dst and _under(cwd, b.dst) for b in binds
-                      if not b.src.startswith("session:")) if cwd else True
-        if (cwd and not covered and cwd != "/"
-                and not any(_under(cwd, s) for s in SYSTEM_DIRS)):
+        workdir = cwd
+        if cwd == "/" or _covered(cwd, binds):
+            pass
+        elif _system_dir(cwd):
+            cwd_note = "system"         # _chdir says where the command runs
+        elif not any(_under(cwd, d) for d in ("/proc", "/sys", "/dev")):
             binds.append(Bind(cwd, cwd, False, "current directory"))
 
     p.add("rootfs", base + "/image", root, [b.dst for b in binds])
@@ -279,7 +370,7 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
         p.add("bind", b)
     p.add("readonly", root)
     p.add("pivot", root)
-    p.add("chdir", workdir, home, bool(opts.pwd))
+    p.add("chdir", workdir, home, bool(opts.pwd), cwd_note)
 
     env, forced, prepend, append = environ.compute(
         host_env, image_path=image.path, module=module, cleanenv=opts.cleanenv,
@@ -515,7 +606,7 @@ def execute(p):
                 sc.umount2(".", sc.MNT_DETACH)
                 os.chdir("/")
             elif name == "chdir":
-                _chdir(*args)
+                _chdir(*args[:4], prog=next((o[7] for o in p.ops if o[0] == "exec"), None))
             elif name == "exec":
                 _exec(*args)
         except HpcimageError:
@@ -569,15 +660,33 @@ def _oserror(step, e):
     return msg
 
 
-def _chdir(workdir, home, explicit):
-    for d in (workdir, home, "/"):
+def _chdir(workdir, home, explicit, note=None, prog=None):
+    """chdir to workdir; else (not --pwd) to home, else to /, saying so on stderr
+    when prog is given (the MPI probes run silently). note "system": workdir is the
+    caller's directory, a system directory not bound: the image's own, if any."""
+    say = prog and _rank0(os.environ)
+    try:
+        os.chdir(workdir)
+        if note == "system" and say:
+            os.write(2, f"{prog}: warning: cannot enter the host's {workdir} in the "
+                        f"container (a system directory: the image's own is there); "
+                        f"running in the image's {workdir}\n".encode())
+        return
+    except OSError as e:
+        if explicit:
+            raise UsageError(f"--pwd {workdir}: no such directory in the container") from None
+        why = e.strerror
+    where = "/"
+    for d in (home, "/"):
         try:
             os.chdir(d)
-            return
+            where = d
+            break
         except OSError:
-            if explicit and d == workdir:
-                raise UsageError(f"--pwd {workdir}: no such directory in the container") from None
-    os.chdir("/")
+            continue
+    if say:
+        os.write(2, f"{prog}: warning: cannot enter {workdir} in the container ({why}); "
+                    f"running in {where}\n".encode())
 
 
 def which(cmd, path):
@@ -632,6 +741,7 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
         label = prog if prog.startswith("image-") else "hpcimage"
         e = environ.shell_env(env, forced, prepend, append, label)
         script = environ.shell_prologue(forced, prepend, append, app) + environ.SHELL_EXEC
+        procstate.for_exec()
         os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
     e = environ.direct_env(env, forced, prepend, append)
     cmd = argv[0]
@@ -639,6 +749,7 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
     if path is None:
         raise HpcimageError(f"{prog}: {cmd}: command not found in the image "
                             f"(PATH={e.get('PATH', '')})", EXIT_NOT_FOUND)
+    procstate.for_exec()
     try:
         os.execve(path, argv, e)
     except FileNotFoundError:

@@ -2,19 +2,40 @@
 import os
 import sys
 
-from hpcimage.errors import HpcimageError
+from hpcimage.errors import HpcimageError, UsageError
+from hpcimage.runtime import procstate  # first: it records the caller's signal state
+
+
+def site_config(environ):
+    """The path of the site's policy: HPCIMAGE_SITE_CONFIG, which a wrapper sets to the
+    site.json beside it; a wrapper reached through a symbolic link sets HPCIMAGE_WRAPPER
+    (its path) instead, and site.json is beside the link's target. The resolved path
+    replaces HPCIMAGE_WRAPPER in environ (what the launcher passes on: MPI ranks, the
+    lmod_in_image discovery). None: no site (`hpcimage exec` without the wrappers)."""
+    wrapper = environ.pop("HPCIMAGE_WRAPPER", None)
+    if wrapper:
+        if environ is not os.environ:
+            os.environ.pop("HPCIMAGE_WRAPPER", None)
+        path = os.path.join(os.path.dirname(os.path.realpath(wrapper)), "site.json")
+        environ["HPCIMAGE_SITE_CONFIG"] = path
+        return path
+    return environ.get("HPCIMAGE_SITE_CONFIG") or None
 
 
 def load_site(environ):
-    """The policy `hpcimage generate` compiled next to the wrappers (site.json)."""
-    path = environ.get("HPCIMAGE_SITE_CONFIG")
+    """The policy `hpcimage generate` compiled next to the wrappers (site.json); {}
+    without one (HPCIMAGE_SITE_CONFIG unset). A site.json named but missing is an
+    error (exit 2): running with an empty policy would drop the site's binds."""
+    path = site_config(environ)
     if not path:
         return {}
     try:
         with open(path) as f:
             text = f.read()
     except FileNotFoundError:
-        return {}
+        raise UsageError(f"site configuration {path} not found (the wrappers' site.json, "
+                         "written by 'hpcimage generate'; HPCIMAGE_SITE_CONFIG names "
+                         "another)") from None
     except OSError as e:
         raise HpcimageError(f"{path}: unreadable site configuration: {e.strerror}") from None
     try:
@@ -87,6 +108,7 @@ def run(argv, environ=None):
 
 
 def main(argv=None):
+    procstate.caller_environ()          # before anything reads os.environ
     argv = sys.argv[1:] if argv is None else argv
     prog = argv[0] if argv and argv[0].startswith("image-") else "hpcimage"
     if prog == "image-mpi-rank":

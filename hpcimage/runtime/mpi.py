@@ -25,6 +25,7 @@ import sys
 
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.runtime import syscalls as sc
+from hpcimage.runtime import procstate
 
 # Reach the rank even under --cleanenv.
 FORWARD_PREFIXES = ("PMIX_", "PMI_", "SLURM_", "OMPI_", "MPICH_", "UCX_", "FI_", "PRTE_",
@@ -318,6 +319,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
                 os.dup2(null, 0)
                 os.dup2(null, 2)
                 _chdir(workdir, home, False)
+                procstate.for_exec()
                 os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage", "env", "-0"], env)
             finally:
                 os._exit(127)
@@ -364,8 +366,8 @@ def _start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1):
                 os.dup2(null, fd)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            procstate.helper_signals()      # signals are for the program; the holder
+                                            # lives while any rank does (refs)
             from hpcimage.runtime import launch
             if warm:                    # what _warm needs, imported while the host is seen
                 from hpcimage.host import elf, ldcache  # noqa: F401
@@ -454,7 +456,7 @@ class Recipe:
 
     def __init__(self, tail, environ, signature, cwd, cleanenv=False):
         from hpcimage.runtime import environ as envmod
-        (c_name, self.workdir, self.home, self.explicit), e_op = tail.ops[0], tail.ops[1]
+        (c_name, self.workdir, self.home, self.explicit), e_op = tail.ops[0][:4], tail.ops[1]
         verb, args, env, forced, prepend, append, self.prog, app = e_op[1:9]
         self.ok = (c_name == "chdir" and e_op[0] == "exec" and verb == "exec"
                    and app is None and (len(e_op) < 10 or e_op[9] is None))
@@ -892,13 +894,15 @@ def main(argv, environ, site):
         # Open MPI 4.1 loses track of exits when it starts 32+ local ranks from threads.
         env.setdefault("OMPI_MCA_odls_base_max_threads", "0")
     if dry:
-        sys.stdout.write(" ".join(argv2) + "\n")
+        from hpcimage.runtime.launch import quote
+        sys.stdout.write(" ".join(quote(a) for a in argv2) + "\n")
         return 0
     argv2 = prepare(argv2, env, site, mode, ours, program, rest)
     sys.stdout.flush()
     # argv[0] as a user types it: Open MPI's mpirun started by an absolute path acts as
     # with --prefix and prepends its directories to the ranks' PATH and LD_LIBRARY_PATH.
     exe, argv2 = argv2[0], [os.path.basename(argv2[0])] + argv2[1:]
+    procstate.for_exec()
     try:
         os.execve(exe, argv2, env)
     except OSError as e:

@@ -11,8 +11,14 @@ setenv("HPCIMAGE_IMAGE", "/opt/hpcimage/images/Demo-1.0.sqfs")
 setenv("HPCIMAGE_MODULE", "Demo/1.0")
 
 -- The wrappers live outside MODULEPATH; find them relative to this file so
--- the generated tree can be moved as a whole.
+-- the generated tree can be moved as a whole. Reached through a symbolic link
+-- (a linked modulefiles root, or a linked file), count from where it really
+-- is: Lmod's abspath() resolves links without a fork.
 local hpcimage_dir = myFileName()
+if type(abspath) == "function" and lfs and lfs.currentdir() then
+    local ok, real = pcall(abspath, hpcimage_dir)
+    if ok and real then hpcimage_dir = real end
+end
 for _ = 1, 3 do
     hpcimage_dir = hpcimage_dir:match("^(.*)/[^/]*$") or ""
 end
