@@ -52,7 +52,7 @@ def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbos
     if all_:
         from hpcimage.build import builder
         if sandbox:
-            raise UsageError("build --all writes the store's image files: no --sandbox")
+            raise UsageError("build --all publishes image files into the store: no --sandbox")
         only = [a for a in (out, source) if a]
         built, skipped, failed = builder.build_site(site_path, force=force, notest=notest,
                                                     only=only)

@@ -268,6 +268,12 @@ def _check_out(out, force):
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UsageError(f"{out}: directory {parent} does not exist")
+    if os.path.lexists(os.path.join(parent, "hpcimage-manifest.json")):
+        # The store is written through `hpcimage publish` only (manifest, previous
+        # versions): a build there would replace a file behind the manifest's back.
+        raise UsageError(f"{out}: {parent} is an image store (it has hpcimage-manifest.json): "
+                         "build elsewhere and 'hpcimage publish' the image, or use "
+                         "'hpcimage build --all'")
 
 
 def _temp_beside(path):

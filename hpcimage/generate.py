@@ -3,6 +3,7 @@
     tree = render(site, prefix=None, formats=("lua", "tcl"))   # in memory
     changes = plan(tree)          # what differs from the disk (reads only)
     apply(changes)                # temp file + os.replace per file; stale removal
+                                  # (only of files the tree's record says it rendered)
     check_report(changes)         # the unified diff `--check` prints
 
 One class per module system (Lmod: Lua, Environment Modules: Tcl) says where
@@ -28,6 +29,11 @@ from hpcimage.errors import HpcimageError
 FORMATS = ("lua", "tcl")
 WRAPPERS = ("image-exec", "image-run", "image-shell", "image-mpi", "image-update")
 SITE_JSON = "site.json"
+# The list of the files this output tree's last `generate` rendered (in the wrappers
+# directory, paths relative to it): only those are ever removed as stale, so files an
+# admin added to the tree survive a re-render.
+RECORD = ".hpcimage-generated.json"
+RECORD_VERSION = 1
 
 # Every generated file carries this in its first lines; only such files are
 # ever overwritten or removed as stale.
@@ -275,6 +281,7 @@ class Tree:
     """Everything `generate` owns: the rendered files and the roots it manages."""
     files: dict        # path -> OutFile
     roots: list        # (root, depth) scanned for stale files: 2 = root/*/file
+    record: str = ""   # the list of rendered files (RECORD in the wrappers directory)
 
 
 def render(site, prefix=None, formats=FORMATS):
@@ -302,7 +309,8 @@ def render(site, prefix=None, formats=FORMATS):
             raise HpcimageError(f"template error: {f.path} lacks the '{MARK}' header")
     managed = [(roots[SYSTEMS[fmt].root_key], 2) for fmt in formats]
     managed.append((roots["wrappers"], 1))
-    return Tree(files={f.path: f for f in files}, roots=managed)
+    return Tree(files={f.path: f for f in files}, roots=managed,
+                record=posixpath.join(roots["wrappers"], RECORD))
 
 
 # --------------------------------------------------------------------------
@@ -311,7 +319,9 @@ def render(site, prefix=None, formats=FORMATS):
 
 @dataclass
 class Change:
-    kind: str          # "create" | "update" | "mode" | "remove"
+    kind: str          # "create" | "update" | "mode" | "remove"; bookkeeping, not
+                       # shown by --check: "record" (rewrite RECORD), "left" (a generated
+                       # file not recorded as rendered here: left in place)
     path: str
     old: str = ""      # old content (text) for diffs
     new: str = ""
@@ -365,14 +375,86 @@ def plan(tree):
                                   f.content, f.mode))
         elif (os.stat(path).st_mode & 0o7777) != f.mode:
             changes.append(Change("mode", path, mode=f.mode))
-    for path in _stale(tree):
+    recorded = read_record(tree.record)
+    stale, kept = _stale(tree, recorded)
+    for path in stale:
         old = _read(path) or b""
         changes.append(Change("remove", path, old.decode("utf-8", "replace")))
+    if recorded is None:
+        changes += [Change("left", path) for path in _unrecorded(tree)]
+    record = render_record(tree, kept)
+    try:
+        with open(tree.record, "rb") as f:
+            current = f.read()
+    except OSError:
+        current = None
+    if current != record.encode("utf-8"):
+        changes.append(Change("record", tree.record, "", record, MODE_FILE))
     return changes
 
 
-def _stale(tree):
-    """Generated files under the managed roots that `tree` no longer holds."""
+def read_record(path):
+    """The absolute paths RECORD at `path` lists, or None when there is none (a tree
+    rendered before hpcimage kept the record, or not rendered yet)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not JSON"
+        raise HpcimageError(f"cannot read {path}, the list of the files generate rendered "
+                            f"here ({why}): remove it and run generate again (generated "
+                            "files that site.yaml no longer lists are then left in place)"
+                            ) from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list) or not all(isinstance(x, str) for x in files):
+        raise HpcimageError(f"cannot read {path}, the list of the files generate rendered "
+                            "here (no \"files\" list of paths): remove it and run generate "
+                            "again (generated files that site.yaml no longer lists are then "
+                            "left in place)")
+    base = os.path.dirname(path)
+    return {posixpath.normpath(posixpath.join(base, x)) for x in files}
+
+
+def render_record(tree, kept=()):
+    """RECORD's text: the files of `tree` plus `kept` (recorded files of module systems
+    this run does not render), relative to RECORD's directory."""
+    base = os.path.dirname(tree.record)
+    files = sorted(posixpath.relpath(p, base) for p in set(tree.files) | set(kept))
+    return json.dumps({"_comment": HEADER, "files": files, "version": RECORD_VERSION},
+                      indent=2, sort_keys=True) + "\n"
+
+
+def _managed(tree, path):
+    """True when `path` lies where generate renders files (root/NAME/file for module
+    roots, root/file for the wrappers)."""
+    for root, depth in tree.roots:
+        rel = posixpath.relpath(path, root)
+        if not rel.startswith("..") and rel.count("/") == depth - 1 and rel != ".":
+            return True
+    return False
+
+
+def _stale(tree, recorded):
+    """(stale, kept): the recorded files that `tree` no longer holds and that still
+    carry the generated header (removed), and the recorded files outside this run's
+    roots (e.g. another --format's), which stay recorded."""
+    stale, kept = [], []
+    for path in sorted(recorded or ()):
+        if path in tree.files:
+            continue
+        if not _managed(tree, path):
+            if os.path.lexists(path):
+                kept.append(path)
+        elif is_generated(path):
+            stale.append(path)
+    return stale, kept
+
+
+def _unrecorded(tree):
+    """Generated files under the managed roots that `tree` does not hold (without a
+    record they are left in place: an admin may have put them there)."""
     found = []
     for root, depth in tree.roots:
         try:
@@ -388,10 +470,10 @@ def _stale(tree):
                     entries += sorted(os.scandir(e.path), key=lambda x: x.name)
                 except OSError as err:
                     raise HpcimageError(f"cannot list {e.path}: {err.strerror}")
-            else:
+            elif depth == 1:
                 entries.append(e)
         for e in entries:
-            if e.path not in tree.files and is_generated(e.path):
+            if e.path not in tree.files and e.path != tree.record and is_generated(e.path):
                 found.append(e.path)
     return found
 
@@ -463,6 +545,12 @@ def apply(changes):
             os.rmdir(d)            # only when now empty (a module's name directory)
         except OSError:
             pass
+    for c in changes:              # last: a run that failed above left the old record,
+        if c.kind == "record":     # which still lists what it did not remove
+            try:
+                write_atomic(c.path, c.new, c.mode)
+            except OSError as e:
+                raise HpcimageError(f"cannot write {c.path}: {e.strerror}") from None
 
 
 def _show(path):
@@ -507,7 +595,8 @@ def run(site_path="site.yaml", prefix=None, check=False, fmt="all", out=None):
     formats = FORMATS if fmt == "all" else (fmt,)
     site = sitemod.load(site_path)
     tree = render(site, prefix=prefix, formats=formats)
-    changes = plan(tree)
+    everything = plan(tree)
+    changes = [c for c in everything if c.kind not in ("record", "left")]
     if check:
         if changes:
             out.write(check_report(changes))
@@ -516,7 +605,7 @@ def run(site_path="site.yaml", prefix=None, check=False, fmt="all", out=None):
                                 f"{site.path}: run 'hpcimage generate'", 1)
         out.write(f"generate: {len(tree.files)} files up to date with {site.path}\n")
         return 0
-    apply(changes)
+    apply(everything)
     counts = {}
     for c in changes:
         counts[c.kind] = counts.get(c.kind, 0) + 1
@@ -526,4 +615,9 @@ def run(site_path="site.yaml", prefix=None, check=False, fmt="all", out=None):
     unchanged = len(tree.files) - sum(counts.get(k, 0) for k in ("create", "update", "mode"))
     out.write(f"generate: {counts.get('create', 0)} created, {counts.get('update', 0)} "
               f"updated, {counts.get('remove', 0)} removed, {unchanged} unchanged\n")
+    left = [c.path for c in everything if c.kind == "left"]
+    if left:
+        sys.stderr.write(f"hpcimage: warning: {len(left)} generated file(s) that site.yaml "
+                         f"does not list left in place ({_show(tree.record)} did not exist "
+                         f"to say generate rendered them here): {', '.join(map(_show, left))}\n")
     return 0

@@ -91,8 +91,8 @@ def dump(object_id, image):
                    "the build is doing.")
 @click.option("--all", "all_", is_flag=True,
               help="Build every image of --site that has images/<Name>-<version>.def "
-                   "(or images/<Name>.def) into the store; OUT/SOURCE: none, or the "
-                   "modules (Name or Name/version) to build.")
+                   "(or images/<Name>.def) and publish it into the store; OUT/SOURCE: "
+                   "none, or the modules (Name or Name/version) to build.")
 @click.option("--site", "site_path", default="site.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="With --all: the site description.")
 @click.argument("out", required=False)

@@ -3,13 +3,15 @@
 #   1. build the site's images that this machine can build from their definition files
 #      in images/ (`hpcimage build`): Demo/1.0 offline from busybox-static, Debian/12
 #      with debootstrap when a mirror answers, into the store;
-#   2. check the committed modulefiles/ and wrappers/ are current, and install the
-#      rendering for users under /opt/hpcimage/site;
+#   2. check the committed modulefiles/ and wrappers/ are current, and render the
+#      default site for users into the demo's own prefix, /opt/hpcimage/demo (never
+#      a site's prefix: a re-run must not touch the modules an admin rendered there;
+#      and generate removes only files it rendered itself);
 #   3. as the unprivileged user: module load Demo/1.0; image-exec cat /etc/os-release.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${HPCIMAGE_VENV:-/opt/hpcimage/venv}
-prefix=${HPCIMAGE_PREFIX:-/opt/hpcimage/site}
+prefix=${HPCIMAGE_DEMO_PREFIX:-/opt/hpcimage/demo}
 user=${HPCIMAGE_TEST_USER:-hpcuser}
 hpcimage=$venv/bin/hpcimage
 py=$venv/bin/python3

@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Set up hpcimage on a fresh Debian 12 machine, as root: the system packages it
-# needs, a virtualenv with hpcimage installed, the test user and a usable /dev/fuse.
-# Idempotent: a second run only reinstalls the package from this checkout.
+# Set up a *test machine* for hpcimage (Debian 12, as root): the product itself
+# (scripts/install.sh: the compute node's packages and the versioned venv behind
+# /opt/hpcimage/venv), then what only the tests, the demo and the benchmarks need:
+# Lmod, Environment Modules, busybox-static and debootstrap for test images, a local
+# registry, the benchmark's peers, the test user and a usable /dev/fuse.
+# A site's install is scripts/install.sh alone (docs/install.md).
 #
-#   bash scripts/setup.sh            # everything
-#   HPCIMAGE_VENV=/other/venv bash scripts/setup.sh
+# Safe to re-run, on a live system too: install.sh does nothing when the venv holds
+# this checkout's package already, and otherwise installs a new venv beside the old
+# one and switches /opt/hpcimage/venv to it in one rename (never a reinstall into
+# the venv that running jobs use).
+#
+#   bash scripts/setup.sh
+#   HPCIMAGE_PREFIX=/other/prefix bash scripts/setup.sh      # venv: PREFIX/venv
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-venv=${HPCIMAGE_VENV:-/opt/hpcimage/venv}
+prefix=${HPCIMAGE_PREFIX:-/opt/hpcimage}
+venv=$prefix/venv
 test_user=${HPCIMAGE_TEST_USER:-hpcuser}
 
 if [ "$(id -u)" != 0 ]; then
@@ -18,8 +27,9 @@ fi
 # Debian packages. Lmod and Debian's environment-modules conflict as packages, so
 # Environment Modules is unpacked from Debian's own .deb into /opt/hpcimage/envmodules
 # (used by the tests to load the Tcl modulefiles with the real modulecmd.tcl).
+# (install.sh adds the compute node's own: squashfuse, fuse3, uidmap, python3-venv, gcc.)
 pkgs=(lmod lua5.3 tcl squashfuse squashfs-tools fuse3 busybox-static debootstrap
-      charliecloud-runtime python3 python3-venv python3-dev gcc make rsync passwd
+      charliecloud-runtime python3 python3-venv python3-dev gcc libc6-dev make rsync passwd
       util-linux procps uidmap docker-registry)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -45,16 +55,9 @@ fi
 # A cluster has /dev/fuse world-usable (0666); some build machines ship it 0600.
 if [ -c /dev/fuse ]; then chmod 0666 /dev/fuse; fi
 
-# The virtualenv, from Debian's interpreter (fast start-up: the hot path runs on it).
-if [ ! -x "$venv/bin/python3" ]; then
-    /usr/bin/python3 -m venv "$venv"
-fi
-"$venv/bin/python3" -m pip install -q --upgrade pip setuptools wheel >/dev/null
-"$venv/bin/python3" -m pip install -q "$here[test]" mpi4py 2>/dev/null \
-    || "$venv/bin/python3" -m pip install -q "$here[test]"
-# Reinstall from this checkout every time (same version number, new code).
-"$venv/bin/python3" -m pip install -q --no-deps --force-reinstall --no-build-isolation "$here"
-chmod -R a+rX "$(dirname "$venv")"
+# hpcimage itself, with the test extras, into a versioned venv behind $venv (a new
+# one only when this checkout's package differs from what $venv holds).
+bash "$here/scripts/install.sh" --extras test --optional mpi4py "$prefix"
 mkdir -p /var/lib/hpcimage/mnt   # where the runtime mounts its session (private to each container)
 ln -sf "$venv/bin/hpcimage" /usr/local/bin/hpcimage
 

@@ -3,8 +3,11 @@
 Containers are started as HPCIMAGE_TEST_USER (default `hpcuser`, created by
 scripts/setup.sh), through the interpreter of /opt/hpcimage/venv, which holds the
 package installed from this checkout (reinstalled here when the sources changed, so
-`pytest` alone always tests the working tree). Images are built once and cached under
-HPCIMAGE_CACHE (default /var/cache/hpcimage/test-images).
+`pytest` alone always tests the working tree; /opt/hpcimage/venv is a symbolic link to
+the current versioned venv that scripts/install.sh made, and pip through the link's
+interpreter installs into that venv. This in-place reinstall is for a test machine only:
+a live system upgrades with install.sh, beside the old venv). Images are built once
+and cached under HPCIMAGE_CACHE (default /var/cache/hpcimage/test-images).
 """
 import hashlib
 import os

@@ -721,7 +721,9 @@ def test_build_all_site(user, userdir):
     r = hrun(user, "build", "--all", "--site", str(site / "site.yaml"), cwd=str(userdir))
     assert r.returncode == 1, r.stderr
     assert "built 1, skipped 1, failed 1 (Broken/1)" in r.stderr
-    assert sorted(os.listdir(store)) == ["Demo-1.0.sqfs"]
+    # published: the image and its manifest (and the publishers' lock), no build left
+    assert sorted(os.listdir(store)) == [".hpcimage.lock", "Demo-1.0.sqfs",
+                                         "hpcimage-manifest.json"]
     r = hrun(user, "run", str(store / "Demo-1.0.sqfs"))
     assert r.stdout.startswith("Hello from hpcimage Demo 1.0")
     r = hrun(user, "build", "--all", "--site", str(site / "site.yaml"), "Demo/1.0",

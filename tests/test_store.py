@@ -503,6 +503,97 @@ def test_publish_over_an_image_placed_by_hand(store, v1, v2):
     assert sha(store.dir / rec["previous"][0]["file"]) == sha(v1)
 
 
+# --------------------------------------------------------------------------
+# hpcimage build --all: builds beside the store, then publishes
+# --------------------------------------------------------------------------
+
+DEMO_DEF = Path(__file__).resolve().parent.parent / "images" / "Demo.def"
+
+
+def _site_def(store, marker):
+    """images/Demo.def beside the store's site.yaml, whose image says MARKER."""
+    (store.top / "images").mkdir(exist_ok=True)
+    d = store.top / "images" / "Demo.def"
+    d.write_text(DEMO_DEF.read_text().replace(
+        "%post\n", f"%post\n    echo {marker} > /hpcimage-version\n", 1))
+    return d
+
+
+def _build_all(store, *args):
+    return subprocess.run(cli_argv("build", "--all", "--site", str(store.site), *args),
+                          capture_output=True, text=True, cwd="/")
+
+
+def test_build_all_publishes_a_rebuild(store, userdir):
+    """A rebuild with --force goes through publish: users with a copy are told of the
+    update, the replaced image is kept, users without a copy get the new file verified."""
+    d = _site_def(store, "one")
+    r = _build_all(store, "Demo/1.0")
+    assert r.returncode == 0 and "built 1, skipped 0, failed 0" in r.stderr, r.stderr
+    first = store.manifest()["images"]["Demo-1.0.sqfs"]["current"]
+    assert first["sha256"] == sha(store.image)
+    assert first["definition_sha256"] == hashlib.sha256(d.read_bytes()).hexdigest()
+    subprocess.run(["chmod", "-R", "a+rX", str(store.dir)], check=True)
+    ok(store.update())
+    assert store.update("--check").returncode == 0
+
+    _site_def(store, "two")
+    r = _build_all(store, "--force", "Demo")
+    assert r.returncode == 0 and "built 1, skipped 0, failed 0" in r.stderr, r.stderr
+    subprocess.run(["chmod", "-R", "a+rX", str(store.dir)], check=True)
+    rec = store.manifest()["images"]["Demo-1.0.sqfs"]
+    assert rec["current"]["sha256"] == sha(store.image) != first["sha256"]
+    r = store.update("--check")
+    assert r.returncode == 1 and "an update is available" in r.stdout, (r.stdout, r.stderr)
+    # the replaced image is kept as a previous version
+    assert [e["sha256"] for e in rec["previous"]] == [first["sha256"]]
+    assert sha(store.dir / rec["previous"][0]["file"]) == first["sha256"]
+    # nothing of the build is left beside the store
+    assert sorted(p.name for p in store.dir.iterdir()) == [
+        ".hpcimage-previous", ".hpcimage.lock", "Demo-1.0.sqfs", "hpcimage-manifest.json"]
+    # a user without a local copy gets the new image, verified
+    fresh = userdir / "fresh"
+    ok(store.update(env={"HPCIMAGE_LOCAL": str(fresh)}))
+    assert sha(fresh / "Demo-1.0.sqfs") == rec["current"]["sha256"]
+    r = store.run_image("cat", "/hpcimage-version", env={"HPCIMAGE_LOCAL": str(fresh)})
+    assert r.returncode == 0 and r.stdout == "two\n", (r.stdout, r.stderr)
+    ok(store.update())
+    r = store.run_image("cat", "/hpcimage-version")
+    assert r.stdout == "two\n", (r.stdout, r.stderr)
+
+
+def test_build_all_unknown_name_is_bad_input(store):
+    _site_def(store, "one")
+    one_error(_build_all(store, "Nope"), 2, "hpcimage", "Nope", "not an image of",
+              "Demo/1.0, Other/1")
+    one_error(_build_all(store, "Demo/2.0"), 2, "hpcimage", "Demo/2.0")
+    assert not store.dir.exists()          # nothing built, nothing written
+
+
+def test_build_all_failure_leaves_the_store_alone(store, v1):
+    store.publish(v1)
+    before = store.manifest(), sha(store.image)
+    (store.top / "images").mkdir()
+    (store.top / "images" / "Demo.def").write_text("Bootstrap: busybox\n%post\n    false\n")
+    r = _build_all(store, "--force", "Demo")
+    assert r.returncode == 1 and "failed 1 (Demo/1.0)" in r.stderr, r.stderr
+    assert (store.manifest(), sha(store.image)) == before
+    assert not [p for p in store.dir.iterdir() if p.name.startswith(".hpcimage-build.")]
+
+
+def test_build_into_the_store_is_refused(store, v1, tmp_path):
+    """A plain build never writes over a store's file behind the manifest."""
+    store.publish(v1)
+    before = sha(store.image)
+    r = subprocess.run(cli_argv("build", "--force", str(store.image), str(DEMO_DEF)),
+                       capture_output=True, text=True, cwd="/")
+    one_error(r, 2, "hpcimage", "is an image store", "hpcimage publish")
+    r = subprocess.run(cli_argv("build", str(store.dir / "New.sqfs"), str(v1)),
+                       capture_output=True, text=True, cwd="/")
+    one_error(r, 2, "hpcimage", "is an image store")
+    assert sha(store.image) == before and not (store.dir / "New.sqfs").exists()
+
+
 def test_concurrent_publishes_share_one_manifest(store, v1, v2):
     procs = [subprocess.Popen(cli_argv("publish", str(src), "--name", n, "--version", v,
                                        "--site", str(store.site)),

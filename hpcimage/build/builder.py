@@ -485,12 +485,42 @@ def definition_for(site_dir, image):
     return None
 
 
+BUILD_DIR = ".hpcimage-build."     # STOREDIR/.hpcimage-build.PID.RANDOM: a build in progress
+
+
+def _clean_build_dirs(directory):
+    """Remove the build directories of `build --all` runs that died (their PID is gone)."""
+    import shutil
+    from hpcimage import store
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for n in names:
+        if not n.startswith(BUILD_DIR):
+            continue
+        pid = n[len(BUILD_DIR):].split(".")[0]
+        if pid.isdigit() and not store._pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+
+
 def build_site(site_path, force=False, notest=False, only=()):
-    """Build every image of SITE_PATH that has a definition file into its store path
-    (written atomically: a reader never sees half an image). Returns the modules
-    (built, skipped, failed)."""
-    from hpcimage import site as _site
+    """`hpcimage build --all`: build every image of SITE_PATH that has a definition file
+    and publish it into the store (hpcimage.store.publish: manifest, previous versions,
+    atomic). Each image is built in a temporary directory beside its store file, never
+    at the store's path, then published from there. ONLY names modules (Name or
+    Name/version) of site.yaml; a name it lacks is bad input (exit 2) before anything is
+    built. Returns the modules (built, skipped, failed)."""
+    import shutil
+    import tempfile
+    from hpcimage import site as _site, store
     s = _site.load(site_path)
+    known = {i.module for i in s.images} | {i.name for i in s.images}
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        listed = ", ".join(i.module for i in s.images) or "none"
+        raise UsageError(f"build --all: {', '.join(unknown)}: not an image of {s.path} "
+                         f"(its images: {listed})")
     built, skipped, failed = [], [], []
     for img in s.images:
         if only and img.module not in only and img.name not in only:
@@ -504,12 +534,25 @@ def build_site(site_path, force=False, notest=False, only=()):
             _say(f"{img.module}: {img.path} exists (--force rebuilds it)")
             skipped.append(img.module)
             continue
-        os.makedirs(os.path.dirname(img.path), exist_ok=True)
+        directory = os.path.dirname(img.path)
+        work = None
         try:
-            build(img.path, d, force=True, notest=notest)
+            store._makedirs(directory)
+            _clean_build_dirs(directory)
+            try:
+                work = tempfile.mkdtemp(prefix=f"{BUILD_DIR}{os.getpid()}.", dir=directory)
+            except OSError as e:
+                raise HpcimageError(f"cannot create a build directory in {directory}: "
+                                    f"{e.strerror}") from None
+            out = os.path.join(work, os.path.basename(img.path))
+            build(out, d, notest=notest)
+            store.publish(site_path, out, img.name, img.version, definition=d,
+                          out=sys.stderr)
             built.append(img.module)
         except HpcimageError as e:
             print(f"hpcimage: error: {img.module}: {e.message}", file=sys.stderr)
             failed.append(img.module)
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
     return built, skipped, failed
-
