@@ -721,9 +721,12 @@ def test_remove(store, v1):
     one_error(store.update("--check", "--remove"), 2, "image-update", "exclude each other")
 
 
-def test_progress_bar_on_a_terminal_only(store, big_a):
-    store.publish(big_a)
+def _update_on_a_terminal(store, columns=None):
+    """image-update with its stderr on a pty (of `columns` columns): (status, what the
+    terminal received)."""
     master, slave = pty.openpty()
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     p = store.user.popen([str(store.top / "wrappers" / "image-update")], env=store.env(),
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
@@ -738,8 +741,13 @@ def test_progress_bar_on_a_terminal_only(store, big_a):
         chunks.append(data)
     p.wait(timeout=60)
     os.close(master)
-    tty = b"".join(chunks).decode()
-    assert p.returncode == 0
+    return p.returncode, b"".join(chunks).decode()
+
+
+def test_progress_bar_on_a_terminal_only(store, big_a):
+    store.publish(big_a)
+    status, tty = _update_on_a_terminal(store)
+    assert status == 0
     assert "\rimage-update Demo/1.0 [" in tty and "100% " in tty and "MiB/s" in tty, tty
     assert tty.rstrip().endswith("MiB/s\x1b[K"), tty
     ok(store.update("--remove"))
@@ -752,24 +760,8 @@ def test_progress_bar_fits_the_terminal(store, big_a, columns):
     """At 60 (or 30) columns every redraw is \r, at most columns - 1 characters, then
     clear-to-end-of-line: nothing wraps, so no stale line is left behind."""
     store.publish(big_a)
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    p = store.user.popen([str(store.top / "wrappers" / "image-update")], env=store.env(),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    p.wait(timeout=60)
-    os.close(master)
-    tty = b"".join(chunks).decode()
-    assert p.returncode == 0, tty
+    status, tty = _update_on_a_terminal(store, columns)
+    assert status == 0, tty
     assert tty.endswith("\x1b[K\r\n"), repr(tty)        # the pty turns \n into \r\n
     draws = tty[:-len("\x1b[K\r\n")].split("\x1b[K")
     assert len(draws) >= 1
