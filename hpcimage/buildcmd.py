@@ -1,38 +1,6 @@
-"""`hpcimage build`, without click: the command's logic, and a parser for its common
-form that lets `hpcimage build [-s] [-F] [-T] [--build-arg N=V] OUT SOURCE` start
-without importing click (~25 ms of a ~180 ms Demo build). Anything else (--help,
---all, --site, combined short flags, `--`, an unknown option) goes to click, which
-stays the reference: tests/test_build_def.py checks that both parse alike."""
+"""`hpcimage build`: the command's logic. Its parser is click's (hpcimage.sifcli.build),
+the only one; hpcimage.commands turns its errors into one line."""
 import sys
-
-FLAGS = {"--sandbox": "sandbox", "-s": "sandbox", "--force": "force", "-F": "force",
-         "--notest": "notest", "-T": "notest", "--verbose": "verbose", "-v": "verbose"}
-
-
-def fast_parse(args):
-    """The keyword arguments of run() for ARGS (after `build`), or None for click."""
-    kw = {"sandbox": False, "force": False, "notest": False, "build_args": [],
-          "all_": False, "site_path": "site.yaml", "verbose": False}
-    pos, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if a in FLAGS:
-            kw[FLAGS[a]] = True
-        elif a == "--build-arg" and i + 1 < len(args):
-            kw["build_args"].append(args[i + 1])
-            i += 1
-        elif a.startswith("--build-arg="):
-            kw["build_args"].append(a[len("--build-arg="):])
-        elif a.startswith("-"):
-            return None
-        else:
-            pos.append(a)
-        i += 1
-    if len(pos) != 2:
-        return None
-    kw["build_args"] = tuple(kw["build_args"])
-    kw["out"], kw["source"] = pos
-    return kw
 
 
 def _echo(text):

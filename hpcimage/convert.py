@@ -22,7 +22,6 @@ text file whose first statement is `Bootstrap:`) is built by hpcimage.build.buil
 """
 import os
 
-from hpcimage import lite
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.image import sif as _sif
 
@@ -302,9 +301,10 @@ def _install(tmp, out, force):
 
 
 def _remove(path):
+    import shutil
     try:
         if os.path.isdir(path) and not os.path.islink(path):
-            lite.rmtree(path)
+            shutil.rmtree(path)
         else:
             os.unlink(path)
     except FileNotFoundError:
@@ -328,11 +328,16 @@ def _copy_file(src, dst):
 
 
 def _run(cmd, what, nonfatal=()):
+    import subprocess
+    from hpcimage.runtime import procstate
     try:
-        rc, out = lite.run(cmd)
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, close_fds=False,
+                           preexec_fn=procstate.for_exec)   # the caller's signal state
     except FileNotFoundError:
         hint = " (install squashfs-tools)" if "squashfs" in cmd[0] else ""
         raise HpcimageError(f"{what}: {cmd[0]} not found{hint}") from None
+    rc, out = r.returncode, r.stdout
     if rc == 0:
         return
     lines = [ln.strip() for ln in out.decode(errors="replace").splitlines() if ln.strip()]

@@ -21,6 +21,10 @@ image. `{{ NAME }}` is replaced before parsing by --build-arg NAME=VALUE or by t
 default from a %arguments section (an undefined NAME is an error). Every error is a
 UsageError naming the file and the line (`file.def:12: ...`, exit 2).
 """
+import re
+import shlex
+import textwrap
+
 from hpcimage.errors import UsageError
 
 # Header keywords Apptainer accepts (its validHeaders), lower-cased; otherurlN too.
@@ -36,93 +40,38 @@ APP_SECTIONS = ("appinstall", "apprun", "appenv", "applabels", "apphelp", "appfi
 AGENTS = ("localimage", "scratch", "busybox", "debootstrap", "docker", "docker-archive",
           "docker-daemon", "oci", "oci-archive", "oras", "library", "shub", "yum", "dnf",
           "zypper", "arch", "buildkit")
-# The syntax is matched by hand, not with re: `hpcimage build` of a small image takes
-# ~60 ms before mksquashfs, and importing re (with enum) took ~5 ms of it.
-_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-_ALNUM = _LETTERS | frozenset("0123456789")
-_NAME_CHARS = _ALNUM | frozenset("_.+-")
-_ARG_NAME_CHARS = _ALNUM | {"_"}
-_ARG_REF_CHARS = _ALNUM | frozenset("_.-")
+# The syntax, as regular expressions that read beside Apptainer's parser
+# (pkg/build/types/parser/deffile.go: scanDefinitionFile cuts the file at each line that
+# starts with '%' and a letter; doHeader reads `Key: value` lines; build arguments are
+# `{{ NAME }}`):
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")          # a stage or app name
+ARG_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")             # a build argument's name
+ARG_RE = re.compile(r"\{\{\s*([A-Za-z0-9_.\-]*)\s*\}\}")          # {{ NAME }}
+SECTION_RE = re.compile(r"%([A-Za-z]+)(?:[ \t]+(.*?))?[ \t]*\Z")  # %NAME [ARGS]
+HEADER_RE = re.compile(r"\s*([A-Za-z][A-Za-z0-9]*)\s*:\s*(.*?)\s*\Z")  # Key: value
+OTHERURL_RE = re.compile(r"otherurl[0-9]+\Z")                   # otherurl1, otherurl2...
 
 
 def valid_name(s):
-    """A stage or app name: [A-Za-z0-9][A-Za-z0-9_.+-]*"""
-    return bool(s) and s[0] in _ALNUM and all(c in _NAME_CHARS for c in s)
+    """A stage or app name: NAME_RE."""
+    return NAME_RE.match(s) is not None
 
 
 def valid_arg_name(s):
-    """A build argument's name: [A-Za-z_][A-Za-z0-9_]*"""
-    return bool(s) and s[0] not in "0123456789" and all(c in _ARG_NAME_CHARS for c in s)
+    """A build argument's name: ARG_NAME_RE."""
+    return ARG_NAME_RE.match(s) is not None
 
 
 def _section_match(ln):
-    """`%NAME[ ARGS]` (NAME: ASCII letters; ARGS after spaces or tabs): (NAME, ARGS
-    without the spaces and tabs around it, or None when there is nothing after NAME),
-    or None when the line is no such thing."""
-    if not ln.startswith("%"):
-        return None
-    i = 1
-    while i < len(ln) and ln[i] in _LETTERS:
-        i += 1
-    if i == 1:
-        return None
-    rest = ln[i:]
-    if not rest:
-        return ln[1:i], None
-    if rest[0] not in " \t":
-        return None
-    return ln[1:i], rest.strip(" \t")
+    """`%NAME[ ARGS]` (SECTION_RE): (NAME, ARGS without the spaces and tabs around it,
+    or None when there is nothing after NAME), or None when the line is no such thing."""
+    m = SECTION_RE.match(ln)
+    return (m[1], m[2]) if m else None
 
 
 def _substitute(ln, value):
-    """Every `{{ NAME }}` of ln (blanks inside the braces optional; NAME of letters,
-    digits, '_', '.', '-', possibly empty) replaced by value(NAME), left to right."""
-    out, start, i, n = [], 0, 0, len(ln)
-    while True:
-        j = ln.find("{{", i)
-        if j < 0:
-            break
-        k = j + 2
-        while k < n and ln[k].isspace():
-            k += 1
-        first = k
-        while k < n and ln[k] in _ARG_REF_CHARS:
-            k += 1
-        name = ln[first:k]
-        while k < n and ln[k].isspace():
-            k += 1
-        if ln.startswith("}}", k):
-            out += [ln[start:j], value(name)]
-            start = i = k + 2
-        else:
-            i = j + 1
-    out.append(ln[start:])
-    return "".join(out)
-
-
-def _dedent(text):
-    """textwrap.dedent(text): the leading blanks (spaces, tabs) that every line with
-    anything else has in common removed; lines of blanks only emptied."""
-    lines = text.split("\n")
-    margin = None
-    for i, ln in enumerate(lines):
-        body = ln.lstrip(" \t")
-        if not body:
-            lines[i] = ""
-            continue
-        indent = ln[:len(ln) - len(body)]
-        if margin is None or indent.startswith(margin):
-            margin = indent if margin is None else margin
-        elif margin.startswith(indent):
-            margin = indent
-        else:
-            k = 0
-            while margin[k] == indent[k]:
-                k += 1
-            margin = margin[:k]
-    if margin:
-        lines = [ln[len(margin):] if ln.startswith(margin) else ln for ln in lines]
-    return "\n".join(lines)
+    """Every `{{ NAME }}` of ln (ARG_RE) replaced by value(NAME), left to right."""
+    return ARG_RE.sub(lambda m: value(m[1]), ln)
 
 
 class Section:
@@ -312,7 +261,7 @@ def _parse_lines(lines, display):
             # become part of the runscript). Only `%` followed by something else (`%%`,
             # `%-8s`, `% x`) stays script text; in the header and in %files, %labels,
             # %arguments it is an error too.
-            if ln[1:2] in _LETTERS or cur is None or cur[0] in (
+            if re.match(r"%[A-Za-z]", ln) or cur is None or cur[0] in (
                     "files", "labels", "arguments", "appfiles", "applabels"):
                 raise _err(display, n, f"unknown section %{word} (sections: "
                            + ", ".join("%" + s for s in SECTIONS + APP_SECTIONS) + ")")
@@ -365,24 +314,14 @@ def _parse_lines(lines, display):
 
 
 def _header_match(ln):
-    """`KEY: VALUE` (KEY: an ASCII letter, then letters and digits; blanks around
-    either): (KEY, VALUE without the blanks around it), or None."""
-    s = ln.lstrip()
-    if not s or s[0] not in _LETTERS:
-        return None
-    i = 1
-    while i < len(s) and s[i] in _ALNUM:
-        i += 1
-    rest = s[i:].lstrip()
-    if not rest.startswith(":"):
-        return None
-    return s[:i], rest[1:].strip()
+    """`KEY: VALUE` (HEADER_RE): (KEY, VALUE without the blanks around it), or None."""
+    m = HEADER_RE.match(ln)
+    return (m[1], m[2]) if m else None
 
 
 def _known_key(k):
     """k (lower case) is a header keyword: one of HEADER_KEYS, or otherurlN."""
-    return k in HEADER_KEYS or (k.startswith("otherurl") and k[8:].isdigit()
-                                and k[8:].isascii())
+    return k in HEADER_KEYS or OTHERURL_RE.match(k) is not None
 
 
 def _header_key(ln):
@@ -437,7 +376,7 @@ def _add_section(stage, name, args, line, body_lines, display):
         body_lines.pop()
     body = "\n".join(body_lines) + ("\n" if body_lines else "")
     if name in ("help", "apphelp"):
-        body = _dedent(body).lstrip("\n")
+        body = textwrap.dedent(body).lstrip("\n")
     first = line + 1
     if name in APP_SECTIONS:
         words = args.split()
@@ -501,7 +440,6 @@ def script_argv(section, script_path):
     params = (section.args.split("#")[0].split()) if section else []
     argv = ["/bin/sh", "-ex"]
     if "-c" in params:
-        import shlex
         i = params.index("-c")
         return argv + params[:i] + ["-c", " ".join(params[i + 1:]) + " " + shlex.quote(script_path)]
     return argv + params + [script_path]
@@ -513,7 +451,6 @@ def _file_entries(body_lines, first, display, name):
         s = ln.strip()
         if not s or s.startswith("#"):
             continue
-        import shlex
         try:
             words = shlex.split(s, comments=True)
         except ValueError as e:

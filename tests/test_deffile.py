@@ -294,11 +294,11 @@ def test_real_world(text):
     assert d.final.bootstrap
 
 
-# ----------------------------------------------- the hand-written matching vs re
+# ------------------------------------------- the syntax, on random input
 
 def _reference():
-    """The regular expressions the parser used to match with (re stays off the
-    build's import path now); the hand-written matching must agree with them."""
+    """The syntax's regular expressions as the tests state them (hpcimage.deffile has
+    them beside Apptainer's parser); the parser's matching must agree with them."""
     import re
     return {
         "name": lambda s: bool(re.match(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\Z", s)),
@@ -320,7 +320,7 @@ def _random_lines(seed, n=4000):
         yield "".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 14)))
 
 
-def test_hand_written_matching_agrees_with_the_regular_expressions():
+def test_matching_agrees_with_the_regular_expressions():
     ref = _reference()
     for ln in _random_lines(7):
         assert deffile.valid_name(ln) == ref["name"](ln), repr(ln)
@@ -330,13 +330,22 @@ def test_hand_written_matching_agrees_with_the_regular_expressions():
         assert deffile._substitute(ln, lambda name: f"<{name}>") == ref["subst"](ln), repr(ln)
 
 
-def test_dedent_agrees_with_textwrap():
+def test_help_is_dedented_as_textwrap_does():
+    """%help's text: its trailing blank lines dropped, textwrap.dedent, leading empty
+    lines dropped (the old hand-written dedent was checked against textwrap on this
+    random input)."""
     import random
     rnd = random.Random(11)
     pieces = ["", " ", "  ", "\t", " \t", "x", "y z", "\n", "\n", "\n", "  # c"]
     for _ in range(3000):
         text = "".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 12)))
-        assert deffile._dedent(text) == textwrap.dedent(text), repr(text)
+        lines = text.split("\n")
+        while lines and not lines[-1].strip():
+            lines.pop()
+        body = "\n".join(lines) + ("\n" if lines else "")
+        want = textwrap.dedent(body).lstrip("\n")
+        d = deffile.parse("Bootstrap: busybox\n%help\n" + text, "t.def")
+        assert d.final.script("help") == want, repr(text)
 
 
 def test_percent_lines_that_stay_script_text():

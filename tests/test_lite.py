@@ -1,33 +1,61 @@
-"""hpcimage.lite: the build path's stand-ins for subprocess, shutil, tempfile and json
-behave as the standard library does in the cases the build uses."""
-import json
+"""The build's helpers on the standard library (hpcimage.lite, which stood in for
+subprocess, shutil, tempfile and json, is gone): programs run with their output
+captured and the caller's signal state, trees removed without following links, busybox
+copied as copy2 copies, the namespace child's result passed back."""
 import os
-import random
-import shutil
-import subprocess
-import sys
+import signal
+import types
 
 import pytest
 
-from hpcimage import lite
-from hpcimage.build import busybox
+from hpcimage import convert
+from hpcimage.build import builder, busybox, userns
 from hpcimage.errors import HpcimageError
 
 
-def test_run_captures_both_streams_and_the_status():
-    rc, out = lite.run(["sh", "-c", "echo out; echo err >&2; cat; exit 3"])
-    assert rc == 3 and out == b"out\nerr\n"           # stdin is /dev/null: cat ends
-    rc, out = lite.run(["sh", "-c", "kill -TERM $$"])
-    assert rc == -15                                   # as subprocess reports a signal
-    with pytest.raises(FileNotFoundError):
-        lite.run(["no-such-program-hpcimage"])
+def test_run_captures_both_streams_and_the_status(capsys):
+    """convert._run (mksquashfs, unsquashfs): stdin /dev/null, stdout and stderr
+    captured together, the status as subprocess reports it, a missing program named."""
+    convert._run(["sh", "-c", "echo out; echo err >&2; cat; exit 3"], "step", nonfatal=(3,))
+    assert capsys.readouterr().err == "hpcimage: warning: sh: out\nhpcimage: warning: sh: err\n"
+    with pytest.raises(HpcimageError, match=r"^step: sh failed \(exit 3\): err$"):
+        convert._run(["sh", "-c", "echo out; echo err >&2; cat; exit 3"], "step")
+    with pytest.raises(HpcimageError, match=r"^step: sh failed \(exit -15\): no output$"):
+        convert._run(["sh", "-c", "kill -TERM $$"], "step")          # a signal: -N
+    with pytest.raises(HpcimageError, match="^step: no-such-program-hpcimage not found$"):
+        convert._run(["no-such-program-hpcimage"], "step")
 
 
-def test_spawn_side_by_side():
-    a = lite.spawn(["sh", "-c", "sleep 0.2; echo a"])
-    b = lite.spawn(["sh", "-c", "echo b; exit 1"])
-    assert lite.finish(*b) == (1, b"b\n")
-    assert lite.finish(*a) == (0, b"a\n")
+def _tool(path, text):
+    path.write_text("#!/bin/sh\n" + text)
+    path.chmod(0o755)
+
+
+def test_id_map_tools_side_by_side_with_the_callers_signal_state(tmp_path, monkeypatch):
+    """userns._map runs newuidmap and newgidmap side by side (newuidmap here waits for
+    newgidmap's mark); each starts with an empty signal mask and SIGINT and SIGPIPE at
+    their defaults although the build ignores SIGINT meanwhile; a failure says which
+    tool and its last line."""
+    mark = tmp_path / "gid-ran"
+    _tool(tmp_path / "newuidmap", f"""for i in $(seq 100); do [ -e {mark} ] && break; sleep 0.05; done
+[ -e {mark} ] || {{ echo not side by side; exit 1; }}
+grep -E '^Sig(Ign|Blk):' /proc/$$/status > {tmp_path}/uid-state
+echo a
+""")
+    _tool(tmp_path / "newgidmap", f"touch {mark}; echo b; exit 1\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    m = types.SimpleNamespace(mode="subids", uid=1000, gid=1000, subuid=(100000, 65536),
+                              subgid=(100000, 65536))
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(HpcimageError, match="^build: newgidmap failed: b$"):
+            userns._map(1, m)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    state = dict(ln.split(":") for ln in (tmp_path / "uid-state").read_text().split("\n") if ln)
+    assert int(state["SigBlk"], 16) == 0
+    ignored = int(state["SigIgn"], 16)
+    assert not ignored & (1 << (signal.SIGINT - 1)) and not ignored & (1 << (signal.SIGPIPE - 1))
 
 
 def make_tree(root, outside):
@@ -39,76 +67,41 @@ def make_tree(root, outside):
     os.link(root / "g", root / "d/hard")
 
 
-def test_rmtree_removes_everything_and_follows_no_link(tmp_path):
+@pytest.mark.parametrize("remove", [builder.remove_tree, convert._remove])
+def test_remove_tree_removes_everything_and_follows_no_link(tmp_path, remove):
+    """The build's clean-up (builder.remove_tree) and a replaced OUT (convert._remove):
+    the whole tree, nothing behind its links; a link to a directory is removed as a link."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep").write_text("keep")
     root = tmp_path / "tree"
     make_tree(root, outside)
-    lite.rmtree(root)
+    remove(str(root))
     assert not root.exists() and (outside / "keep").read_text() == "keep"
+    (tmp_path / "link").symlink_to(outside)
+    remove(str(tmp_path / "link"))
+    assert not os.path.lexists(tmp_path / "link") and (outside / "keep").is_file()
+    remove(str(tmp_path / "missing"))                  # nothing there: nothing to do
 
 
-def test_rmtree_errors_go_to_onerror_or_are_raised(tmp_path):
-    calls = []
-    lite.rmtree(tmp_path / "missing", onerror=lambda f, p, e: calls.append((f, p, e[0])))
-    assert calls == [(os.open, tmp_path / "missing", FileNotFoundError)]
-    with pytest.raises(FileNotFoundError):
-        lite.rmtree(tmp_path / "missing")
-    (tmp_path / "real").mkdir()
-    (tmp_path / "link").symlink_to(tmp_path / "real")
-    with pytest.raises(OSError, match="symbolic link"):
-        lite.rmtree(tmp_path / "link")                 # as shutil.rmtree refuses
-    assert (tmp_path / "real").is_dir()
-
-
-def test_copy_file_as_copy2(tmp_path):
+def test_busybox_copied_as_copy2(tmp_path):
+    """busybox.populate copies the binary with its data, permission bits and times (as
+    shutil.copy2), replacing an existing one, and links its applets to it."""
     src = tmp_path / "src"
-    src.write_bytes(os.urandom(300_000))
+    src.write_bytes(b"#!/bin/sh\necho busybox ls cat\n#" + os.urandom(300_000).hex().encode())
     os.chmod(src, 0o751)
     os.utime(src, ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
-    lite.copy_file(src, tmp_path / "a")
-    shutil.copy2(src, tmp_path / "b")
-    a, b = os.stat(tmp_path / "a"), os.stat(tmp_path / "b")
-    assert (tmp_path / "a").read_bytes() == src.read_bytes()
-    want = (0o100751, src.stat().st_mtime_ns)
-    assert (a.st_mode, a.st_mtime_ns) == (b.st_mode, b.st_mtime_ns) == want
-    (tmp_path / "a").write_text("longer than nothing")       # an existing file is replaced
-    (tmp_path / "empty").write_bytes(b"")
-    lite.copy_file(tmp_path / "empty", tmp_path / "a")
-    assert (tmp_path / "a").read_bytes() == b""
-
-
-@pytest.mark.parametrize("env", [{}, {"TMPDIR": "/nonexistent"}, {"TMPDIR": "/var/tmp"},
-                                 {"TMPDIR": "", "TEMP": "/var/tmp/"}, {"TMP": "/etc/passwd"}])
-def test_gettempdir_as_tempfile(env):
-    code = "import tempfile, sys; sys.stdout.write(tempfile.gettempdir())"
-    clean = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
-    want = subprocess.run([sys.executable, "-I", "-c", code], env={**clean, **env},
-                          capture_output=True, text=True, cwd="/").stdout
-    saved = {k: os.environ.pop(k, None) for k in ("TMPDIR", "TEMP", "TMP")}
-    try:
-        os.environ.update(env)
-        assert lite.gettempdir() == want
-    finally:
-        for k in ("TMPDIR", "TEMP", "TMP"):
-            os.environ.pop(k, None)
-            if saved[k] is not None:
-                os.environ[k] = saved[k]
-
-
-def test_dumps_labels_as_json():
-    rnd = random.Random(5)
-    chars = "ab \"\\/\n\t\x00\x1f\u00e9\u2028\U0001f600:,{}"
-    for _ in range(300):
-        labels = {"".join(rnd.choice(chars) for _ in range(rnd.randrange(0, 6))):
-                  "".join(rnd.choice(chars) for _ in range(rnd.randrange(0, 9)))
-                  for _ in range(rnd.randrange(0, 5))}
-        for sort in (False, True):
-            assert lite.dumps_labels(labels, sort) == json.dumps(labels, indent=1,
-                                                                 sort_keys=sort)
-    odd = {"b": 1, "a": ["x", None]}                  # not all strings: json does it
-    assert lite.dumps_labels(odd, True) == json.dumps(odd, indent=1, sort_keys=True)
+    root = tmp_path / "root"
+    assert busybox.populate(root, busybox=str(src)) == ["busybox", "ls", "cat"]
+    a = os.stat(root / "bin/busybox")
+    assert (root / "bin/busybox").read_bytes() == src.read_bytes()
+    assert (a.st_mode, a.st_mtime_ns) == (0o100751, src.stat().st_mtime_ns)
+    assert os.stat(root / "bin/ls").st_ino == a.st_ino
+    other = tmp_path / "other"
+    other.write_bytes(b"#!/bin/sh\necho busybox\n")
+    os.chmod(other, 0o755)
+    busybox.populate(root, busybox=str(other))          # an existing file is replaced
+    assert (root / "bin/busybox").read_bytes() == other.read_bytes()
 
 
 def test_busybox_that_cannot_list_its_applets(tmp_path):

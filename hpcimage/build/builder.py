@@ -13,12 +13,15 @@ under $HPCIMAGE_TMPDIR, $APPTAINER_TMPDIR, $TMPDIR or /tmp), removed from inside
 namespace whatever happens; OUT is written under a temporary name and renamed into
 place (hpcimage.convert), so a failed build leaves nothing.
 """
+import json
 import os
+import shutil
 import stat
 import sys
+import tempfile
 import time
 
-from hpcimage import convert, deffile, lite
+from hpcimage import convert, deffile
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.build import userns
 from hpcimage.runtime.environ import DEFAULT_PATH
@@ -69,7 +72,7 @@ def build(out, definition, *, sandbox=False, force=False, notest=False, build_ar
     if tmpdir is None:
         tmpdir = (os.path.dirname(out) if kind == "sandbox" else
                   os.environ.get("HPCIMAGE_TMPDIR") or os.environ.get("APPTAINER_TMPDIR")
-                  or lite.gettempdir())
+                  or tempfile.gettempdir())
     if not os.path.isdir(tmpdir):
         raise UsageError(f"temporary directory {tmpdir} does not exist")
     m = idmap or userns.IdMap.choose()
@@ -389,13 +392,12 @@ def app_layout(root, app):
         _write(os.path.join(meta, "runscript.help"), app.script("help"))
     labels = {"SCIF_APP_NAME": n}
     labels.update(app.labels)
-    _write(os.path.join(meta, "labels.json"), lite.dumps_labels(labels) + "\n")
+    _write(os.path.join(meta, "labels.json"), json.dumps(labels, indent=1) + "\n")
 
 
 def _read_json(path):
     if not os.path.exists(path):
         return {}
-    import json
     try:
         with open(path) as f:
             v = json.load(f)
@@ -447,7 +449,7 @@ def write_metadata(st, root, d):
     if os.path.exists(os.path.join(meta, "runscript.help")):
         labels["org.label-schema.usage"] = "/.singularity.d/runscript.help"
     labels.update(st.labels)
-    _write(os.path.join(meta, "labels.json"), lite.dumps_labels(labels, sort_keys=True) + "\n")
+    _write(os.path.join(meta, "labels.json"), json.dumps(labels, indent=1, sort_keys=True) + "\n")
     _write(os.path.join(meta, "Singularity"), d.text if d.text.endswith("\n") else d.text + "\n")
 
 
@@ -463,13 +465,13 @@ def remove_tree(path):
             os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | 0o700)
             if os.path.isdir(p) and not os.path.islink(p):
                 os.chmod(p, stat.S_IMODE(os.lstat(p).st_mode) | 0o700)
-                lite.rmtree(p)
+                shutil.rmtree(p)
             else:
                 os.unlink(p)
         except OSError:
             pass
     if os.path.isdir(path) and not os.path.islink(path):
-        lite.rmtree(path, onerror=onerror)
+        shutil.rmtree(path, onerror=onerror)
     else:
         _unlink(path)
 

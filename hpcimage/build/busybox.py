@@ -9,9 +9,11 @@ the tree works wherever it is mounted.
     python -m hpcimage.build.busybox [--bare] [--demo NAME VERSION] ROOT
 """
 import os
+import shutil
+import subprocess
 import sys
 
-from hpcimage import lite
+from hpcimage.runtime import procstate
 from hpcimage.errors import HpcimageError
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -42,8 +44,11 @@ def populate(root, busybox=None):
     bindir = os.path.join(root, "bin")
     os.makedirs(bindir, exist_ok=True)
     target = os.path.join(bindir, "busybox")
-    lite.copy_file(busybox, target)
-    rc, out = lite.run([busybox, "--list"])
+    shutil.copy2(busybox, target)
+    r = subprocess.run([busybox, "--list"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, close_fds=False,
+                       preexec_fn=procstate.for_exec)
+    rc, out = r.returncode, r.stdout
     if rc != 0:
         raise HpcimageError(f"{busybox} --list failed (exit {rc}): "
                             f"{out.decode(errors='replace').strip()[-200:]}")

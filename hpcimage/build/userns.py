@@ -17,7 +17,7 @@ Files that subordinate ids own are, on the host, owned by ids of the caller's ra
 so only a process in such a namespace can remove them: a failed build cleans up from
 inside it. Standard library only.
 """
-import _signal as signal      # not signal: its IntEnum wrappers import enum
+import signal
 import marshal
 import os
 import pwd
@@ -27,7 +27,6 @@ import sys
 from hpcimage.errors import HpcimageError
 from hpcimage.runtime import syscalls as sc
 from hpcimage.runtime import procstate
-from hpcimage import lite
 from hpcimage.runtime.launch import resolve_in, which
 
 MAX_SUBIDS = 65536
@@ -116,12 +115,18 @@ def _map(pid, m):
         _write(f"/proc/{pid}/uid_map", f"0 {m.uid} 1\n")
         _write(f"/proc/{pid}/gid_map", f"0 {m.gid} 1\n")
         return
-    procs = [(tool, lite.spawn([tool, str(pid), "0", str(own), "1", "1", str(start),
-                                str(count)]))
+    import subprocess
+    # stdin /dev/null, stdout and stderr into one pipe; the caller's signal state
+    # (procstate.for_exec: SIGINT is ignored here meanwhile) and inherited descriptors
+    procs = [(tool, subprocess.Popen([tool, str(pid), "0", str(own), "1", "1", str(start),
+                                      str(count)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     close_fds=False, preexec_fn=procstate.for_exec))
              for tool, own, (start, count) in (("newuidmap", m.uid, m.subuid),
                                                ("newgidmap", m.gid, m.subgid))]
     for tool, p in procs:                   # the two run side by side
-        rc, out = lite.finish(*p)
+        out = p.communicate()[0]
+        rc = p.returncode
         if rc != 0:
             out = out.decode(errors="replace")
             raise HpcimageError(f"build: {tool} failed: "
