@@ -589,7 +589,7 @@ def check_report(changes):
 def run(site_path="site.yaml", prefix=None, check=False, fmt="all", out=None):
     """`hpcimage generate`; returns 0 (done/current); raises HpcimageError:
     exit 2 for bad input, 1 when --check finds the tree stale or a write fails."""
-    from hpcimage import site as sitemod
+    from hpcimage.config import site as sitemod
 
     out = out or sys.stdout
     formats = FORMATS if fmt == "all" else (fmt,)

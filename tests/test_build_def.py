@@ -80,8 +80,8 @@ def test_demo_def_offline(user, userdir):
     assert lines[0].startswith("1:/opt/demo/bin:")
     assert lines[1] == "demo-hello: hi"
     assert 'NAME="hpcimage Demo"' in lines and "Demo 1.0: a busybox demo image." in r.stdout
-    # what hpcimage.build.busybox demo() writes, the definition file reproduces
-    from hpcimage.build import busybox
+    # what hpcimage.imagebuild.busybox demo() writes, the definition file reproduces
+    from hpcimage.imagebuild import busybox
     ref = userdir / "ref"
     busybox.demo(str(ref))
     got = subprocess.run(["unsquashfs", "-cat", str(out), "etc/os-release"],
@@ -418,8 +418,8 @@ def test_failure_leaves_nothing(user, userdir, section, status, what):
 def test_build_fast_parser_agrees_with_click(args):
     """`hpcimage build`'s common form is parsed without click (start-up time); where
     the fast parser answers, click must parse the same command line the same way."""
-    from hpcimage import buildcmd
-    from hpcimage.sifcli import build as click_build
+    from hpcimage.imagebuild import buildcmd
+    from hpcimage.cli.sifcli import build as click_build
     kw = buildcmd.fast_parse(list(args))
     if kw is None:
         assert args in ([], ["o.sif"], ["a", "b", "c"], ["--build-arg"]) or any(
@@ -443,9 +443,9 @@ def test_build_and_exec_start_without_click(user, userdir):
     r = run("build", str(userdir / "o.sqfs"), str(d))
     assert r.returncode == 0 and (userdir / "o.sqfs").is_file(), r.stderr
     mods = imported(r.stderr)
-    assert "hpcimage.buildcmd" in mods and "click" not in mods
+    assert "hpcimage.imagebuild.buildcmd" in mods and "click" not in mods
     # The Demo image (%arguments, {{ }}, %help, %labels, %test) imports none of the
-    # modules that hpcimage.lite and the hand-written deffile matching stand in for.
+    # modules that hpcimage.imagebuild.lite and the hand-written deffile matching stand in for.
     r = run("build", str(userdir / "demo.sqfs"), str(IMAGES / "Demo.def"))
     assert r.returncode == 0 and (userdir / "demo.sqfs").is_file(), r.stderr
     heavy = {"re", "enum", "subprocess", "shutil", "json", "tempfile", "textwrap", "glob",
@@ -454,7 +454,7 @@ def test_build_and_exec_start_without_click(user, userdir):
     r = run("exec", "--dry-run", str(userdir / "o.sqfs"), "true")
     assert r.returncode == 0, r.stderr
     mods = imported(r.stderr)
-    assert "hpcimage.runtime.launch" in mods and "click" not in mods
+    assert "hpcimage.runtime.plan" in mods and "click" not in mods
     r = user.run(cli_argv("exec", str(userdir / "o.sqfs"), "cat", "/hi"), cwd=str(userdir))
     assert r.returncode == 0 and r.stdout == "hi\n", r.stderr
     r = run("build", "--help")                                    # click's path

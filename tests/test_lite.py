@@ -1,4 +1,4 @@
-"""hpcimage.lite: the build path's stand-ins for subprocess, shutil, tempfile and json
+"""hpcimage.imagebuild.lite: the build path's stand-ins for subprocess, shutil, tempfile and json
 behave as the standard library does in the cases the build uses."""
 import json
 import os
@@ -9,25 +9,26 @@ import sys
 
 import pytest
 
-from hpcimage import lite
-from hpcimage.build import busybox
+from hpcimage.imagebuild import lite
+from hpcimage.linux import spawn
+from hpcimage.imagebuild import busybox
 from hpcimage.errors import HpcimageError
 
 
 def test_run_captures_both_streams_and_the_status():
-    rc, out = lite.run(["sh", "-c", "echo out; echo err >&2; cat; exit 3"])
+    rc, out = spawn.run(["sh", "-c", "echo out; echo err >&2; cat; exit 3"])
     assert rc == 3 and out == b"out\nerr\n"           # stdin is /dev/null: cat ends
-    rc, out = lite.run(["sh", "-c", "kill -TERM $$"])
+    rc, out = spawn.run(["sh", "-c", "kill -TERM $$"])
     assert rc == -15                                   # as subprocess reports a signal
     with pytest.raises(FileNotFoundError):
-        lite.run(["no-such-program-hpcimage"])
+        spawn.run(["no-such-program-hpcimage"])
 
 
 def test_spawn_side_by_side():
-    a = lite.spawn(["sh", "-c", "sleep 0.2; echo a"])
-    b = lite.spawn(["sh", "-c", "echo b; exit 1"])
-    assert lite.finish(*b) == (1, b"b\n")
-    assert lite.finish(*a) == (0, b"a\n")
+    a = spawn.spawn(["sh", "-c", "sleep 0.2; echo a"])
+    b = spawn.spawn(["sh", "-c", "echo b; exit 1"])
+    assert spawn.finish(*b) == (1, b"b\n")
+    assert spawn.finish(*a) == (0, b"a\n")
 
 
 def make_tree(root, outside):
@@ -120,7 +121,7 @@ def test_namespace_child_result_comes_back_by_marshal():
     """userns.run_as_root passes its child's result back with marshal (not json):
     plain values round-trip, tuples included; a value marshal cannot carry is a clear
     internal error, not 'the build process died'."""
-    from hpcimage.build import userns
+    from hpcimage.imagebuild import userns
     root = userns.IdMap("root")
     assert userns.run_as_root(lambda: {"k": ("a", 1, None)}, (), root) == {"k": ("a", 1, None)}
     with pytest.raises(HpcimageError, match="internal error: result object cannot be passed"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import runtime_argv, fuse_processes, wait_no_leaks
-from hpcimage.runtime import mpi
+from hpcimage.runtime.mpi import launcher as mpi
 
 
 @pytest.mark.parametrize("args,opts,prog", [

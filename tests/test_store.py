@@ -25,9 +25,9 @@ import pytest
 from conftest import PY, _cached, _mksquashfs, cli_argv
 from modtools import wrapper_code
 
-from hpcimage import site as sitemod
+from hpcimage.config import site as sitemod
 from hpcimage.errors import UsageError
-from hpcimage.runtime import local
+from hpcimage.runtime import localcopy as local
 
 TESTS = Path("/tmp/hpcimage-tests")
 
@@ -217,7 +217,7 @@ def test_site_local_and_keep_errors(text, message):
 
 
 # --------------------------------------------------------------------------
-# The runtime's choice (hpcimage.runtime.local), in process
+# The runtime's choice (hpcimage.runtime.localcopy), in process
 # --------------------------------------------------------------------------
 
 def test_expand():
@@ -304,8 +304,8 @@ def test_choose_stays_on_the_hot_path(store, v1):
     """No json, re, hashlib, click or yaml imported; the image is not opened."""
     store.publish(v1)
     ok(store.update())
-    code = ("import os, sys; from hpcimage.runtime import main, local; "
-            "site = main.load_site(os.environ); "
+    code = ("import os, sys; from hpcimage.config import policy; from hpcimage.runtime import localcopy as local; "
+            "site = policy.load_site(os.environ); "
             "print(local.choose(os.environ['HPCIMAGE_IMAGE'], site, os.environ)); "
             "print(sorted(m for m in ('json', 're', 'hashlib', 'click', 'yaml', 'hpcimage.store')"
             " if m in sys.modules))")

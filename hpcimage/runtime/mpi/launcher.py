@@ -24,8 +24,8 @@ import _signal as signal  # the C module: the same names, without enum (~4 ms)
 import sys
 
 from hpcimage.errors import HpcimageError, UsageError
-from hpcimage.runtime import syscalls as sc
-from hpcimage.runtime import procstate
+from hpcimage.linux import syscalls as sc
+from hpcimage.linux import procstate
 
 # Reach the rank even under --cleanenv.
 FORWARD_PREFIXES = ("PMIX_", "PMI_", "SLURM_", "OMPI_", "MPICH_", "UCX_", "FI_", "PRTE_",
@@ -127,7 +127,7 @@ def launcher_argv(opts, environ, site, mode, runtime_opts, program):
     """The command that starts one runtime per rank."""
     policy = site.get("mpi") or {}
     kind = launcher_kind(environ, policy)[0]
-    from hpcimage.runtime.launch import which
+    from hpcimage.runtime.plan import which
     exe = which(kind, environ.get("PATH") or "/usr/bin:/bin")
     if exe is None:
         raise HpcimageError(f"image-mpi: launcher {kind!r} not found on PATH"
@@ -207,7 +207,7 @@ def _warm(cmd, path):
     ld.so.cache, and the dynamic loader) once, in the container: a fresh image mount
     has a cold page cache, and 32 ranks faulting the same pages through FUSE at once is
     the slowest part of a launch. Best effort."""
-    from hpcimage.runtime.launch import which
+    from hpcimage.runtime.plan import which
     from hpcimage.host import HostRoot, elf
     from hpcimage.host.ldcache import LdCache
     exe = which(cmd, path)
@@ -305,7 +305,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     variables through untouched and derive nothing from them, that environment (less
     `_`) serves every rank: hpcimage-join then execs the program without /bin/sh.
     Returns it as a dict, or None (scripts that read per-rank values, no env -0, ...)."""
-    from hpcimage.runtime.launch import _chdir
+    from hpcimage.runtime.plan import _chdir
     if not os.access("/bin/sh", os.X_OK) or not _scripts_look_static(varies):
         return None
 
@@ -368,7 +368,7 @@ def _start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
                 os.dup2(null, fd)
             procstate.helper_signals()      # signals are for the program; the holder
                                             # lives while any rank does (refs)
-            from hpcimage.runtime import launch
+            from hpcimage.runtime import plan as launch
             if warm:                    # what _warm needs, imported while the host is seen
                 from hpcimage.host import elf, ldcache  # noqa: F401
             try:
@@ -541,7 +541,7 @@ def _locked_fd(fd, base):
 def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=False):
     """Set up (first rank) or find the node's shared container for job `key`, join its
     namespaces, and return the tail of the plan (chdir, exec) to carry out."""
-    from hpcimage.runtime import launch
+    from hpcimage.runtime import plan as launch
     head, tail = launch.split(plan, "chdir")
     base = _state_base()
     state = os.path.join(base, key)
@@ -600,100 +600,7 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
     raise HpcimageError("image-mpi: could not join the node's shared container")
 
 
-# The MPI ABI families, by the soname an application links against.
-ABI = {"libmpi.so.40": "openmpi", "libmpi.so.12": "mpich", "libmpich.so.12": "mpich"}
-HOST_MPI_SONAMES = {"openmpi": ("libmpi.so.40",), "mpich": ("libmpich.so.12", "libmpi.so.12")}
-# Never bound from the host: the image's own C runtime must stay consistent.
-from hpcimage.host import NEVER_BIND  # noqa: E402  (libc & friends)
-LIBS_DIR = "/.singularity.d/libs"
-
-
-def _program_mpi_sonames(program, environ):
-    """The MPI sonames the program links against, read from its ELF (when the program
-    is a host path that the container sees at the same path, e.g. ./solver in cwd)."""
-    from hpcimage.host import elf
-    path = program if "/" in program else None
-    if path is None or not os.path.isfile(path):
-        return []
-    try:
-        needed = elf.info(path).needed
-    except (OSError, ValueError):
-        return []
-    return [n for n in needed if n in ABI]
-
-
-def bind_contribution(site, environ, program):
-    """The bind model: the host MPI library, its dependency closure and its component
-    directories, bound into the image; refuses an ABI mismatch with the program."""
-    from hpcimage import host as hostmod
-    from hpcimage.host import elf
-    from hpcimage.host.ldcache import LdCache
-    policy = site.get("mpi") or {}
-    hr = hostmod.HostRoot(environ=environ)
-    cache = LdCache(hr)
-    impl = policy.get("implementation") or ("openmpi" if any(k.startswith("OMPI_") for k in environ)
-                                            else None)
-    order = [impl] if impl else ["openmpi", "mpich"]
-    found = None
-    for fam in order:
-        for soname in HOST_MPI_SONAMES[fam]:
-            path = cache.find(soname)
-            if path:
-                found = (fam, soname, path)
-                break
-        if found:
-            break
-    if found is None:
-        raise HpcimageError("image-mpi: --mpi-mode bind: no host MPI library found "
-                            f"({', '.join(n for f in order for n in HOST_MPI_SONAMES[f])} "
-                            "not in the host's ld.so.cache); load the host MPI or set mpi.prefix")
-    fam, soname, path = found
-    for want in _program_mpi_sonames(program, environ):
-        if ABI[want] != fam:
-            raise UsageError(f"image-mpi: {program} is linked against {want} "
-                             f"({ABI[want]} ABI) but the host MPI is {soname} ({fam} ABI): "
-                             "the bind model needs the same MPI ABI; use --mpi-mode hybrid "
-                             "or build the program against the host's MPI family")
-    c = hostmod.Contribution()
-    # Component (plugin) directories and help/config files, at their host paths.
-    libdir = os.path.dirname(path)
-    dirs = [policy.get("prefix")] if policy.get("prefix") else []
-    dirs += [os.path.join(libdir, d) for d in ("openmpi", "pmix2", "pmix", "mpich")]
-    dirs += ["/usr/share/openmpi", "/usr/share/pmix", "/etc/openmpi", "/etc/pmix"]
-    plugins = []
-    for d in dirs:
-        if d and hr.isdir(d):
-            c.bind(hr.path(d), d, True, f"host MPI ({fam}) components")
-            for top, _sub, files in os.walk(hr.path(d)):
-                plugins += [os.path.join(top, f) for f in files if f.endswith(".so")]
-    # The library, what it needs, and what its components need, by soname.
-    todo, seen = [(soname, path)], set()
-
-    def needs(lib):
-        try:
-            for n in elf.info(lib).needed:
-                if n not in seen and not n.startswith(NEVER_BIND):
-                    q = cache.find(n)
-                    if q:
-                        todo.append((n, q))
-                    elif n not in missing:
-                        missing.append(n)
-        except (OSError, ValueError):
-            pass
-    missing = []
-    for plugin in plugins:
-        needs(plugin)
-    while todo:
-        name, lib = todo.pop()
-        if name in seen or name.startswith(NEVER_BIND):
-            continue
-        seen.add(name)
-        c.bind(lib, f"{LIBS_DIR}/{name}", True, f"host MPI ({fam}) for the bind model")
-        needs(lib)
-    if missing:
-        c.notes.append("host MPI dependencies not in ld.so.cache: " + ", ".join(missing))
-    c.add_prepend("LD_LIBRARY_PATH", LIBS_DIR)
-    return c
+from hpcimage.host.mpi import bind_contribution  # noqa: E402
 
 
 def rank_signature(rest, opts):
@@ -723,7 +630,7 @@ def wrapper_signature(rest, opts):
 def run_rank(opts, image, site, environ, signature=None):
     """Rank side: plan, then shared (or per-rank) namespaces, then exec. signature:
     the rank's runtime options as hpcimage-join sees them (for the recipe)."""
-    from hpcimage.runtime import launch
+    from hpcimage.runtime import plan as launch
     locked = environ.pop("HPCIMAGE_MPI_LOCKED_FD", None)
     os.environ.pop("HPCIMAGE_MPI_LOCKED_FD", None)
     key = job_key(environ) if environ.get("HPCIMAGE_MPI_SHARE", "1") != "0" else None
@@ -744,7 +651,7 @@ def run_rank(opts, image, site, environ, signature=None):
 def rank_plan(opts, image, site, environ, shared=True):
     """The launch plan of one rank (the launcher makes the same one to prepare the
     node's container before the ranks start)."""
-    from hpcimage.runtime import launch
+    from hpcimage.runtime import plan as launch
     env = dict(environ)
     env.update(rank_environ(environ))
     if not shared:
@@ -776,7 +683,7 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
             or any(o.split("=")[0] in WDIR_OPTS for o in launcher_opts)
             or env.get("HPCIMAGE_MPI_PREPARE", "1") == "0"):
         return argv2
-    from hpcimage.runtime import launch, local, options
+    from hpcimage.runtime import plan as launch, localcopy as local, options
     from hpcimage.image import open_image
     rest = ["--mpi-mode", mode, *ours, "--", *program]
     key = f"launch-{os.uname().nodename}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -848,7 +755,7 @@ def main(argv, environ, site):
         opts = options.parse(["image-mpi-rank", *argv[1:]], environ)
         opts.prog = "image-mpi"
         from hpcimage.image import open_image
-        from hpcimage.runtime import local
+        from hpcimage.runtime import localcopy as local
         opts.image = local.choose(opts.image, site, environ)   # image-update's copy
         return run_rank(opts, open_image(opts.image), site, environ,
                         wrapper_signature(argv[1:], opts))
@@ -894,7 +801,7 @@ def main(argv, environ, site):
         # Open MPI 4.1 loses track of exits when it starts 32+ local ranks from threads.
         env.setdefault("OMPI_MCA_odls_base_max_threads", "0")
     if dry:
-        from hpcimage.runtime.launch import quote
+        from hpcimage.runtime.plan import quote
         sys.stdout.write(" ".join(quote(a) for a in argv2) + "\n")
         return 0
     argv2 = prepare(argv2, env, site, mode, ours, program, rest)

@@ -28,8 +28,8 @@ import pwd
 import stat
 import sys
 
-from hpcimage.runtime import launch
-from hpcimage.runtime import syscalls as sc
+from hpcimage.runtime import plan as launch
+from hpcimage.linux import syscalls as sc
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 NEEDED = ("user-namespaces", "dev-fuse", "squashfuse", "session-directory", "site-config")
@@ -312,7 +312,7 @@ def _privileged_helper(path):
 
 
 def check_subids(environ):
-    from hpcimage.build import userns
+    from hpcimage.linux.idmap import IdMap
     path = environ.get("PATH") or os.defpath
     helpers = [(t, launch.which(t, path)) for t in ("newuidmap", "newgidmap")]
     missing = [t for t, p in helpers if p is None]
@@ -329,7 +329,7 @@ def check_subids(environ):
     if os.getuid() == 0:
         return line("subordinate-ids", OK, "newuidmap and newgidmap usable; root builds "
                     "without a user namespace (run doctor as a user to check their ranges)")
-    m = userns.IdMap.choose("auto")
+    m = IdMap.choose("auto")
     name = pwd.getpwuid(os.getuid()).pw_name if _has_pw() else str(os.getuid())
     if m.mode == "subid":
         return line("subordinate-ids", OK, f"{name}: uids {m.subuid[0]}+{m.subuid[1]} "
@@ -400,9 +400,9 @@ def find_site_config(environ, option):
 
 
 def check_site_config(environ, option, site_yaml):
-    from hpcimage.runtime.main import load_site
+    from hpcimage.config.policy import load_site
     from hpcimage.errors import HpcimageError
-    from hpcimage import site as sitemod
+    from hpcimage.config import site as sitemod
     path, how = find_site_config(environ, option)
     if path is None:
         return line("site-config", WARN, "no site.json: HPCIMAGE_SITE_CONFIG unset and no "
@@ -468,7 +468,7 @@ def check_envmodules(environ):
 
 
 def check_joiner(environ):
-    from hpcimage.runtime import mpi
+    from hpcimage.runtime.mpi import launcher as mpi
     helper = mpi.JOIN_HELPER
     if not os.access(helper, os.X_OK):
         return line("mpi-joiner", WARN, f"{helper}: not built: every image-mpi rank starts "
@@ -477,7 +477,7 @@ def check_joiner(environ):
     # The image-mpi wrapper looks for it below the prefix of the python it runs.
     py = environ.get("HPCIMAGE_PYTHON") or sys.executable
     prefix = py.rsplit("/bin/", 1)[0]
-    pattern = f"{prefix}/lib/python3*/site-packages/hpcimage/runtime/hpcimage-join"
+    pattern = f"{prefix}/lib/python3*/site-packages/hpcimage/runtime/mpi/hpcimage-join"
     if not any(os.path.samefile(p, helper) for p in glob.glob(pattern)
                if os.path.exists(p)):
         return line("mpi-joiner", WARN, f"{helper} is built, but the image-mpi wrappers look "

@@ -1,7 +1,7 @@
 """`hpcimage mpi doctor`: what image-mpi would find on this node, and why each MPI mode
 will or won't work.
 
-Everything is read the way image-mpi reads it (hpcimage.runtime.mpi), without
+Everything is read the way image-mpi reads it (hpcimage.runtime.mpi.launcher), without
 starting a container or an MPI job: the launcher image-mpi would exec, the host MPI
 library the bind model would bind, the MPI sonames in the image's /etc/ld.so.cache (a
 directory image directly, SquashFS and SIF through `unsquashfs -cat`), and how the
@@ -21,7 +21,8 @@ import shutil
 import subprocess
 import sys
 
-from hpcimage.runtime import mpi
+from hpcimage.runtime.mpi import launcher as mpi
+from hpcimage.host import mpi as hostmpi
 
 FAMILY_NAME = {"openmpi": "Open MPI", "mpich": "MPICH"}
 # The PMI flavour each MPI family speaks by default under srun (docs/mpi-setup.md).
@@ -79,7 +80,7 @@ def _link_chain(exe):
 
 
 def launcher(environ, policy):
-    from hpcimage.runtime.launch import which
+    from hpcimage.runtime.plan import which
     kind, why = mpi.launcher_kind(environ, policy)
     path = environ.get("PATH") or "/usr/bin:/bin"
     exe = which(kind, path)
@@ -136,21 +137,21 @@ def launcher(environ, policy):
 # ---------------------------------------------------------------- 2. host MPI
 
 def host_mpi(site, environ):
-    """The host library the bind model would bind (mpi.bind_contribution's search)."""
+    """The host library the bind model would bind (hostmpi.bind_contribution's search)."""
     from hpcimage.errors import HpcimageError
     try:
-        c = mpi.bind_contribution(site, environ, "")
+        c = hostmpi.bind_contribution(site, environ, "")
     except HpcimageError as e:
         msg = e.message.split(": ", 2)[-1] if e.message.startswith("image-mpi:") else e.message
         return {"found": False, "reason": msg, "findings": [_finding("no", msg)]}
     lib = next(((os.path.basename(dst), src) for src, dst, _ro, _w in c.binds
-                if os.path.dirname(dst) == mpi.LIBS_DIR and os.path.basename(dst) in mpi.ABI),
+                if os.path.dirname(dst) == hostmpi.LIBS_DIR and os.path.basename(dst) in hostmpi.ABI),
                None)
     if lib is None:       # cannot happen unless bind_contribution changes shape
         return {"found": False, "reason": "no MPI library among the binds",
                 "findings": [_finding("no", "no MPI library among the bind model's binds")]}
     soname, path = lib
-    fam = mpi.ABI[soname]
+    fam = hostmpi.ABI[soname]
     out = {"found": True, "soname": soname, "path": path, "family": fam,
            "binds": len(c.binds), "findings": []}
     out["findings"].append(_finding("ok", f"{soname} ({FAMILY_NAME[fam]}): {path}, "
@@ -174,8 +175,8 @@ def _image_ldcache(image):
             return None, f"/etc/ld.so.cache: {e.strerror or e}"
     if shutil.which("unsquashfs") is None:
         return None, "unsquashfs not found on PATH: cannot read the image without starting it"
-    from hpcimage.convert import _unsquashfs_cat
-    data = _unsquashfs_cat(image.path, "etc/ld.so.cache", image.offset)
+    from hpcimage.image.tree import unsquashfs_cat
+    data = unsquashfs_cat(image.path, "etc/ld.so.cache", image.offset)
     if data is None:
         return None, "no /etc/ld.so.cache in the image (or unsquashfs could not read it)"
     return data, None
@@ -201,13 +202,13 @@ def image_mpi(image):
     seen = set()
     for name, flags, path, _hw in entries:
         ok = flags == f64 if f64 is not None else ldcache.is_64(flags)
-        if ok and name in mpi.ABI and name not in seen:
+        if ok and name in hostmpi.ABI and name not in seen:
             seen.add(name)
-            out["mpi"].append({"soname": name, "family": mpi.ABI[name], "path": path})
+            out["mpi"].append({"soname": name, "family": hostmpi.ABI[name], "path": path})
     for m in out["mpi"]:
         f.append(_finding("ok", f"{m['soname']} ({FAMILY_NAME[m['family']]}): {m['path']}"))
     if not out["mpi"]:
-        out["reason"] = ("no MPI in the image: none of " + ", ".join(mpi.ABI)
+        out["reason"] = ("no MPI in the image: none of " + ", ".join(hostmpi.ABI)
                          + " in its /etc/ld.so.cache")
         f.append(_finding("no", out["reason"]))
     return out
@@ -218,7 +219,7 @@ def image_mpi(image):
 def _userns_probe():
     """None when a child can make the runtime's namespaces (user + mount, private
     mounts), else why not."""
-    from hpcimage.doctor import enter_namespaces, in_child
+    from hpcimage.runtime.doctor import enter_namespaces, in_child
     return in_child(enter_namespaces)[1]
 
 
@@ -251,7 +252,7 @@ def state_dir(environ):
 
 
 def ranks(environ):
-    from hpcimage.doctor import read_sysctl
+    from hpcimage.runtime.doctor import read_sysctl
     share = environ.get("HPCIMAGE_MPI_SHARE", "1") != "0"
     out = {"share": share, "findings": []}
     f = out["findings"]
@@ -363,7 +364,7 @@ def verdicts(lau, host, img, rk):
         bind["works"] = True
         bind["reason"] = (f"the host's {host['soname']} ({FAMILY_NAME[host['family']]}) bound "
                           "into the image")
-        abi = ", ".join(s for s, fam in mpi.ABI.items() if fam == host["family"])
+        abi = ", ".join(s for s, fam in hostmpi.ABI.items() if fam == host["family"])
         bind["findings"].append(_finding(
             "info", f"programs must be linked against the {FAMILY_NAME[host['family']]} ABI "
             f"({abi}); a mismatch is refused at launch; the image's glibc must be at "
@@ -391,14 +392,14 @@ def resolve_image(arg, site, environ):
     mod = environ.get("HPCIMAGE_IMAGE")
     if not mod:
         return None, None
-    from hpcimage.runtime import local
+    from hpcimage.runtime import localcopy as local
     chosen = local.choose(mod, site, environ)
     note = "HPCIMAGE_IMAGE" + (f" (the local copy of {mod})" if chosen != mod else "")
     return open_image(chosen), note
 
 
 def diagnose(image_arg=None, environ=None):
-    from hpcimage.runtime.main import load_site
+    from hpcimage.config.policy import load_site
     environ = dict(os.environ if environ is None else environ)
     site = load_site(environ)
     policy = site.get("mpi") or {}

@@ -24,9 +24,10 @@ import grp
 import stat
 
 from hpcimage.errors import HpcimageError, UsageError, EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE
-from hpcimage.runtime import syscalls as sc
+from hpcimage.linux import syscalls as sc
 from hpcimage.runtime import environ
-from hpcimage.runtime import procstate
+from hpcimage.linux import procstate
+from hpcimage.linux.paths import resolve_in, which  # noqa: F401
 
 SESSION_DIRS = ("/var/lib/hpcimage/mnt", "/mnt", "/srv", "/media", "/opt")
 # A current directory that is one of these (or directly below /usr, /usr/local or
@@ -421,31 +422,6 @@ def _remount_ro(path):
     sc.mount(None, path, None, flags)
 
 
-def resolve_in(root, path):
-    """path resolved inside root with chroot semantics; returns it relative to root."""
-    parts = [c for c in path.split("/") if c and c != "."]
-    out = []
-    hops = 0
-    while parts:
-        c = parts.pop(0)
-        if c == "..":
-            if out:
-                out.pop()
-            continue
-        cand = os.path.join(root, *out, c)
-        if os.path.islink(cand):
-            hops += 1
-            if hops > 40:
-                raise HpcimageError(f"{path}: too many levels of symbolic links in the image")
-            link = os.readlink(cand)
-            if link.startswith("/"):
-                out = []
-            parts = [x for x in link.split("/") if x and x != "."] + parts
-        else:
-            out.append(c)
-    return "/".join(out)
-
-
 def _build_root(image_dir, root, targets):
     """Make root: the image itself when every bind target exists in it, else a tmpfs
     skeleton (root sits on the session tmpfs) mirroring the image with binds, in which
@@ -690,17 +666,6 @@ def _chdir(workdir, home, explicit, note=None, prog=None):
     if say:
         os.write(2, f"{prog}: warning: cannot enter {workdir} in the container ({why}); "
                     f"running in {where}\n".encode())
-
-
-def which(cmd, path):
-    """cmd found on path (a colon list) as an executable file, or None."""
-    if "/" in cmd:
-        return cmd
-    for d in path.split(":"):
-        p = os.path.join(d or ".", cmd)
-        if os.path.isfile(p) and os.access(p, os.X_OK):
-            return p
-    return None
 
 
 def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None):

@@ -7,9 +7,8 @@ list. Only the small metadata files are read, so the cost does not grow with the
 """
 import json
 import os
-import subprocess
 
-from hpcimage.convert import _read_small, _unsquashfs_cat
+from hpcimage.image.tree import Reader
 from hpcimage.errors import UsageError
 from hpcimage.image import open_image
 
@@ -22,37 +21,9 @@ def _text(data):
     return None if data is None else data.decode("utf-8", "replace")
 
 
-class _Reader:
-    def __init__(self, image):
-        self.image = image
-
-    def cat(self, inner):
-        if self.image.kind == "sandbox":
-            return _read_small(os.path.join(self.image.path, inner))
-        return _unsquashfs_cat(self.image.path, inner, self.image.offset)
-
-    def listdir(self, inner):
-        if self.image.kind == "sandbox":
-            try:
-                return sorted(os.listdir(os.path.join(self.image.path, inner)))
-            except OSError:
-                return []
-        cmd = ["unsquashfs", "-lc"]
-        if self.image.offset:
-            cmd += ["-o", str(self.image.offset)]
-        cmd += [self.image.path, inner]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        prefix = "squashfs-root/" + inner.strip("/") + "/"
-        names = set()
-        for ln in r.stdout.splitlines():
-            if ln.startswith(prefix):
-                names.add(ln[len(prefix):].split("/")[0])
-        return sorted(n for n in names if n)
-
-
 def metadata(path):
     image = open_image(path, check_arch=False)   # any architecture
-    rd = _Reader(image)
+    rd = Reader(image)
     info = {"path": image.path, "kind": image.kind}
     if image.kind != "sandbox":
         info["size"] = os.path.getsize(image.path)

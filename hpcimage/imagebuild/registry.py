@@ -25,7 +25,7 @@ import urllib.parse
 import urllib.request
 
 from hpcimage.errors import HpcimageError, UsageError
-from hpcimage.build import oci
+from hpcimage.imagebuild import oci
 
 DOCKER_HUB = "registry-1.docker.io"
 ACCEPT = ", ".join(oci.INDEX_TYPES + oci.MANIFEST_TYPES)

@@ -1,7 +1,7 @@
 """Click commands for SIF files and conversions: `hpcimage sif ...` and `hpcimage build`.
 
 `hpcimage sif header|list|info|dump` print exactly what the reference `siftool` prints
-(the formats live in hpcimage.image.sif); the logic of `build` lives in hpcimage.convert.
+(the formats live in hpcimage.image.sif); the logic of `build` lives in hpcimage.imagebuild.convert.
 """
 import sys
 
@@ -107,5 +107,5 @@ def build(sandbox, force, notest, build_args, all_, site_path, out, source, verb
     definition-file and labels objects. OUT is written under a temporary name and
     renamed into place: a failed build leaves nothing behind.
     """
-    from hpcimage import buildcmd
+    from hpcimage.imagebuild import buildcmd
     buildcmd.run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose)

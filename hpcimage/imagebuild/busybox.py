@@ -6,12 +6,13 @@ do: one inode for ~270 names, which a disk creates ~50x faster than 270 symlinks
 (0.6 ms per new inode on the project's VM disk; see BENCHMARKS.md, bench/build), and
 the tree works wherever it is mounted.
 
-    python -m hpcimage.build.busybox [--bare] [--demo NAME VERSION] ROOT
+    python -m hpcimage.imagebuild.busybox [--bare] [--demo NAME VERSION] ROOT
 """
 import os
 import sys
 
-from hpcimage import lite
+from hpcimage.imagebuild import lite
+from hpcimage.linux import spawn
 from hpcimage.errors import HpcimageError
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
@@ -43,7 +44,7 @@ def populate(root, busybox=None):
     os.makedirs(bindir, exist_ok=True)
     target = os.path.join(bindir, "busybox")
     lite.copy_file(busybox, target)
-    rc, out = lite.run([busybox, "--list"])
+    rc, out = spawn.run([busybox, "--list"])
     if rc != 0:
         raise HpcimageError(f"{busybox} --list failed (exit {rc}): "
                             f"{out.decode(errors='replace').strip()[-200:]}")
@@ -97,7 +98,7 @@ def demo(root, name="Demo", version="1.0"):
 
 def main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m hpcimage.build.busybox")
+    ap = argparse.ArgumentParser(prog="python -m hpcimage.imagebuild.busybox")
     ap.add_argument("--bare", action="store_true", help="only /bin/busybox and its links")
     ap.add_argument("--demo", nargs=2, metavar=("NAME", "VERSION"))
     ap.add_argument("root")

@@ -68,7 +68,7 @@ static void die(int status, const char *fmt, const char *a, const char *b)
     _exit(status);
 }
 
-/* The command's signal state, as hpcimage.runtime.procstate.for_exec() gives it (the
+/* The command's signal state, as hpcimage.linux.procstate.for_exec() gives it (the
  * Python rank's): SIGPIPE and SIGXFSZ at their default (the interpreter that may have
  * started our launcher ignores them), every other disposition as our caller left it
  * (this program changes none), an empty signal mask. */

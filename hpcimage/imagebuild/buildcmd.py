@@ -43,14 +43,14 @@ def _echo(text):
 def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose=False):
     """Build OUT from SOURCE (see `hpcimage build --help`); verbose: the bootstrap
     agent's own output (debootstrap's) on stderr too, not only the phases."""
-    from hpcimage import convert
+    from hpcimage.imagebuild import convert
     from hpcimage.errors import UsageError
     if verbose:
-        from hpcimage.build import builder
+        from hpcimage.imagebuild import builder
         builder.VERBOSE = True
 
     if all_:
-        from hpcimage.build import builder
+        from hpcimage.imagebuild import builder
         if sandbox:
             raise UsageError("build --all publishes image files into the store: no --sandbox")
         only = [a for a in (out, source) if a]
@@ -70,7 +70,7 @@ def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbos
         args[k] = v
     for scheme in ("docker", "oras"):
         if source.startswith(scheme + "://"):
-            from hpcimage.build import builder
+            from hpcimage.imagebuild import builder
             kind = builder.build(out, source, sandbox=sandbox, force=force, notest=notest,
                                  build_args=args, text=f"Bootstrap: {scheme}\n"
                                  f"From: {source[len(scheme) + 3:]}\n")
@@ -78,7 +78,7 @@ def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbos
             return
     src = convert.resolve_source(source)
     if src.kind == "def":
-        from hpcimage.build import builder
+        from hpcimage.imagebuild import builder
         kind = builder.build(out, src.path, sandbox=sandbox, force=force, notest=notest,
                              build_args=args)
     else:

@@ -23,7 +23,7 @@ file does not match the manifest's size/mtime, which image-update notices and wa
 out.
 
 `image-update` copies the module's image into the user's local image directory (see
-hpcimage.runtime.local for the layout and for how the wrappers choose), verifying the
+hpcimage.runtime.localcopy for the layout and for how the wrappers choose), verifying the
 sha256 while it copies, under a flock beside the copy, and renames it into place.
 """
 import errno
@@ -37,7 +37,7 @@ import sys
 import time
 
 from hpcimage.errors import HpcimageError, UsageError
-from hpcimage.runtime import local
+from hpcimage.runtime import localcopy as local
 
 MANIFEST = local.MANIFEST
 MANIFEST_VERSION = 1
@@ -411,8 +411,8 @@ def image_facts(path, definition=None):
     image = open_image(path, check_arch=False)   # publish any architecture
     deffile = None
     try:
-        from hpcimage.inspect import _Reader
-        deffile = _Reader(image).cat(".singularity.d/Singularity")
+        from hpcimage.image.tree import Reader
+        deffile = Reader(image).cat(".singularity.d/Singularity")
     except (OSError, HpcimageError):
         pass
     created = 0
@@ -464,7 +464,7 @@ def _identity_matches(st, entry):
 
 def publish(site_path, source, name, version, definition=None, out=None):
     """`hpcimage publish SOURCE --name N --version V`; returns 0."""
-    from hpcimage import site as sitemod
+    from hpcimage.config import site as sitemod
     from hpcimage.image import sniff
     out = out or sys.stdout
     site = sitemod.load(site_path)
@@ -626,7 +626,7 @@ class Update:
     """What image-update works on: the module's image and its local copy."""
 
     def __init__(self, environ):
-        from hpcimage.runtime.main import load_site
+        from hpcimage.config.policy import load_site
         self.environ = environ
         self.image = environ.get("HPCIMAGE_IMAGE") or ""
         if not self.image:

@@ -2,7 +2,7 @@
 
 Sources: a `docker save` tarball (manifest.json + layer tars, or the OCI layout newer
 Dockers write), an OCI layout directory or tarball (index.json, blobs/sha256/...), and
-a registry (hpcimage.build.registry hands over downloaded, verified blobs).
+a registry (hpcimage.imagebuild.registry hands over downloaded, verified blobs).
 
 Layers are applied in order (each a tar, plain, gzip, bzip2, xz, or zstd through the
 `zstd` program); `.wh.NAME` removes NAME from the lower layers, `.wh..wh..opq` empties
@@ -25,7 +25,7 @@ import subprocess
 import tarfile
 
 from hpcimage.errors import HpcimageError, UsageError
-from hpcimage.runtime.launch import resolve_in
+from hpcimage.linux.paths import resolve_in
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
@@ -285,7 +285,7 @@ def _norm(name):
 
 def _remove(path):
     if os.path.isdir(path) and not os.path.islink(path):
-        from hpcimage.build.builder import remove_tree
+        from hpcimage.imagebuild.layout import remove_tree
         remove_tree(path)
     else:
         try:
@@ -456,7 +456,7 @@ def _words(v):
 
 
 def write_metadata(config, root):
-    from hpcimage.build.builder import base_layout, _read_json, _write
+    from hpcimage.imagebuild.layout import base_layout, _read_json, _write
     from hpcimage.runtime.options import valid_name
     base_layout(root)
     cfg = config.get("config") or config.get("Config") or {}

@@ -10,12 +10,12 @@
     docker          From: [registry/]repository[:tag|@digest] (Docker Registry API v2)
     oras            From: registry/repository:tag holding a SIF (ORAS)
 
-All run inside the build namespace (hpcimage.build.userns) as its root.
+All run inside the build namespace (hpcimage.imagebuild.userns) as its root.
 """
 import os
 import stat
 
-from hpcimage import convert
+from hpcimage.imagebuild import convert
 from hpcimage.errors import HpcimageError, UsageError
 
 
@@ -27,19 +27,19 @@ def bootstrap(st, root, job):
     if agent == "scratch":
         os.makedirs(root)
     elif agent == "busybox":
-        from hpcimage.build import busybox
+        from hpcimage.imagebuild import busybox
         os.makedirs(root)
         busybox.populate(root)
     elif agent == "localimage":
         localimage(os.path.join(job.cwd, frm), root, where)
     elif agent == "debootstrap":
-        from hpcimage.build import debootstrap
+        from hpcimage.imagebuild import debootstrap
         include = [p for p in st.get("include", "").replace(",", " ").split() if p]
         debootstrap.into(root, st.get("osversion"), st.get("mirrorurl") or
                          debootstrap.DEFAULT_MIRROR, include, where=where,
                          verbose=getattr(job, "verbose", False))
     elif agent in ("docker-archive", "oci-archive", "oci"):
-        from hpcimage.build import oci
+        from hpcimage.imagebuild import oci
         path, _, ref = frm.partition(":") if agent != "docker-archive" else (frm, "", "")
         path = os.path.join(job.cwd, path)
         if not os.path.exists(path):
@@ -54,14 +54,14 @@ def bootstrap(st, root, job):
             os.makedirs(root)
             img.unpack(root)
     elif agent == "docker":
-        from hpcimage.build import oci, registry
+        from hpcimage.imagebuild import oci, registry
         ref = registry.Reference.parse(frm, st.get("registry"), st.get("namespace"), where)
         img = registry.pull(ref, where)
         with img:
             os.makedirs(root)
             img.unpack(root)
     elif agent == "oras":
-        from hpcimage.build import registry
+        from hpcimage.imagebuild import registry
         ref = registry.Reference.parse(frm.removeprefix("//"), st.get("registry"), None,
                                        where, docker_hub=False)
         sif = registry.pull_sif(ref, where)

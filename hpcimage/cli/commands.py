@@ -47,7 +47,7 @@ _runtime_command("exec", "Run a command inside IMAGE: exec [OPTIONS] IMAGE COMMA
 _runtime_command("run", "Run IMAGE's runscript: run [OPTIONS] IMAGE [ARGS].")
 _runtime_command("shell", "Start a shell inside IMAGE: shell [OPTIONS] IMAGE [SHELL ARGS].")
 
-from hpcimage.sifcli import build as _build, sif as _sif  # noqa: E402  (issue 3)
+from hpcimage.cli.sifcli import build as _build, sif as _sif  # noqa: E402  (issue 3)
 cli.add_command(_sif)
 cli.add_command(_build)
 
@@ -58,7 +58,7 @@ cli.add_command(_build)
 def inspect(image, as_json):
     """Show IMAGE's labels, definition file, runscript, help, environment, apps and
     (SIF) objects, without starting it."""
-    from hpcimage import inspect as insp
+    from hpcimage.image import metadata as insp
     click.echo(insp.run(image, as_json), nl=False)
 
 
@@ -66,7 +66,7 @@ def inspect(image, as_json):
 @click.argument("image")
 def apps(image):
     """List the SCI-F apps of IMAGE (run one with `hpcimage run --app NAME IMAGE`)."""
-    from hpcimage import inspect as insp
+    from hpcimage.image import metadata as insp
     for name in insp.metadata(image)["apps"]:
         click.echo(name)
 
@@ -115,7 +115,7 @@ def doctor(as_json, site_config, site_yaml):
     squashfuse, the session directory, the site configuration (needed), and overlayfs,
     fuse-overlayfs, fuse2fs, subordinate ids, Lmod, the MPI joiner. Each line is OK,
     WARN or FAIL with what to do. Exit 0 when containers can start, 1 when not."""
-    from hpcimage import doctor as doc
+    from hpcimage.runtime import doctor as doc
     return doc.run(as_json, site_config, site_yaml)
 
 
@@ -132,7 +132,7 @@ def mpi_doctor(image, as_json):
     """Say what image-mpi would use here (launcher, host MPI, the image's MPI, how
     the ranks of a node start) and why each mode (hybrid, bind) will or won't work.
     Exit 0 when at least one mode works, 1 when none does."""
-    from hpcimage import mpidoctor
+    from hpcimage.runtime.mpi import doctor as mpidoctor
     return mpidoctor.run(image, as_json)
 
 

@@ -1,6 +1,6 @@
 """The `debootstrap` bootstrap agent: Debian and Ubuntu trees from a mirror.
 
-    python -m hpcimage.build.debootstrap [--suite bookworm] [--mirror URL] ROOT
+    python -m hpcimage.imagebuild.debootstrap [--suite bookworm] [--mirror URL] ROOT
 
 Needs root (debootstrap chroots). The tree gets the /.singularity.d layout that
 Apptainer writes (env/90-environment.sh, runscript, labels.json).
@@ -70,7 +70,7 @@ def into(root, suite, mirror=DEFAULT_MIRROR, include=(), variant="minbase", wher
     Its output goes to a log (the last lines make the error message); on a terminal
     one status line shows its latest step ("I: Retrieving ..."). verbose
     (`hpcimage build -v`): its whole output on stderr instead, as Apptainer shows it."""
-    from hpcimage.build import userns
+    from hpcimage.imagebuild import userns
     exe = shutil.which("debootstrap", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if exe is None:
         raise HpcimageError(f"{where}: debootstrap not found: install debootstrap")
@@ -171,7 +171,7 @@ class StatusLine:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m hpcimage.build.debootstrap")
+    ap = argparse.ArgumentParser(prog="python -m hpcimage.imagebuild.debootstrap")
     ap.add_argument("--suite", default="bookworm")
     ap.add_argument("--mirror", default=DEFAULT_MIRROR)
     ap.add_argument("--include", default="")

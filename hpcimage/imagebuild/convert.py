@@ -18,18 +18,19 @@ SIF). Every OUT is built under a temporary name beside it and renamed into place
 failure leaves nothing behind; an existing OUT is refused unless force=True.
 
 SOURCE handling is `resolve_source`; a definition file (kind "def": a `.def` name or a
-text file whose first statement is `Bootstrap:`) is built by hpcimage.build.builder.
+text file whose first statement is `Bootstrap:`) is built by hpcimage.imagebuild.builder.
 """
 import os
 
-from hpcimage import lite
+from hpcimage.imagebuild import lite
+from hpcimage.linux import spawn
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.image import sif as _sif
+from hpcimage.image.tree import read_small, unsquashfs_cat
 
 SQUASHFS_SUFFIXES = (".sqfs", ".squashfs", ".sqsh", ".squash", ".sfs")
 SIF_SUFFIXES = (".sif",)
 DEFAULT_COMP = "gzip"
-METADATA_LIMIT = 16 << 20       # a definition file or labels.json larger than this is refused
 
 
 class Source:
@@ -99,14 +100,11 @@ def build(out, source, sandbox=False, force=False, comp=DEFAULT_COMP, before_ins
     to abandon it (the build's %test, run while mksquashfs works)."""
     out = os.fspath(out).rstrip("/") or "/"
     src = resolve_source(source) if not isinstance(source, Source) else source
-    if src.kind == "def":
-        from hpcimage.build import builder
-        return builder.build(out, src.path, sandbox=sandbox, force=force, comp=comp)
     kind = output_kind(out, sandbox)
-    _check_out(out, force)
+    check_out(out, force)
     if os.path.abspath(out) == os.path.abspath(src.path):
         raise UsageError(f"{out}: is SOURCE itself")
-    tmp = _temp_beside(out)
+    tmp = temp_beside(out)
     try:
         if kind == "sif":
             _build_sif(src, tmp, comp)
@@ -116,7 +114,7 @@ def build(out, source, sandbox=False, force=False, comp=DEFAULT_COMP, before_ins
             _build_sandbox(src, tmp)
         if before_install is not None:
             before_install()
-        _install(tmp, out, force)
+        install(tmp, out, force)
     except BaseException:
         _remove(tmp)
         raise
@@ -134,7 +132,7 @@ def _build_sif(src, tmp, comp):
         _sif.write_sif(tmp, src.path, deffile=deffile, labels=labels)
     else:
         deffile, labels = directory_metadata(src.path)
-        sqfs = _temp_beside(tmp)
+        sqfs = temp_beside(tmp)
         try:
             dir_to_squashfs(src.path, sqfs, comp)
             _sif.write_sif(tmp, sqfs, deffile=deffile, labels=labels)
@@ -209,60 +207,19 @@ def directory_metadata(root):
     import stat
     if not stat.S_ISDIR(st.st_mode):
         return None, None
-    return (_read_small(os.path.join(meta, "Singularity")),
-            _read_small(os.path.join(meta, "labels.json")))
+    return (read_small(os.path.join(meta, "Singularity")),
+            read_small(os.path.join(meta, "labels.json")))
 
 
 def squashfs_metadata(sqfs_path, offset=0):
     """(deffile, labels) bytes from inside a SquashFS image, None where absent."""
-    return (_unsquashfs_cat(sqfs_path, ".singularity.d/Singularity", offset),
-            _unsquashfs_cat(sqfs_path, ".singularity.d/labels.json", offset))
-
-
-def _read_small(path):
-    """A regular file's bytes (never through a symlink: it could point off the tree)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        import stat
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        if st.st_size > METADATA_LIMIT:
-            raise UsageError(f"{path}: {st.st_size} bytes, larger than the "
-                             f"{METADATA_LIMIT >> 20} MiB a SIF metadata object may be")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(METADATA_LIMIT + 1)[:METADATA_LIMIT]
-    finally:
-        os.close(fd)
-
-
-def _unsquashfs_cat(sqfs_path, inner, offset=0):
-    cmd = ["unsquashfs", "-cat"]
-    if offset:
-        cmd += ["-o", str(offset)]
-    cmd += [sqfs_path, inner]
-    import subprocess
-    try:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    except OSError:
-        return None
-    with p:
-        data = p.stdout.read(METADATA_LIMIT + 1)
-        if len(data) > METADATA_LIMIT:
-            p.kill()
-            p.wait()
-            return None
-        p.stdout.read()
-        rc = p.wait()
-    return data if rc == 0 else None
+    return (unsquashfs_cat(sqfs_path, ".singularity.d/Singularity", offset),
+            unsquashfs_cat(sqfs_path, ".singularity.d/labels.json", offset))
 
 
 # -------------------------------------------------------------------------- helpers
 
-def _check_out(out, force):
+def check_out(out, force):
     if os.path.lexists(out) and not force:
         raise UsageError(f"{out}: already exists (use --force to overwrite it)")
     parent = os.path.dirname(os.path.abspath(out))
@@ -276,12 +233,12 @@ def _check_out(out, force):
                          "'hpcimage build --all'")
 
 
-def _temp_beside(path):
+def temp_beside(path):
     d, base = os.path.split(os.path.abspath(path))
     return os.path.join(d, f".{base}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
 
 
-def _install(tmp, out, force):
+def install(tmp, out, force):
     """Rename the finished TMP to OUT, replacing OUT only when force is set."""
     if not os.path.lexists(out):
         os.rename(tmp, out)
@@ -291,7 +248,7 @@ def _install(tmp, out, force):
     if not os.path.isdir(tmp) and not (os.path.isdir(out) and not os.path.islink(out)):
         os.replace(tmp, out)            # file over file or symlink: one atomic step
         return
-    old = _temp_beside(out)
+    old = temp_beside(out)
     os.rename(out, old)
     try:
         os.rename(tmp, out)
@@ -329,7 +286,7 @@ def _copy_file(src, dst):
 
 def _run(cmd, what, nonfatal=()):
     try:
-        rc, out = lite.run(cmd)
+        rc, out = spawn.run(cmd)
     except FileNotFoundError:
         hint = " (install squashfs-tools)" if "squashfs" in cmd[0] else ""
         raise HpcimageError(f"{what}: {cmd[0]} not found{hint}") from None

@@ -138,7 +138,7 @@ def read_manifest(image):
     """The manifest of the store directory holding `image` -> dict, or None when the
     directory has none; Unreachable when the directory or the manifest cannot be read;
     ValueError when it is not a manifest."""
-    from hpcimage.runtime.main import loads
+    from hpcimage.config.policy import loads
     path = manifest_path(image)
     try:
         with open(path, "rb") as f:

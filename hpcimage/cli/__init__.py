@@ -1,9 +1,9 @@
 """The `hpcimage` command's front door (`hpcimage.cli:main`, also `python -m hpcimage.cli`).
 
-The commands are click commands (hpcimage.commands). Two kinds of call skip click's
+The commands are click commands (hpcimage.cli.commands). Two kinds of call skip click's
 import (~25 ms on a small VM): the runtime verbs `exec`, `run` and `shell`, which hand
 their whole command line to the runtime's own parser anyway, and the common form of
-`build` (hpcimage.buildcmd.fast_parse; anything else goes to click). Errors look the
+`build` (hpcimage.imagebuild.buildcmd.fast_parse; anything else goes to click). Errors look the
 same on both paths: `hpcimage: error: MESSAGE` and the error's exit status.
 """
 import os
@@ -20,7 +20,7 @@ def main(argv=None):
         runtime_main([verb, *args[1:]])
         return
     if verb == "build":
-        from hpcimage import buildcmd
+        from hpcimage.imagebuild import buildcmd
         kw = buildcmd.fast_parse(args[1:])
         if kw is not None:
             from hpcimage.errors import HpcimageError
@@ -37,9 +37,6 @@ def main(argv=None):
                 sys.stderr.flush()
                 os._exit(0)     # done, nothing left to finalize: skip ~4 ms of tear-down
             sys.exit(0)
-    from hpcimage.commands import main as click_main
+    from hpcimage.cli.commands import main as click_main
     click_main(args)
 
-
-if __name__ == "__main__":
-    main()

@@ -438,7 +438,7 @@ MPI_KEYS: Dict[str, Key] = {
 
 
 def parse_raw(ctx, node, keypath):
-    """Plain YAML data, checked as a whole by hpcimage.host.validate_policy."""
+    """Plain YAML data, checked as a whole by hpcimage.config.policy.validate_policy."""
     return ctx.loader.construct_object(node, deep=True)
 
 
@@ -582,8 +582,8 @@ def _build(ctx, root, values):
                                 "root holds only its own files")
     hardware = {k: values[k] for k in HARDWARE_KEYS if values.get(k) is not None}
     if hardware:
-        from hpcimage import host
-        for problem in host.validate_policy(hardware):
+        from hpcimage.config.policy import validate_policy
+        for problem in validate_policy(hardware):
             key, _, msg = problem.partition(": ")
             key = key if key in hardware else next(iter(hardware))
             raise ctx.error(_key_node(root, key) or root, key, msg or problem)
