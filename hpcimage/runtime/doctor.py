@@ -29,6 +29,8 @@ import stat
 import sys
 
 from hpcimage.runtime import plan as launch
+from hpcimage.runtime.rootfs import _map_ids
+from hpcimage.linux.paths import which
 from hpcimage.linux import syscalls as sc
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -75,7 +77,7 @@ def _step(what, func, *args):
 
 
 def enter_namespaces():
-    """The runtime's first steps (launch.execute: userns, private) for this process:
+    """The runtime's first steps (execute.execute: userns, private) for this process:
     a user namespace with the uid/gid mapped onto themselves (root: a mount namespace
     alone), then every mount private. StepError names the step that failed."""
     uid, gid = os.getuid(), os.getgid()
@@ -83,7 +85,7 @@ def enter_namespaces():
         _step("unshare(CLONE_NEWNS)", sc.unshare, sc.CLONE_NEWNS)
     else:
         _step("unshare(CLONE_NEWUSER)", sc.unshare, sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-        _step("writing the uid/gid map", launch._map_ids, uid, gid)
+        _step("writing the uid/gid map", _map_ids, uid, gid)
     _step("making the mounts private", sc.mount, None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
 
 
@@ -287,7 +289,7 @@ def check_overlay(probe, probe_err):
 
 def _find_tool(name, environ):
     dirs = (environ.get("PATH") or "").split(":") + list(TOOL_DIRS)
-    return launch.which(name, ":".join(d for d in dirs if d))
+    return which(name, ":".join(d for d in dirs if d))
 
 
 def check_tool(name, environ, packages, used_for):
@@ -314,7 +316,7 @@ def _privileged_helper(path):
 def check_subids(environ):
     from hpcimage.linux.idmap import IdMap
     path = environ.get("PATH") or os.defpath
-    helpers = [(t, launch.which(t, path)) for t in ("newuidmap", "newgidmap")]
+    helpers = [(t, which(t, path)) for t in ("newuidmap", "newgidmap")]
     missing = [t for t, p in helpers if p is None]
     weak = [p for t, p in helpers if p is not None and not _privileged_helper(p)]
     if missing:
@@ -350,7 +352,7 @@ def _has_pw():
 
 
 def session_directory(environ):
-    """(directory or None, line) as launch._session_dir chooses it."""
+    """(directory or None, line) as plan._session_dir chooses it."""
     d = environ.get("HPCIMAGE_SESSION_DIR")
     if d:
         try:
@@ -392,7 +394,7 @@ def find_site_config(environ, option):
         return option, "--site-config"
     if environ.get("HPCIMAGE_SITE_CONFIG"):
         return environ["HPCIMAGE_SITE_CONFIG"], "HPCIMAGE_SITE_CONFIG"
-    exe = launch.which("image-exec", environ.get("PATH") or "")
+    exe = which("image-exec", environ.get("PATH") or "")
     if exe:
         return os.path.join(os.path.dirname(os.path.realpath(exe)), "site.json"), \
             f"beside {exe}"

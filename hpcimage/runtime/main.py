@@ -9,6 +9,7 @@ from hpcimage.config.policy import load_site
 
 def run(argv, environ=None):
     from hpcimage.runtime import options, plan as launch
+    from hpcimage.runtime.execute import execute
     from hpcimage.image import open_image
     environ = os.environ if environ is None else environ
     if argv and argv[0] == "image-mpi":
@@ -36,14 +37,14 @@ def run(argv, environ=None):
     sys.stdout.flush()
     sys.stderr.flush()
     p.warn(opts.prog, environ)
-    launch.execute(p)
+    execute(p)
     return 1
 
 
 def _open_image(opts, environ):
     """open_image, saying what the user can do about a missing image."""
     from hpcimage.image import open_image
-    from hpcimage.runtime import plan as launch
+    from hpcimage.runtime.command import IMAGE_SUFFIXES
     if os.path.lexists(opts.image):
         return open_image(opts.image)
     if opts.prog.startswith("image-"):
@@ -52,7 +53,7 @@ def _open_image(opts, environ):
                             f"{'module ' + module if module else 'HPCIMAGE_IMAGE'} is "
                             "missing on this node)", 2)
     hint = ""
-    if "/" not in opts.image and not opts.image.endswith(launch.IMAGE_SUFFIXES):
+    if "/" not in opts.image and not opts.image.endswith(IMAGE_SUFFIXES):
         what = "COMMAND [ARGS...]" if opts.verb == "exec" else "[ARGS...]"
         hint = f" (the image comes first: {opts.prog} [OPTIONS] IMAGE {what}"
         if environ.get("HPCIMAGE_IMAGE"):

@@ -21,15 +21,15 @@ Standard library only: this is the hot path.
 import os
 import pwd
 import grp
-import stat
 
-from hpcimage.errors import HpcimageError, UsageError, EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE
-from hpcimage.linux import syscalls as sc
+from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.runtime import environ
-from hpcimage.linux import procstate
-from hpcimage.linux.paths import resolve_in, which  # noqa: F401
+from hpcimage.runtime.command import RUNSCRIPT, _rank0, app_dir, valid_app
+
 
 SESSION_DIRS = ("/var/lib/hpcimage/mnt", "/mnt", "/srv", "/media", "/opt")
+
+
 # A current directory that is one of these (or directly below /usr, /usr/local or
 # /usr/lib*) is not bound: the host's would replace what the image's system needs
 # (Apptainer's addCwdMount list, with the merged-/usr names). Any other directory is
@@ -37,14 +37,10 @@ SESSION_DIRS = ("/var/lib/hpcimage/mnt", "/mnt", "/srv", "/media", "/opt")
 # and /dev are the host's already (or a private /dev).
 CWD_NOT_BOUND = ("/", "/bin", "/boot", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/mnt",
                  "/opt", "/run", "/sbin", "/usr", "/var", "/var/lib")
+
+
 CWD_NOT_BOUND_BELOW = ("/usr", "/usr/local", "/usr/lib", "/usr/lib32", "/usr/lib64",
                        "/usr/libx32")
-SHELLS = ("/bin/bash", "/bin/sh")
-RUNSCRIPT = "/.singularity.d/runscript"
-ENV_DIR = "/.singularity.d/env"
-
-ST_RELATIME = 4096
-MS_RELATIME = 1 << 21
 
 
 class Bind:
@@ -155,8 +151,6 @@ def _assign(k, v):
     return quote(f"{k}={v}")
 
 
-# --------------------------------------------------------------------------- plan
-
 def parse_bind(spec, what="-B"):
     parts = spec.split(":")
     if len(parts) > 3 or not parts[0]:
@@ -224,12 +218,6 @@ def _cwd():
     if name.endswith(" (deleted)"):
         name = name[:-len(" (deleted)")]
     return None, name or "the current directory"
-
-
-def _rank0(environ):
-    """Not an MPI rank, or rank 0 (warnings are said once per job)."""
-    return next((environ[k] for k in ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK",
-                                      "SLURM_PROCID") if environ.get(k)), "0") == "0"
 
 
 BIND_ENV = ("SINGULARITY_BIND", "APPTAINER_BIND", "HPCIMAGE_BIND")
@@ -390,402 +378,9 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
     return p
 
 
-def valid_app(name):
-    """A SCI-F app name: letters, digits and '_.+-', not starting with '.' or '-'."""
-    return bool(name) and name[0] not in ".-+" and all(
-        c.isalnum() and c.isascii() or c in "_.+-" for c in name)
-
-
-def app_dir(app):
-    return f"/scif/apps/{app}/scif"
-
-
-# ------------------------------------------------------------------------ execute
-
-def _write(path, data):
-    with open(path, "w") as f:
-        f.write(data)
-
-
-def _map_ids(uid, gid):
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
-    _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
-
-
-def _remount_ro(path):
-    f = os.statvfs(path).f_flag
-    flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY
-    flags |= f & (sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC | 1024 | 2048)
-    if f & ST_RELATIME:
-        flags |= MS_RELATIME
-    sc.mount(None, path, None, flags)
-
-
-def _build_root(image_dir, root, targets):
-    """Make root: the image itself when every bind target exists in it, else a tmpfs
-    skeleton (root sits on the session tmpfs) mirroring the image with binds, in which
-    the missing targets are created. Works on any kernel with user namespaces."""
-    os.mkdir(root)
-    missing = []
-    for dst in targets:
-        rel = resolve_in(image_dir, dst)
-        if rel and not os.path.lexists(os.path.join(image_dir, rel)):
-            missing.append(rel)
-    if not missing:
-        sc.mount(image_dir, root, None, sc.MS_BIND | sc.MS_REC)
-        return
-    expand = {""}
-    for rel in missing:
-        parts = rel.split("/")
-        for k in range(1, len(parts)):
-            anc = "/".join(parts[:k])
-            if os.path.isdir(os.path.join(image_dir, anc)) and not os.path.islink(
-                    os.path.join(image_dir, anc)):
-                expand.add(anc)
-            else:
-                break
-    _skeleton(image_dir, root, "", expand)
-    sc.mount(root, root, None, sc.MS_BIND | sc.MS_REC)   # a mount point, for pivot_root
-
-
-def _skeleton(image_dir, root, rel, expand):
-    src_dir = os.path.join(image_dir, rel)
-    dst_dir = os.path.join(root, rel)
-    try:
-        st = os.stat(src_dir)
-        os.chmod(dst_dir, stat.S_IMODE(st.st_mode) | 0o700)
-    except OSError:
-        pass
-    for e in os.scandir(src_dir):
-        r = f"{rel}/{e.name}" if rel else e.name
-        s, d = e.path, os.path.join(dst_dir, e.name)
-        if e.is_symlink():
-            os.symlink(os.readlink(s), d)
-        elif r in expand:
-            os.mkdir(d)
-            _skeleton(image_dir, root, r, expand)
-        elif e.is_dir():
-            os.mkdir(d)
-            sc.mount(s, d, None, sc.MS_BIND | sc.MS_REC)
-        else:
-            os.close(os.open(d, os.O_CREAT | os.O_WRONLY, 0o600))
-            sc.mount(s, d, None, sc.MS_BIND)
-
-
-def _make_target(root, dst, is_dir):
-    rel = resolve_in(root, dst)
-    path = os.path.join(root, rel)
-    if os.path.lexists(path):
-        return path
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    if is_dir:
-        os.mkdir(path)
-    else:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    return path
-
-
-def _files(base, image_root, uid, gid, user, home, gecos, shell, group):
-    def read(name):
-        try:
-            with open(os.path.join(image_root, resolve_in(image_root, name)),
-                      errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-    passwd = read("/etc/passwd")
-    if passwd and not passwd.endswith("\n"):
-        passwd += "\n"
-    lines = passwd.splitlines()
-    if not any(ln.split(":")[2:3] == [str(uid)] for ln in lines):
-        passwd += f"{user}:x:{uid}:{gid}:{gecos.replace(':', ' ')}:{home}:{shell or '/bin/sh'}\n"
-    groups = read("/etc/group")
-    if groups and not groups.endswith("\n"):
-        groups += "\n"
-    if not any(ln.split(":")[2:3] == [str(gid)] for ln in groups.splitlines()):
-        groups += f"{group}:x:{gid}:{user}\n"
-    _write(base + "/passwd", passwd)
-    _write(base + "/group", groups)
-
-
 def split(p, name):
     """(ops before the first op called name, that op and the rest)."""
     k = next(i for i, op in enumerate(p.ops) if op[0] == name)
     head, tail = Plan(), Plan()
     head.ops, tail.ops = p.ops[:k], p.ops[k:]
     return head, tail
-
-
-def execute(p):
-    """Carry out plan p. Does not return when the command was exec'd; returns the
-    squashfuse daemon's pid (or None) when p holds no exec step."""
-    mount_pid = None
-    trace = os.environ.get("HPCIMAGE_TRACE") == "1"
-    if trace:
-        import time
-        t = time.perf_counter()
-    for op in p.ops:
-        name, args = op[0], op[1:]
-        if trace:
-            now = time.perf_counter()
-            os.write(2, f"hpcimage: trace: {(now - t) * 1000:7.2f} ms before {name}\n".encode())
-            t = now
-        try:
-            if name == "userns":
-                uid, gid = args
-                if uid == 0:
-                    sc.unshare(sc.CLONE_NEWNS)
-                else:
-                    sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-                    _map_ids(uid, gid)
-            elif name == "private":
-                sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-            elif name == "session":
-                base = args[0]
-                _pin_sources(p.ops, base)
-                sc.mount("hpcimage", base, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
-                for d in ("image", "home", "tmp", "vartmp", "dev"):
-                    os.mkdir(f"{base}/{d}", 0o700)
-                for d in ("tmp", "vartmp"):
-                    os.chmod(f"{base}/{d}", 0o1777)
-                os.chmod(f"{base}/dev", 0o755)
-                os.mkdir(f"{base}/dev/shm", 0o1777)
-                os.chmod(f"{base}/dev/shm", 0o1777)
-                os.mkdir(f"{base}/dev/pts")
-            elif name == "image":
-                image, at = args
-                if image.needs_mount:
-                    from hpcimage.image import squashfs
-                    mount_pid = squashfs.mount(image, at, at + ".log")
-                else:
-                    sc.mount(image.path, at, None, sc.MS_BIND | sc.MS_REC)
-                    _remount_ro(at)
-                image_root = at
-                if image.arch in (None, "unknown"):     # a SIF's header was checked
-                    from hpcimage.image import arch
-                    arch.check_tree(image.path, at)
-            elif name == "rootfs":
-                image_dir, root, targets = args
-                _build_root(image_dir, root, targets)
-            elif name == "files":
-                _files(*args[:1], image_root, *args[1:])
-            elif name == "bind":
-                b = args[0]
-                target = _make_target(root, b.dst, os.path.isdir(b.src))
-                sc.mount(b.src, target, None, sc.MS_BIND | sc.MS_REC)
-                if b.ro:
-                    _remount_ro(target)
-            elif name == "readonly":
-                _remount_ro(args[0])
-            elif name == "pivot":
-                os.chdir(args[0])
-                sc.pivot_root(".", ".")
-                sc.umount2(".", sc.MNT_DETACH)
-                os.chdir("/")
-            elif name == "chdir":
-                _chdir(*args[:4], prog=next((o[7] for o in p.ops if o[0] == "exec"), None))
-            elif name == "exec":
-                _exec(*args)
-        except HpcimageError:
-            raise
-        except OSError as e:
-            if mount_pid:
-                _kill(mount_pid)
-            raise HpcimageError(_oserror(name, e)) from None
-    return mount_pid
-
-
-SESSION_NAMES = ("image", "home", "tmp", "vartmp", "dev", "passwd", "group", "root",
-                 "image.log")
-
-
-def _pin_sources(ops, base):
-    """Host paths below the session directory (a fallback such as /mnt may hold the
-    user's data) disappear under the session tmpfs: open them first and use them as
-    /proc/PID/fd/N (still valid for mount(2) and for squashfuse started from here)."""
-    prefix = base.rstrip("/") + "/"
-    own = tuple(prefix + n for n in SESSION_NAMES)
-
-    def pin(path):
-        if not path.startswith(prefix) or path.startswith(own):
-            return path
-        flags = os.O_PATH if os.path.isdir(path) else os.O_RDONLY   # squashfuse reads it
-        fd = os.open(path, flags | os.O_CLOEXEC)
-        return f"/proc/{os.getpid()}/fd/{fd}"
-    for op in ops:
-        if op[0] == "bind":
-            op[1].src = pin(op[1].src)
-        elif op[0] == "image":
-            op[1].path = pin(op[1].path)
-
-
-def _kill(pid):
-    import _signal as signal
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except OSError:
-        pass
-
-
-def _oserror(step, e):
-    msg = f"launch step '{step}' failed: {e.strerror or e}"
-    if e.filename:
-        msg += f": {e.filename}"
-    if step == "userns" and e.errno in (1, 22, 28):
-        msg += " (are unprivileged user namespaces enabled? see user.max_user_namespaces)"
-    return msg
-
-
-def _chdir(workdir, home, explicit, note=None, prog=None):
-    """chdir to workdir; else (not --pwd) to home, else to /, saying so on stderr
-    when prog is given (the MPI probes run silently). note "system": workdir is the
-    caller's directory, a system directory not bound: the image's own, if any."""
-    say = prog and _rank0(os.environ)
-    try:
-        os.chdir(workdir)
-        if note == "system" and say:
-            os.write(2, f"{prog}: warning: cannot enter the host's {workdir} in the "
-                        f"container (a system directory: the image's own is there); "
-                        f"running in the image's {workdir}\n".encode())
-        return
-    except OSError as e:
-        if explicit:
-            raise UsageError(f"--pwd {workdir}: no such directory in the container") from None
-        why = e.strerror
-    where = "/"
-    for d in (home, "/"):
-        try:
-            os.chdir(d)
-            where = d
-            break
-        except OSError:
-            continue
-    if say:
-        os.write(2, f"{prog}: warning: cannot enter {workdir} in the container ({why}); "
-                    f"running in {where}\n".encode())
-
-
-def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None):
-    has_sh = os.access("/bin/sh", os.X_OK)
-    if app is not None and not os.path.isdir(app_dir(app)):
-        raise UsageError(f"{prog}: no app {app!r} in this image (hpcimage apps IMAGE "
-                         "lists them)")
-    if verb == "run" and app is not None:
-        runscript = app_dir(app) + "/runscript"
-        if not os.path.isfile(runscript):
-            raise HpcimageError(f"{prog}: app {app!r} has no runscript (%apprun {app})")
-        argv = ["/bin/sh", runscript] + args
-    elif verb == "run":
-        if not os.path.isfile(RUNSCRIPT):
-            raise HpcimageError(f"{prog}: this image has no runscript ({RUNSCRIPT}); "
-                                "use exec or shell")
-        argv = ([RUNSCRIPT] if os.access(RUNSCRIPT, os.X_OK) or not has_sh
-                else ["/bin/sh", RUNSCRIPT]) + args
-    elif verb == "shell":
-        sh = env.get("APPTAINER_SHELL") or env.get("SINGULARITY_SHELL")
-        if not sh:
-            sh = next((s for s in SHELLS if os.access(s, os.X_OK)), None)
-            if sh is None:
-                raise HpcimageError(f"{prog}: this image has no shell (/bin/bash, /bin/sh)",
-                                    EXIT_NOT_FOUND)
-        # bash: not the user's ~/.bashrc; Lmod's init/bash where the site has Lmod
-        # inside (an interactive bash reads no BASH_ENV).
-        if sh.endswith("/bash"):
-            opt = ["--rcfile", rcfile] if rcfile and os.path.isfile(rcfile) else ["--norc"]
-        else:
-            opt = []
-        argv = [sh] + opt + args
-    else:
-        argv = args
-    cmd = argv[0]
-    hint = _hint(prog, verb, cmd)
-    if verb == "exec" and "/" in cmd and hint and _is_image(cmd):
-        raise HpcimageError(f"{prog}: {cmd}: is an image, not a program{hint}",
-                            EXIT_NOT_EXECUTABLE)
-    scripts = has_sh and app is not None
-    try:
-        scripts = scripts or has_sh and any(n.endswith(".sh") for n in os.listdir(ENV_DIR))
-    except OSError:
-        pass
-    if scripts:
-        if "/" in cmd:      # the shell's own exec error is raw: say it here, as below
-            why = _why_not(cmd)
-            if why:
-                raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1])
-        label = prog if prog.startswith("image-") else "hpcimage"
-        e = environ.shell_env(env, forced, prepend, append, label, hint)
-        script = environ.shell_prologue(forced, prepend, append, app) + environ.SHELL_EXEC
-        procstate.for_exec()
-        os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
-    e = environ.direct_env(env, forced, prepend, append)
-    path = which(cmd, e.get("PATH", environ.DEFAULT_PATH))
-    if path is None:
-        raise HpcimageError(f"{prog}: {cmd}: command not found in the image "
-                            f"(PATH={e.get('PATH', '')}){hint}", EXIT_NOT_FOUND)
-    procstate.for_exec()
-    try:
-        os.execve(path, argv, e)
-    except OSError as e2:
-        why = _why_not(path) or (f"cannot execute: {e2.strerror}", EXIT_NOT_EXECUTABLE)
-        raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1]) from None
-
-
-IMAGE_SUFFIXES = (".sif", ".sqfs", ".squashfs", ".img", ".simg")
-
-
-def _hint(prog, verb, cmd):
-    """What a user probably meant by a command the image cannot run: the Apptainer
-    habit of naming the image first (image-exec IMAGE CMD), or a script in the current
-    directory named without ./ ("" when nothing comes to mind)."""
-    if verb == "exec" and prog.startswith("image-") and (
-            cmd.endswith(IMAGE_SUFFIXES) or _is_image(cmd)):
-        also = ", or use 'hpcimage exec IMAGE CMD'" if prog == "image-exec" else ""
-        return f"; {prog} runs the loaded module's image: drop the image argument{also}"
-    if "/" not in cmd and os.path.isfile(cmd):
-        return f"; did you mean ./{cmd}?"
-    return ""
-
-
-def _is_image(path):
-    """path (as seen from here) is a SIF or SquashFS file or a sandbox directory."""
-    try:
-        if os.path.isdir(path):
-            return os.path.isdir(os.path.join(path, ".singularity.d"))
-        with open(path, "rb") as f:
-            head = f.read(42)
-    except OSError:
-        return False
-    return head[:4] == b"hsqs" or head[32:41] == b"SIF_MAGIC"
-
-
-def _why_not(path, interpreter=True):
-    """(message, status) saying why path cannot be executed, None when it looks runnable:
-    missing (127), a directory or without execute permission (126; access() also sees a
-    noexec mount), a script whose #! interpreter is missing (127) or not executable."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "no such file in the image", EXIT_NOT_FOUND
-    except OSError as e:
-        return f"cannot execute: {e.strerror}", EXIT_NOT_EXECUTABLE
-    if stat.S_ISDIR(st.st_mode):
-        return "is a directory, not a program", EXIT_NOT_EXECUTABLE
-    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
-        return "not executable (permission denied)", EXIT_NOT_EXECUTABLE
-    if interpreter:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(256)
-        except OSError:
-            return None
-        if head[:2] == b"#!":
-            words = head[2:].split(b"\n")[0].split()
-            if words:
-                interp = words[0].decode(errors="replace")
-                why = _why_not(interp, False)
-                if why:
-                    return f"bad interpreter {interp}: {why[0]}", why[1]
-    return None

@@ -80,7 +80,7 @@ def _link_chain(exe):
 
 
 def launcher(environ, policy):
-    from hpcimage.runtime.plan import which
+    from hpcimage.linux.paths import which
     kind, why = mpi.launcher_kind(environ, policy)
     path = environ.get("PATH") or "/usr/bin:/bin"
     exe = which(kind, path)

@@ -127,7 +127,7 @@ def launcher_argv(opts, environ, site, mode, runtime_opts, program):
     """The command that starts one runtime per rank."""
     policy = site.get("mpi") or {}
     kind = launcher_kind(environ, policy)[0]
-    from hpcimage.runtime.plan import which
+    from hpcimage.linux.paths import which
     exe = which(kind, environ.get("PATH") or "/usr/bin:/bin")
     if exe is None:
         raise HpcimageError(f"image-mpi: launcher {kind!r} not found on PATH"
@@ -207,7 +207,7 @@ def _warm(cmd, path):
     ld.so.cache, and the dynamic loader) once, in the container: a fresh image mount
     has a cold page cache, and 32 ranks faulting the same pages through FUSE at once is
     the slowest part of a launch. Best effort."""
-    from hpcimage.runtime.plan import which
+    from hpcimage.linux.paths import which
     from hpcimage.host import HostRoot, elf
     from hpcimage.host.ldcache import LdCache
     exe = which(cmd, path)
@@ -305,7 +305,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     variables through untouched and derive nothing from them, that environment (less
     `_`) serves every rank: hpcimage-join then execs the program without /bin/sh.
     Returns it as a dict, or None (scripts that read per-rank values, no env -0, ...)."""
-    from hpcimage.runtime.plan import _chdir
+    from hpcimage.runtime.command import _chdir
     if not os.access("/bin/sh", os.X_OK) or not _scripts_look_static(varies):
         return None
 
@@ -368,11 +368,11 @@ def _start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
                 os.dup2(null, fd)
             procstate.helper_signals()      # signals are for the program; the holder
                                             # lives while any rank does (refs)
-            from hpcimage.runtime import plan as launch
+            from hpcimage.runtime.execute import execute
             if warm:                    # what _warm needs, imported while the host is seen
                 from hpcimage.host import elf, ldcache  # noqa: F401
             try:
-                launch.execute(head)
+                execute(head)
             except HpcimageError as e:
                 os.write(w, ("E" + e.message).encode())
                 os._exit(1)
@@ -630,7 +630,7 @@ def wrapper_signature(rest, opts):
 def run_rank(opts, image, site, environ, signature=None):
     """Rank side: plan, then shared (or per-rank) namespaces, then exec. signature:
     the rank's runtime options as hpcimage-join sees them (for the recipe)."""
-    from hpcimage.runtime import plan as launch
+    from hpcimage.runtime.execute import execute
     locked = environ.pop("HPCIMAGE_MPI_LOCKED_FD", None)
     os.environ.pop("HPCIMAGE_MPI_LOCKED_FD", None)
     key = job_key(environ) if environ.get("HPCIMAGE_MPI_SHARE", "1") != "0" else None
@@ -641,10 +641,10 @@ def run_rank(opts, image, site, environ, signature=None):
         return 0
     p.warn(opts.prog, environ)
     if key is None:
-        launch.execute(p)
+        execute(p)
         return 1
     tail = join_shared(p, key, environ, signature, locked, opts.cleanenv)
-    launch.execute(tail)
+    execute(tail)
     return 1
 
 
