@@ -16,7 +16,7 @@ NAMES = ["user-namespaces", "dev-fuse", "squashfuse", "session-directory", "site
          "overlayfs", "fuse-overlayfs", "fuse2fs", "subordinate-ids", "lmod",
          "environment-modules", "mpi-joiner"]
 NEEDED = {"user-namespaces", "dev-fuse", "squashfuse", "session-directory", "site-config"}
-JOINER = subprocess.run([PY, "-I", "-c", "import hpcimage.runtime.mpi.launcher as m; "
+JOINER = subprocess.run([PY, "-I", "-c", "import hpcimage.runtime.mpi.recipe as m; "
                          "print(m.JOIN_HELPER)"], capture_output=True, text=True,
                         check=True).stdout.strip()
 TOOL_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/sbin")

@@ -470,7 +470,7 @@ def check_envmodules(environ):
 
 
 def check_joiner(environ):
-    from hpcimage.runtime.mpi import launcher as mpi
+    from hpcimage.runtime.mpi import recipe as mpi
     helper = mpi.JOIN_HELPER
     if not os.access(helper, os.X_OK):
         return line("mpi-joiner", WARN, f"{helper}: not built: every image-mpi rank starts "

@@ -25,10 +25,10 @@ def run(argv, environ=None):
         from hpcimage.runtime import localcopy as local
         opts.image = local.choose(opts.image, site, environ)
     if argv[0] == "image-mpi-rank":
-        from hpcimage.runtime.mpi import launcher as mpi
+        from hpcimage.runtime.mpi import rank
         opts.prog = "image-mpi"
-        return mpi.run_rank(opts, open_image(opts.image), site, environ,
-                            mpi.rank_signature(argv[1:], opts))
+        return rank.run_rank(opts, open_image(opts.image), site, environ,
+                             rank.rank_signature(argv[1:], opts))
     image = _open_image(opts, environ)
     p = launch.plan(opts, image, site, environ)
     if opts.dry_run:

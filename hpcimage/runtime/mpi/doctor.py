@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 from hpcimage.runtime.mpi import launcher as mpi
+from hpcimage.runtime.mpi import jobenv, recipe
 from hpcimage.host import mpi as hostmpi
 
 FAMILY_NAME = {"openmpi": "Open MPI", "mpich": "MPICH"}
@@ -224,7 +225,7 @@ def _userns_probe():
 
 
 def state_dir(environ):
-    """The rules of mpi._state_base, checked without creating anything."""
+    """The rules of shared._state_base, checked without creating anything."""
     parent = environ.get("HPCIMAGE_MPI_STATE", "/tmp")
     base = os.path.join(parent, f"hpcimage-{os.getuid()}")
     out = {"path": base, "usable": False}
@@ -293,14 +294,14 @@ def ranks(environ):
                           "HPCIMAGE_MPI_STATE=DIR (a directory of yours) or "
                           "HPCIMAGE_MPI_SHARE=0 (per-rank namespaces)"))
     # The joiner.
-    built = os.access(mpi.JOIN_HELPER, os.X_OK)
-    used = mpi.join_helper(environ)
-    out["joiner"] = {"path": mpi.JOIN_HELPER, "built": built, "used": used is not None}
+    built = os.access(recipe.JOIN_HELPER, os.X_OK)
+    used = recipe.join_helper(environ)
+    out["joiner"] = {"path": recipe.JOIN_HELPER, "built": built, "used": used is not None}
     if used:
         f.append(_finding("ok", f"joiner: {used} (ranks after the first on a node start "
                           "without Python)"))
     elif not built:
-        f.append(_finding("warn", f"joiner: not built ({mpi.JOIN_HELPER} missing): every rank "
+        f.append(_finding("warn", f"joiner: not built ({recipe.JOIN_HELPER} missing): every rank "
                           "starts a Python runtime (slower launch; reinstall hpcimage with a "
                           "C compiler)"))
     else:
@@ -308,10 +309,10 @@ def ranks(environ):
         f.append(_finding("info", f"joiner: built but off ({off}): every rank starts a "
                           "Python runtime"))
     # Per-rank fallback.
-    out["per_rank_env"] = {} if share else dict(mpi.NO_CMA)
+    out["per_rank_env"] = {} if share else dict(jobenv.NO_CMA)
     if not share:
         f.append(_finding("info", "set for every rank (unless already set): "
-                          + " ".join(f"{k}={v}" for k, v in mpi.NO_CMA.items())))
+                          + " ".join(f"{k}={v}" for k, v in jobenv.NO_CMA.items())))
     out["blockers"] = [x["text"] for x in f if x["status"] == "no"]
     return out
 

@@ -1,7 +1,7 @@
 /* hpcimage-join: the per-rank fast path of image-mpi.
  *
  * The ranks of one MPI job on one node share one container (user + mount namespace,
- * one image mount) kept by a holder process; see hpcimage/runtime/mpi.py. The first
+ * one image mount) kept by a holder process; see hpcimage/runtime/mpi/ (shared.py, recipe.py). The first
  * rank (Python) starts the holder and writes a *recipe*: what its own plan does after
  * the namespaces exist (working directory, environment, the /bin/sh prologue). Every
  * other rank runs this small program instead of a Python interpreter:
@@ -89,7 +89,7 @@ static const char *getenv_nonempty(const char *name)
     return v && *v ? v : NULL;
 }
 
-/* Same rules as mpi.is_rank(): started by a launcher as one rank of a job. */
+/* Same rules as jobenv.is_rank(): started by a launcher as one rank of a job. */
 static int is_rank(void)
 {
     static const char *markers[] = {"PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMI_FD"};
@@ -106,7 +106,7 @@ static int is_rank(void)
 
 /* The wrapper form (`srun image-mpi [OPTIONS] [--] PROGRAM`, no `--` needed): the
  * recipe's signature is "image-mpi" and the option words the planning rank's parser
- * took (mpi.wrapper_signature). Our words must start with exactly those, and the next
+ * took (rank.wrapper_signature). Our words must start with exactly those, and the next
  * one must be PROGRAM: not an option (then the runtime's parser, in the same state
  * after the same words, stops there too). Returns PROGRAM's index, or -1. */
 static int wrapper_program(const char *sig, int first, int argc, char **argv)
@@ -128,7 +128,7 @@ static int wrapper_program(const char *sig, int first, int argc, char **argv)
     return i < argc && argv[i][0] != '-' ? i : -1;
 }
 
-/* Same rules as mpi.job_key(): the first complete group, joined with '-',
+/* Same rules as jobenv.job_key(): the first complete group, joined with '-',
  * other characters than [A-Za-z0-9._-] replaced by '_', at most 120 characters. */
 static int job_key(char *out, size_t size)
 {
@@ -372,7 +372,7 @@ static char **rank_environment(const struct recipe *r, const char **base, int nb
         env[k++] = *e;
     }
     env[k] = NULL;
-    /* PMIX_{PTL_MODULE,...} -> PMIX_MCA_{ptl,...} when unset (mpi.rank_environ) */
+    /* PMIX_{PTL_MODULE,...} -> PMIX_MCA_{ptl,...} when unset (rank.rank_environ) */
     for (int i = 0; i < r->ntranslate; i++) {
         const char *eq = strchr(r->translate[i], '=');
         size_t sl = (size_t)(eq - r->translate[i]);
@@ -463,7 +463,7 @@ int main(int argc, char **argv)
     if (job_key(key, sizeof key) != 0)
         fallback_why(-1, "no job key in the environment");
 
-    /* The per-user state directory, as mpi._state_base() checks it. */
+    /* The per-user state directory, as shared._state_base() checks it. */
     char base[4096];
     const char *state_root = getenv_nonempty("HPCIMAGE_MPI_STATE");
     snprintf(base, sizeof base, "%s/hpcimage-%u", state_root ? state_root : "/tmp",
@@ -573,7 +573,7 @@ int main(int argc, char **argv)
             execve("/bin/sh", av, env);
             die(126, "/bin/sh: cannot execute: %s%s", strerror(errno), "");
         }
-        /* The env scripts' result, found once by the holder (mpi._probe_env), or, for
+        /* The env scripts' result, found once by the holder (shared._probe_env), or, for
          * an image without env scripts, the planned environment. */
         char **env = r.nfinal ? rank_environment(&r, r.final, r.nfinal, r.final_keep, r.nfinal_keep)
                               : rank_environment(&r, r.out, r.nout, r.keep, r.nkeep);
