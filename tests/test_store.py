@@ -1089,7 +1089,7 @@ def test_lock_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
 
     import fcntl
 
-    from hpcimage import store as st
+    from hpcimage.store import layout as st
     from hpcimage.errors import HpcimageError
 
     def no_locks(fd, op):
@@ -1118,7 +1118,7 @@ def test_lock_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("size", [0, 1, 5 << 20, 40 << 20 | 3])
 def test_copy_hashing(tmp_path, size):
-    from hpcimage import store as st
+    from hpcimage.store import transfer as st
     from hpcimage.errors import HpcimageError
     src = tmp_path / "src"
     src.write_bytes(random.Random(size).randbytes(size))
@@ -1140,7 +1140,7 @@ def test_copy_hashing(tmp_path, size):
 
 def test_copy_hashing_write_error(tmp_path):
     """A write error in the writer thread reaches the caller."""
-    from hpcimage import store as st
+    from hpcimage.store import transfer as st
     src = tmp_path / "src"
     src.write_bytes(b"x" * (9 << 20))
     fi = os.open(src, os.O_RDONLY)

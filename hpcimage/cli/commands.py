@@ -83,8 +83,8 @@ def apps(image):
 def publish(image, name, version, site_path, definition):
     """Place IMAGE in the store as NAME/VERSION (the `file` site.yaml gives), atomically,
     and record it in the store's manifest (docs/store.md)."""
-    from hpcimage import store
-    store.publish(site_path, image, name, version, definition=definition)
+    from hpcimage.store.publish import publish
+    publish(site_path, image, name, version, definition=definition)
 
 
 @cli.command("update", context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,8 +98,8 @@ def update_command(check, remove):
     copy while it is current. The image-update command of a loaded module runs this."""
     if check and remove:
         raise click.UsageError("--check and --remove exclude each other")
-    from hpcimage import store
-    return store.update(check=check, remove=remove)
+    from hpcimage.store.update import update
+    return update(check=check, remove=remove)
 
 
 @cli.command("doctor")

@@ -324,7 +324,7 @@ BUILD_DIR = ".hpcimage-build."     # STOREDIR/.hpcimage-build.PID.RANDOM: a buil
 def _clean_build_dirs(directory):
     """Remove the build directories of `build --all` runs that died (their PID is gone)."""
     import shutil
-    from hpcimage import store
+    from hpcimage.store import layout as store
     try:
         names = os.listdir(directory)
     except OSError:
@@ -347,7 +347,8 @@ def build_site(site_path, force=False, notest=False, only=()):
     import shutil
     import tempfile
     from hpcimage.config import site as _site
-    from hpcimage import store
+    from hpcimage.store import layout as store_layout
+    from hpcimage.store.publish import publish
     s = _site.load(site_path)
     known = {i.module for i in s.images} | {i.name for i in s.images}
     unknown = [n for n in only if n not in known]
@@ -371,7 +372,7 @@ def build_site(site_path, force=False, notest=False, only=()):
         directory = os.path.dirname(img.path)
         work = None
         try:
-            store._makedirs(directory)
+            store_layout._makedirs(directory)
             _clean_build_dirs(directory)
             try:
                 work = tempfile.mkdtemp(prefix=f"{BUILD_DIR}{os.getpid()}.", dir=directory)
@@ -380,8 +381,8 @@ def build_site(site_path, force=False, notest=False, only=()):
                                     f"{e.strerror}") from None
             out = os.path.join(work, os.path.basename(img.path))
             build(out, d, notest=notest)
-            store.publish(site_path, out, img.name, img.version, definition=d,
-                          out=sys.stderr)
+            publish(site_path, out, img.name, img.version, definition=d,
+                    out=sys.stderr)
             built.append(img.module)
         except HpcimageError as e:
             print(f"hpcimage: error: {img.module}: {e.message}", file=sys.stderr)
