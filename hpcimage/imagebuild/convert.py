@@ -27,6 +27,7 @@ from hpcimage.linux import spawn
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.image import sif as _sif
 from hpcimage.image.tree import read_small, unsquashfs_cat
+from hpcimage.image.magic import SQUASHFS_MAGIC
 
 SQUASHFS_SUFFIXES = (".sqfs", ".squashfs", ".sqsh", ".squash", ".sfs")
 SIF_SUFFIXES = (".sif",)
@@ -60,7 +61,7 @@ def resolve_source(source):
         raise UsageError(f"{path}: cannot read: {e.strerror}") from None
     if head[32:42] == _sif.MAGIC:
         return Source("sif", path)
-    if head[:4] == _sif.SQUASHFS_MAGIC:
+    if head[:4] == SQUASHFS_MAGIC:
         return Source("squashfs", path)
     if path.endswith(".def") or _looks_like_definition(path):
         return Source("def", path)

@@ -8,6 +8,7 @@ from hpcimage.errors import HpcimageError, UsageError, EXIT_NOT_FOUND, EXIT_NOT_
 from hpcimage.runtime import environ
 from hpcimage.linux import procstate
 from hpcimage.linux.paths import which
+from hpcimage.image.magic import head_kind
 
 
 SHELLS = ("/bin/bash", "/bin/sh")
@@ -154,7 +155,7 @@ def _is_image(path):
             head = f.read(42)
     except OSError:
         return False
-    return head[:4] == b"hsqs" or head[32:41] == b"SIF_MAGIC"
+    return head_kind(head) is not None
 
 
 def _why_not(path, interpreter=True):

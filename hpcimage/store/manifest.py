@@ -4,9 +4,9 @@ import hashlib
 import json
 import os
 
+from hpcimage import fsutil
 from hpcimage.errors import HpcimageError, UsageError
-from hpcimage.store.layout import MANIFEST, TMP_MARK, _now_iso, _fsync_dir
-from hpcimage.store.transfer import _write_all
+from hpcimage.store.layout import MANIFEST, TMP_MARK, _now_iso
 
 
 MANIFEST_VERSION = 1
@@ -42,22 +42,9 @@ def write_json_atomic(path, data, mode=0o644):
     tmp = os.path.join(d, f".{name}{TMP_MARK}{os.getpid()}")
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode)
-        try:
-            os.fchmod(fd, mode)
-            _write_all(fd, memoryview(text.encode("utf-8")))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        fsutil.write_atomic(path, text, mode, tmp=tmp)
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise HpcimageError(f"cannot write {path}: {e.strerror}") from None
-    _fsync_dir(d)
 
 
 def image_facts(path, definition=None):

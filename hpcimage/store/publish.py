@@ -4,8 +4,9 @@ import os
 import stat
 import sys
 
+from hpcimage.fsutil import fsync_dir as _fsync_dir
 from hpcimage.errors import HpcimageError, UsageError
-from hpcimage.store.layout import _identity_matches, MANIFEST, STORE_LOCK, PREVIOUS, TMP_MARK, _now_iso, _fsync_dir, _makedirs, clean_temps, Lock
+from hpcimage.store.layout import _identity_matches, MANIFEST, STORE_LOCK, PREVIOUS, TMP_MARK, _now_iso, _makedirs, clean_temps, Lock
 from hpcimage.store.transfer import Progress, copy_hashing, hash_file, _mib
 from hpcimage.store.manifest import MANIFEST_VERSION, HEADER, load_manifest, write_json_atomic, image_facts
 

@@ -5,9 +5,10 @@ import stat
 import sys
 import time
 
+from hpcimage.fsutil import fsync_dir as _fsync_dir
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.runtime import localcopy as local
-from hpcimage.store.layout import _identity_matches, _fsync_dir, _makedirs, clean_temps, Lock
+from hpcimage.store.layout import _identity_matches, _makedirs, clean_temps, Lock
 from hpcimage.store.transfer import Progress, copy_hashing, _mib
 
 
