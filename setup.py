@@ -1,4 +1,4 @@
-"""setuptools hook: build hpcimage/runtime/hpcimage-join, image-mpi's per-rank joiner.
+"""setuptools hook: build hpcimage/runtime/mpi/hpcimage-join, image-mpi's per-rank joiner.
 
 Metadata lives in setup.cfg. The joiner is a small C program (libc only) that keeps a
 Python interpreter out of every MPI rank after the first on a node (bench/mpi). It is
@@ -15,14 +15,14 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.dist import Distribution
 
-SRC = os.path.join("hpcimage", "runtime", "join.c")
+SRC = os.path.join("hpcimage", "runtime", "mpi", "join.c")
 EXE = "hpcimage-join"
 
 
 class BuildPy(build_py):
     def run(self):
         super().run()
-        out = os.path.join(self.build_lib, "hpcimage", "runtime", EXE)
+        out = os.path.join(self.build_lib, "hpcimage", "runtime", "mpi", EXE)
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if not cc:
             sys.stderr.write(f"hpcimage: no C compiler: {EXE} not built (image-mpi ranks "

@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpcimage import fsutil
 from hpcimage.errors import HpcimageError
 
 FORMATS = ("lua", "tcl")
@@ -501,23 +502,13 @@ def _makedirs(path):
 
 
 def write_atomic(path, content, mode):
-    """Write to a temporary name in the same directory, then rename into place."""
+    """Write to a temporary name in the same directory, then rename into place
+    (hpcimage.fsutil: the file and the directory fsync'ed)."""
     d, name = os.path.split(path)
     _makedirs(d)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".hpcimage-tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content.encode("utf-8"))
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    os.close(fd)
+    fsutil.write_atomic(path, content, mode, tmp=tmp)
 
 
 def apply(changes):
@@ -589,7 +580,7 @@ def check_report(changes):
 def run(site_path="site.yaml", prefix=None, check=False, fmt="all", out=None):
     """`hpcimage generate`; returns 0 (done/current); raises HpcimageError:
     exit 2 for bad input, 1 when --check finds the tree stale or a write fails."""
-    from hpcimage import site as sitemod
+    from hpcimage.config import site as sitemod
 
     out = out or sys.stdout
     formats = FORMATS if fmt == "all" else (fmt,)

@@ -219,7 +219,7 @@ def _cached(name, build):
 
 
 def _demo_tree(path):
-    subprocess.run([sys.executable, "-m", "hpcimage.build.busybox", str(path)], check=True,
+    subprocess.run([sys.executable, "-m", "hpcimage.imagebuild.busybox", str(path)], check=True,
                    cwd=REPO)
     env = path / ".singularity.d" / "env"
     (env / "10-first.sh").write_text("export ORDER=first\nexport FROM_ENV=10\n")
@@ -241,7 +241,7 @@ def demo_sqfs(demo_dir):
 def bare_dir():
     """Only /bin/busybox and its links: no /etc, /home, /tmp, /proc, /dev ..."""
     return _cached("bare-v1", lambda p: subprocess.run(
-        [sys.executable, "-m", "hpcimage.build.busybox", "--bare", str(p)], check=True, cwd=REPO))
+        [sys.executable, "-m", "hpcimage.imagebuild.busybox", "--bare", str(p)], check=True, cwd=REPO))
 
 
 @pytest.fixture(scope="session")
@@ -270,7 +270,7 @@ def bare(request, bare_dir, bare_sqfs):
 
 
 def _debian_tree(path):
-    r = subprocess.run([sys.executable, "-m", "hpcimage.build.debootstrap", str(path)],
+    r = subprocess.run([sys.executable, "-m", "hpcimage.imagebuild.debootstrap", str(path)],
                        cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot build the Debian 12 image (no mirror?): {r.stderr.strip()}")

@@ -267,7 +267,7 @@ def user_copy(user, path, dest_dir):
 # ------------------------------------------------------------------ images
 
 def _openmpi_tree(path):
-    r = subprocess.run([sys.executable, "-m", "hpcimage.build.debootstrap",
+    r = subprocess.run([sys.executable, "-m", "hpcimage.imagebuild.debootstrap",
                         "--include=" + ",".join(OPENMPI_PACKAGES), str(path)],
                        cwd=REPO, capture_output=True, text=True)
     if r.returncode != 0:

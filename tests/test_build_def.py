@@ -80,8 +80,8 @@ def test_demo_def_offline(user, userdir):
     assert lines[0].startswith("1:/opt/demo/bin:")
     assert lines[1] == "demo-hello: hi"
     assert 'NAME="hpcimage Demo"' in lines and "Demo 1.0: a busybox demo image." in r.stdout
-    # what hpcimage.build.busybox demo() writes, the definition file reproduces
-    from hpcimage.build import busybox
+    # what hpcimage.imagebuild.busybox demo() writes, the definition file reproduces
+    from hpcimage.imagebuild import busybox
     ref = userdir / "ref"
     busybox.demo(str(ref))
     got = subprocess.run(["unsquashfs", "-cat", str(out), "etc/os-release"],
@@ -426,7 +426,7 @@ _DEFAULTS = {"sandbox": False, "force": False, "notest": False, "build_args": ()
 ])
 def test_build_parser(args, want):
     """`hpcimage build`'s one parser (click's): what each command line means."""
-    from hpcimage.sifcli import build as click_build
+    from hpcimage.cli.sifcli import build as click_build
     kw = {**_DEFAULTS, "out": "o.sif", "source": "t.def"}
     if args[:1] in (["-s"], ["--sandbox"], ["-sF"]):
         kw["out"] = "box"
@@ -449,7 +449,7 @@ def test_exec_starts_without_click_and_build_with_it(user, userdir):
     r = run("build", str(userdir / "o.sqfs"), str(d))
     assert r.returncode == 0 and (userdir / "o.sqfs").is_file(), r.stderr
     mods = imported(r.stderr)
-    assert "hpcimage.buildcmd" in mods and "click" in mods
+    assert "hpcimage.imagebuild.buildcmd" in mods and "click" in mods
     r = run("build", str(userdir / "demo.sqfs"), str(IMAGES / "Demo.def"))
     assert r.returncode == 0 and (userdir / "demo.sqfs").is_file(), r.stderr
     heavy = {"yaml", "jinja2"}
@@ -458,10 +458,10 @@ def test_exec_starts_without_click_and_build_with_it(user, userdir):
         r = run(verb, "--dry-run", str(userdir / "o.sqfs"), *args)
         assert r.returncode == 0, r.stderr
         mods = imported(r.stderr)
-        assert "hpcimage.runtime.launch" in mods and "click" not in mods, verb
+        assert "hpcimage.runtime.plan" in mods and "click" not in mods, verb
     r = user.run(cli_argv("exec", str(userdir / "o.sqfs"), "cat", "/hi"), cwd=str(userdir))
     assert r.returncode == 0 and r.stdout == "hi\n", r.stderr
-    r = run("build", "--help")
+    r = run("build", "--help")                                    # click's path
     assert r.returncode == 0 and "click" in imported(r.stderr) and "--sandbox" in r.stdout
 
 

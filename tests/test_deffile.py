@@ -1,4 +1,4 @@
-"""The definition-file parser (hpcimage.deffile): header, every section, SCI-F apps,
+"""The definition-file parser (hpcimage.imagebuild.deffile): header, every section, SCI-F apps,
 multi-stage builds, {{ arguments }}, real-world files, and line-numbered errors."""
 import glob
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcimage import deffile
+from hpcimage.imagebuild import deffile
 from hpcimage.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def test_site_images_parse():
         d = deffile.load(f)
         assert d.final.bootstrap in ("busybox", "debootstrap", "docker"), f
         if d.final.bootstrap == "docker":
-            from hpcimage.build.registry import Reference
+            from hpcimage.imagebuild.registry import Reference
             ref = Reference.parse(d.final.get("from"))
             assert ref.registry == "registry-1.docker.io"
 

@@ -16,7 +16,7 @@ NAMES = ["user-namespaces", "dev-fuse", "squashfuse", "session-directory", "site
          "overlayfs", "fuse-overlayfs", "fuse2fs", "subordinate-ids", "lmod",
          "environment-modules", "mpi-joiner"]
 NEEDED = {"user-namespaces", "dev-fuse", "squashfuse", "session-directory", "site-config"}
-JOINER = subprocess.run([PY, "-I", "-c", "import hpcimage.runtime.mpi as m; "
+JOINER = subprocess.run([PY, "-I", "-c", "import hpcimage.runtime.mpi.recipe as m; "
                          "print(m.JOIN_HELPER)"], capture_output=True, text=True,
                         check=True).stdout.strip()
 TOOL_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/sbin")
@@ -26,7 +26,7 @@ TOOL_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/sbin")
 # 0, after the sh commands argv[2] ran there as root.
 NSRUN = r"""
 import os, subprocess, sys
-from hpcimage.runtime import syscalls as sc
+from hpcimage.linux import syscalls as sc
 limit, setup, argv = sys.argv[1] == "1", sys.argv[2], sys.argv[3:]
 r, w = os.pipe()
 r2, w2 = os.pipe()
@@ -409,5 +409,5 @@ def test_joiner_out_of_the_wrappers_reach_warns(user):
     j = lines["mpi-joiner"]
     assert j["status"] == "WARN"
     assert j["detail"] == (f"{JOINER} is built, but the image-mpi wrappers look for it as "
-                           "/usr/lib/python3*/site-packages/hpcimage/runtime/hpcimage-join "
+                           "/usr/lib/python3*/site-packages/hpcimage/runtime/mpi/hpcimage-join "
                            "and do not find it there: every rank starts a Python runtime")

@@ -18,9 +18,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import fakehost  # noqa: E402
 from conftest import PY, runtime_argv  # noqa: E402
 
-from hpcimage.host import Contribution, HostRoot, discover, validate_policy  # noqa: E402
+from hpcimage.host import Contribution, HostRoot, discover  # noqa: E402
+from hpcimage.config.policy import validate_policy  # noqa: E402
 from hpcimage.host import elf, gpu, ib, ldcache  # noqa: E402
-from hpcimage.host import nvliblist as L  # noqa: E402
+from hpcimage.host import gpulibs as L  # noqa: E402
 
 TRIPLET = fakehost.triplet()
 LIBDIR = f"/usr/lib/{TRIPLET}"

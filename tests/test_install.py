@@ -61,7 +61,7 @@ def test_install_into_a_prefix_and_upgrade_beside_the_old_version(top, user, dem
     kept = [p for p in (prefix / "venvs").iterdir() if p.name.startswith("hpcimage-before-")]
     assert len(kept) == 1 and (kept[0] / "old-layout").exists()
     assert os.access(venv / "lib", os.F_OK)
-    joiner = list((venv / "lib").glob("python3*/site-packages/hpcimage/runtime/hpcimage-join"))
+    joiner = list((venv / "lib").glob("python3*/site-packages/hpcimage/runtime/mpi/hpcimage-join"))
     assert joiner and os.access(joiner[0], os.X_OK)
     assert (prefix / "bin" / "hpcimage").resolve() == (venv / "bin" / "hpcimage").resolve()
 

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from hpcimage import convert
-from hpcimage.build import builder, busybox, userns
+from hpcimage.imagebuild import convert
+from hpcimage.imagebuild import builder, busybox, userns
 from hpcimage.errors import HpcimageError
 
 
@@ -113,7 +113,7 @@ def test_namespace_child_result_comes_back_by_marshal():
     """userns.run_as_root passes its child's result back with marshal (not json):
     plain values round-trip, tuples included; a value marshal cannot carry is a clear
     internal error, not 'the build process died'."""
-    from hpcimage.build import userns
+    from hpcimage.imagebuild import userns
     root = userns.IdMap("root")
     assert userns.run_as_root(lambda: {"k": ("a", 1, None)}, (), root) == {"k": ("a", 1, None)}
     with pytest.raises(HpcimageError, match="internal error: result object cannot be passed"):

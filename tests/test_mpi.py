@@ -210,7 +210,7 @@ def test_srun_wrapper_ranks_join_through_hpcimage_join(user, slurm_cluster, site
     the others join it through hpcimage-join from the wrapper, each with its own rank
     and Slurm variables (Slurm sets TMPDIR for the first task only)."""
     wrapper = (site / "wrappers" / "image-mpi").read_text()
-    assert "runtime/hpcimage-join" in wrapper
+    assert "runtime/mpi/hpcimage-join" in wrapper
     r = srun(user, ["image-mpi", "--env", "FOO=bar", "sh", "-c",
                     JOIN_CMD + '; echo "t $PMIX_RANK $SLURM_PROCID"'], n=4, mpi="pmix",
              env=dict(env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1"), cwd=str(userdir))

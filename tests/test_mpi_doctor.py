@@ -12,7 +12,7 @@ import pytest
 from conftest import PY, cli_argv
 from mpitools import host_mpi, openmpi_dir, openmpi_sqfs, nompi_sqfs, slurm_cluster  # noqa: F401
 
-JOINER = Path(subprocess.run([PY, "-I", "-c", "import hpcimage.runtime.mpi as m; "
+JOINER = Path(subprocess.run([PY, "-I", "-c", "import hpcimage.runtime.mpi.recipe as m; "
                               "print(m.JOIN_HELPER)"], capture_output=True, text=True,
                              check=True).stdout.strip())
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import runtime_argv, fuse_processes, wait_no_leaks
-from hpcimage.runtime import mpi
+from hpcimage.runtime.mpi import launcher as mpi
+from hpcimage.runtime.mpi import jobenv, rank
 
 
 @pytest.mark.parametrize("args,opts,prog", [
@@ -26,14 +27,14 @@ def test_split_launcher_args(args, opts, prog):
 
 
 def test_rank_detection_and_job_key():
-    assert not mpi.is_rank({"SLURM_JOB_ID": "5"})                  # batch script
-    assert not mpi.is_rank({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "4294967294"})
-    assert mpi.is_rank({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0"})
-    assert mpi.is_rank({"PMIX_RANK": "3"}) and mpi.is_rank({"OMPI_COMM_WORLD_RANK": "0"})
-    assert mpi.job_key({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "1"}) == "5-1"
-    assert mpi.job_key({"PMIX_NAMESPACE": "prterun-host-123@1"}) == "prterun-host-123_1"
-    assert mpi.job_key({}) is None
-    assert mpi.rank_environ({"PMIX_PTL_MODULE": "tcp", "PMIX_MCA_psec": "x",
+    assert not jobenv.is_rank({"SLURM_JOB_ID": "5"})                  # batch script
+    assert not jobenv.is_rank({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "4294967294"})
+    assert jobenv.is_rank({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0"})
+    assert jobenv.is_rank({"PMIX_RANK": "3"}) and jobenv.is_rank({"OMPI_COMM_WORLD_RANK": "0"})
+    assert jobenv.job_key({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "1"}) == "5-1"
+    assert jobenv.job_key({"PMIX_NAMESPACE": "prterun-host-123@1"}) == "prterun-host-123_1"
+    assert jobenv.job_key({}) is None
+    assert rank.rank_environ({"PMIX_PTL_MODULE": "tcp", "PMIX_MCA_psec": "x",
                              "PMIX_SECURITY_MODE": "native"}) == {"PMIX_MCA_ptl": "tcp"}
 
 
@@ -49,7 +50,7 @@ def test_wrapper_signature_is_the_words_the_parser_took(words, sig):
     exactly the option words the runtime's parser took (with a separating `--`)."""
     from hpcimage.runtime import options
     opts = options.parse(["image-mpi-rank", *words], {"HPCIMAGE_IMAGE": "/x"})
-    assert mpi.wrapper_signature(words, opts) == sig
+    assert rank.wrapper_signature(words, opts) == sig
 
 
 @pytest.fixture

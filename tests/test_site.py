@@ -11,7 +11,8 @@ import pytest
 
 from modtools import REPO, cli_env, hpcimage_cmd, snapshot, write_site
 
-from hpcimage import cli, site
+from hpcimage import cli
+from hpcimage.config import site
 from hpcimage.errors import UsageError
 
 GOOD = """\

@@ -25,9 +25,9 @@ import pytest
 from conftest import PY, _cached, _mksquashfs, cli_argv
 from modtools import wrapper_code
 
-from hpcimage import site as sitemod
+from hpcimage.config import site as sitemod
 from hpcimage.errors import UsageError
-from hpcimage.runtime import local
+from hpcimage.runtime import localcopy as local
 
 TESTS = Path("/tmp/hpcimage-tests")
 
@@ -217,7 +217,7 @@ def test_site_local_and_keep_errors(text, message):
 
 
 # --------------------------------------------------------------------------
-# The runtime's choice (hpcimage.runtime.local), in process
+# The runtime's choice (hpcimage.runtime.localcopy), in process
 # --------------------------------------------------------------------------
 
 def test_expand():
@@ -304,8 +304,8 @@ def test_choose_stays_on_the_hot_path(store, v1):
     """No json, re, hashlib, click or yaml imported; the image is not opened."""
     store.publish(v1)
     ok(store.update())
-    code = ("import os, sys; from hpcimage.runtime import main, local; "
-            "site = main.load_site(os.environ); "
+    code = ("import os, sys; from hpcimage.config import policy; from hpcimage.runtime import localcopy as local; "
+            "site = policy.load_site(os.environ); "
             "print(local.choose(os.environ['HPCIMAGE_IMAGE'], site, os.environ)); "
             "print(sorted(m for m in ('json', 're', 'hashlib', 'click', 'yaml', 'hpcimage.store')"
             " if m in sys.modules))")
@@ -1081,7 +1081,7 @@ def test_lock_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
 
     import fcntl
 
-    from hpcimage import store as st
+    from hpcimage.store import layout as st
     from hpcimage.errors import HpcimageError
 
     def no_locks(fd, op):
@@ -1110,7 +1110,7 @@ def test_lock_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("size", [0, 1, 5 << 20, 40 << 20 | 3])
 def test_copy_hashing(tmp_path, size):
-    from hpcimage import store as st
+    from hpcimage.store import transfer as st
     from hpcimage.errors import HpcimageError
     src = tmp_path / "src"
     src.write_bytes(random.Random(size).randbytes(size))
@@ -1132,7 +1132,7 @@ def test_copy_hashing(tmp_path, size):
 
 def test_copy_hashing_write_error(tmp_path):
     """A write error in the writer thread reaches the caller."""
-    from hpcimage import store as st
+    from hpcimage.store import transfer as st
     src = tmp_path / "src"
     src.write_bytes(b"x" * (9 << 20))
     fi = os.open(src, os.O_RDONLY)

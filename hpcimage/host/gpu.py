@@ -19,15 +19,14 @@ Pure: reads the host through a HostRoot, returns a Contribution; never runs ldco
 or nvidia-smi. Standard library only.
 """
 
-from hpcimage.host import Contribution
-from hpcimage.host import nvliblist as L
+from hpcimage.host.root import Contribution
+from hpcimage.host import gpulibs as L
 
-LIBS_DIR = "/.singularity.d/libs"
+from hpcimage.host.root import LIBS_DIR  # noqa: E402
 BIN_DIR = "/.singularity.d/bin"
 DEFAULT_PATH_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
                      "/sbin", "/bin")
-GPU_MODES = ("auto", "nvidia", "rocm", "off")
-DEVICE_MODES = ("visible", "all")
+from hpcimage.config.policy import GPU_MODES, DEVICE_MODES  # noqa: E402
 NONE_VALUES = ("", "none", "void", "nodevfiles")
 
 
@@ -51,27 +50,6 @@ def _choice(policy, key, allowed, default, c):
                           f"{', '.join(allowed)}; using {default!r}")
         return default
     return v
-
-
-def validate_policy(policy):
-    errors = []
-    for key, allowed in (("gpu", GPU_MODES), ("gpu_devices", DEVICE_MODES)):
-        if key in policy:
-            v = policy[key]
-            if v is False:
-                v = "off"
-            if v not in allowed:
-                errors.append(f"{key}: must be one of {', '.join(allowed)}, not {v!r}")
-    for key in ("gpu_extra_libs", "gpu_extra_binaries", "gpu_extra_devices",
-                "gpu_exclude_libs"):
-        if key in policy:
-            v = policy[key]
-            if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
-                errors.append(f"{key}: must be a list of non-empty strings")
-    for x in policy.get("gpu_extra_devices") or ():
-        if isinstance(x, str) and not x.startswith("/dev/"):
-            errors.append(f"gpu_extra_devices: {x!r} is not under /dev/")
-    return errors
 
 
 # ------------------------------------------------------------ visible devices

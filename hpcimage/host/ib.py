@@ -12,48 +12,14 @@ RLIMIT_MEMLOCK is too low for RDMA: it cannot be raised inside the user namespac
 
 Pure: reads the host through a HostRoot, returns a Contribution. Standard library only.
 """
-from hpcimage.host import Contribution
-from hpcimage.host import nvliblist as L
+from hpcimage.host.root import Contribution
+from hpcimage.host import gpulibs as L
 from hpcimage.host.gpu import LIBS_DIR, bind_libraries, _choice, _str_list
 
-IB_MODES = ("auto", "on", "off")
+from hpcimage.config.policy import IB_MODES, valid_name  # noqa: E402,F401
 MEMLOCK_MIN = 64 << 20
 MAX_CLOSURE = 128
 DEVICE_PREFIXES = ("uverbs", "rdma_cm", "umad", "issm")
-
-
-def validate_policy(policy):
-    errors = []
-    if "infiniband" in policy:
-        v = policy["infiniband"]
-        v = {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
-        if v not in IB_MODES:
-            errors.append(f"infiniband: must be one of {', '.join(IB_MODES)}, not {v!r}")
-    env = policy.get("ib_env")
-    if env is not None:
-        if not isinstance(env, dict):
-            errors.append("ib_env: must be a mapping NAME: value")
-        else:
-            for k, v in env.items():
-                if not isinstance(k, str) or not valid_name(k):
-                    errors.append(f"ib_env: {k!r} is not a variable name")
-                elif not isinstance(v, (str, int)) or isinstance(v, bool):
-                    errors.append(f"ib_env: {k}: value must be a string")
-    if "ib_extra_libs" in policy:
-        v = policy["ib_extra_libs"]
-        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
-            errors.append("ib_extra_libs: must be a list of non-empty strings")
-    if "ib_memlock_min" in policy:
-        v = policy["ib_memlock_min"]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            errors.append("ib_memlock_min: must be a number of bytes (0: no check)")
-    return errors
-
-
-def valid_name(k):
-    """An environment variable name: [A-Za-z_][A-Za-z0-9_]*."""
-    return bool(k) and k.isascii() and (k[0] == "_" or k[0].isalpha()) and all(
-        ch == "_" or ch.isalnum() for ch in k)
 
 
 def _mib(n):

@@ -28,10 +28,10 @@ Imported only when the site switches it on (not on the plain image-exec path).
 """
 import os
 
-from hpcimage.host import NEVER_BIND, Contribution, HostRoot
+from hpcimage.host.root import NEVER_BIND, Contribution, HostRoot
 
 DEFAULT_PREFIX = "/usr/share/lmod/lmod"
-LIBS_DIR = "/.singularity.d/libs"
+from hpcimage.host.root import LIBS_DIR  # noqa: E402
 TAG = "lmod_in_image"
 # Variables that pass into the container even under --cleanenv (Lmod's configuration
 # and the module search path; not its state: _ModuleTable*_ describes modules whose

@@ -6,10 +6,7 @@ file is done by `hpcimage.image.squashfs` inside the caller's mount namespace.
 import os
 
 from hpcimage.errors import UsageError
-
-SQUASHFS_MAGIC = b"hsqs"
-SIF_MAGIC = b"SIF_MAGIC"
-SIF_MAGIC_OFFSET = 32
+from hpcimage.image.magic import HEAD_SIZE, head_kind
 
 
 class Image:
@@ -39,12 +36,8 @@ def sniff(path):
     if os.path.isdir(path):
         return "sandbox"
     with open(path, "rb") as f:
-        head = f.read(64)
-    if head[:4] == SQUASHFS_MAGIC:
-        return "squashfs"
-    if head[SIF_MAGIC_OFFSET:SIF_MAGIC_OFFSET + len(SIF_MAGIC)] == SIF_MAGIC:
-        return "sif"
-    return None
+        head = f.read(HEAD_SIZE)
+    return head_kind(head)
 
 
 def open_image(path, check_arch=True):

@@ -13,7 +13,7 @@ machine.CompatibleWith), and any architecture for which binfmt_misc has a persis
 """
 import os
 
-from hpcimage.errors import UsageError
+from hpcimage.errors import HpcimageError, UsageError
 
 # os.uname().machine -> Go architecture name.
 MACHINE_GOARCH = {
@@ -102,23 +102,11 @@ def check_tree(path, root):
 
 
 def _resolve(root, name):
-    parts = [c for c in name.split("/") if c and c != "."]
-    out = []
-    hops = 0
-    while parts:
-        c = parts.pop(0)
-        if c == "..":
-            out[-1:] = []
-            continue
-        try:
-            link = os.readlink(os.path.join(root, *out, c))
-        except OSError:
-            out.append(c)
-            continue
-        hops += 1
-        if hops > 40:
-            return None
-        if link.startswith("/"):
-            out = []
-        parts = [x for x in link.split("/") if x and x != "."] + parts
-    return os.path.join(root, *out)
+    """name resolved inside root with chroot semantics (hpcimage.linux.paths), as a host
+    path; None for a loop of symbolic links."""
+    from hpcimage.linux.paths import resolve_in
+    try:
+        rel = resolve_in(root, name)
+    except HpcimageError:
+        return None
+    return os.path.join(root, rel) if rel else root

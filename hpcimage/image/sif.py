@@ -25,9 +25,10 @@ import os
 import struct
 
 from hpcimage.errors import HpcimageError, UsageError
+from hpcimage.image.magic import SIF_MAGIC, SQUASHFS_MAGIC
 
 LAUNCH_SCRIPT = b"#!/usr/bin/env run-singularity\n"
-MAGIC = b"SIF_MAGIC\x00"
+MAGIC = SIF_MAGIC + b"\x00"
 VERSION = b"01\x00"
 
 HEADER_SIZE = 128
@@ -142,7 +143,6 @@ ARCH_UNKNOWN = b"00\x00"
 _GOARCH_CODES = {v: k for k, v in ARCH_CODES.items()}
 # os.uname().machine -> Go architecture name: hpcimage.image.arch.MACHINE_GOARCH.
 
-SQUASHFS_MAGIC = b"hsqs"
 
 
 def goarch_name(code):

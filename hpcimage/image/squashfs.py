@@ -11,7 +11,7 @@ import os
 import _signal as signal  # the C module: the same names, without enum (~4 ms)
 
 from hpcimage.errors import HpcimageError
-from hpcimage.runtime import syscalls, procstate
+from hpcimage.linux import syscalls, procstate
 
 # Multithreaded squashfuse_ll first: single-threaded squashfuse makes metadata-heavy
 # jobs several times slower.

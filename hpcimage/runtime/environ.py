@@ -65,7 +65,7 @@ def shell_prologue(forced, prepend, append, app=None):
     """The /bin/sh text that sources the image's env scripts (then, with APP, the
     app's /scif/apps/APP/scif/env/*.sh and its bin/ and lib/, as Apptainer does),
     then applies forced variables (passed in the environment as __HPCIMAGE_F_NAME,
-    names validated). APP must be a valid app name (launch.valid_app)."""
+    names validated). APP must be a valid app name (command.valid_app)."""
     lines = ['for __hpcimage_f in /.singularity.d/env/*.sh; do',
              '  [ -f "$__hpcimage_f" ] && . "$__hpcimage_f"',
              'done']
@@ -89,7 +89,7 @@ def shell_prologue(forced, prepend, append, app=None):
 
 
 # Resolve the command as the shell's `exec` will, and say what is wrong in one line with
-# the direct path's words and statuses (launch._exec): 127 not found, 126 not executable.
+# the direct path's words and statuses (command._exec): 127 not found, 126 not executable.
 # No fork: `[` and `for` are builtins. The PATH search is done here because `command -v`
 # also finds builtins and functions (that `exec` does not run) and, in busybox, files
 # without the execute bit. A command with a '/' was checked by the launcher already (with

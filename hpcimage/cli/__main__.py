@@ -1,0 +1,4 @@
+"""python -m hpcimage.cli"""
+from hpcimage.cli import main
+
+main()

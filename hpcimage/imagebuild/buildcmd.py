@@ -1,0 +1,56 @@
+"""`hpcimage build`: the command's logic. Its parser is click's (hpcimage.sifcli.build),
+the only one; hpcimage.commands turns its errors into one line."""
+import sys
+
+
+def _echo(text):
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose=False):
+    """Build OUT from SOURCE (see `hpcimage build --help`); verbose: the bootstrap
+    agent's own output (debootstrap's) on stderr too, not only the phases."""
+    from hpcimage.imagebuild import convert
+    from hpcimage.errors import UsageError
+    if verbose:
+        from hpcimage.imagebuild import builder
+        builder.VERBOSE = True
+
+    if all_:
+        from hpcimage.imagebuild import builder
+        if sandbox:
+            raise UsageError("build --all publishes image files into the store: no --sandbox")
+        only = [a for a in (out, source) if a]
+        built, skipped, failed = builder.build_site(site_path, force=force, notest=notest,
+                                                    only=only)
+        _echo(f"hpcimage: build --all: built {len(built)}, skipped {len(skipped)}, "
+              f"failed {len(failed)}" + (f" ({', '.join(failed)})" if failed else ""))
+        raise SystemExit(1 if failed else 0)
+    if not out or not source:
+        raise UsageError("build: usage: hpcimage build [OPTIONS] OUT SOURCE "
+                         "(or hpcimage build --all)")
+    args = {}
+    for a in build_args:
+        k, eq, v = a.partition("=")
+        if not eq or not k:
+            raise UsageError(f"--build-arg {a!r}: want NAME=VALUE")
+        args[k] = v
+    for scheme in ("docker", "oras"):
+        if source.startswith(scheme + "://"):
+            from hpcimage.imagebuild import builder
+            kind = builder.build(out, source, sandbox=sandbox, force=force, notest=notest,
+                                 build_args=args, text=f"Bootstrap: {scheme}\n"
+                                 f"From: {source[len(scheme) + 3:]}\n")
+            _echo(f"hpcimage: built {out} ({kind}) from {source}")
+            return
+    src = convert.resolve_source(source)
+    if src.kind == "def":
+        from hpcimage.imagebuild import builder
+        kind = builder.build(out, src.path, sandbox=sandbox, force=force, notest=notest,
+                             build_args=args)
+    else:
+        if args or notest:
+            raise UsageError("--build-arg and --notest apply to definition files only")
+        kind = convert.build(out, src, sandbox=sandbox, force=force)
+    _echo(f"hpcimage: built {out} ({kind}) from {source}")

@@ -1,0 +1,188 @@
+"""The command inside the container: its working directory, the app (SCI-F), and the
+exec that replaces the launcher (env scripts first through /bin/sh; 126/127 as a
+shell says them). Standard library only: the hot path."""
+import os
+import stat
+
+from hpcimage.errors import HpcimageError, UsageError, EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE
+from hpcimage.runtime import environ
+from hpcimage.linux import procstate
+from hpcimage.linux.paths import which
+from hpcimage.image.magic import head_kind
+
+
+SHELLS = ("/bin/bash", "/bin/sh")
+
+
+RUNSCRIPT = "/.singularity.d/runscript"
+
+
+ENV_DIR = "/.singularity.d/env"
+
+
+def _rank0(environ):
+    """Not an MPI rank, or rank 0 (warnings are said once per job)."""
+    return next((environ[k] for k in ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK",
+                                      "SLURM_PROCID") if environ.get(k)), "0") == "0"
+
+
+def valid_app(name):
+    """A SCI-F app name: letters, digits and '_.+-', not starting with '.' or '-'."""
+    return bool(name) and name[0] not in ".-+" and all(
+        c.isalnum() and c.isascii() or c in "_.+-" for c in name)
+
+
+def app_dir(app):
+    return f"/scif/apps/{app}/scif"
+
+
+def _chdir(workdir, home, explicit, note=None, prog=None):
+    """chdir to workdir; else (not --pwd) to home, else to /, saying so on stderr
+    when prog is given (the MPI probes run silently). note "system": workdir is the
+    caller's directory, a system directory not bound: the image's own, if any."""
+    say = prog and _rank0(os.environ)
+    try:
+        os.chdir(workdir)
+        if note == "system" and say:
+            os.write(2, f"{prog}: warning: cannot enter the host's {workdir} in the "
+                        f"container (a system directory: the image's own is there); "
+                        f"running in the image's {workdir}\n".encode())
+        return
+    except OSError as e:
+        if explicit:
+            raise UsageError(f"--pwd {workdir}: no such directory in the container") from None
+        why = e.strerror
+    where = "/"
+    for d in (home, "/"):
+        try:
+            os.chdir(d)
+            where = d
+            break
+        except OSError:
+            continue
+    if say:
+        os.write(2, f"{prog}: warning: cannot enter {workdir} in the container ({why}); "
+                    f"running in {where}\n".encode())
+
+
+def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None):
+    has_sh = os.access("/bin/sh", os.X_OK)
+    if app is not None and not os.path.isdir(app_dir(app)):
+        raise UsageError(f"{prog}: no app {app!r} in this image (hpcimage apps IMAGE "
+                         "lists them)")
+    if verb == "run" and app is not None:
+        runscript = app_dir(app) + "/runscript"
+        if not os.path.isfile(runscript):
+            raise HpcimageError(f"{prog}: app {app!r} has no runscript (%apprun {app})")
+        argv = ["/bin/sh", runscript] + args
+    elif verb == "run":
+        if not os.path.isfile(RUNSCRIPT):
+            raise HpcimageError(f"{prog}: this image has no runscript ({RUNSCRIPT}); "
+                                "use exec or shell")
+        argv = ([RUNSCRIPT] if os.access(RUNSCRIPT, os.X_OK) or not has_sh
+                else ["/bin/sh", RUNSCRIPT]) + args
+    elif verb == "shell":
+        sh = env.get("APPTAINER_SHELL") or env.get("SINGULARITY_SHELL")
+        if not sh:
+            sh = next((s for s in SHELLS if os.access(s, os.X_OK)), None)
+            if sh is None:
+                raise HpcimageError(f"{prog}: this image has no shell (/bin/bash, /bin/sh)",
+                                    EXIT_NOT_FOUND)
+        # bash: not the user's ~/.bashrc; Lmod's init/bash where the site has Lmod
+        # inside (an interactive bash reads no BASH_ENV).
+        if sh.endswith("/bash"):
+            opt = ["--rcfile", rcfile] if rcfile and os.path.isfile(rcfile) else ["--norc"]
+        else:
+            opt = []
+        argv = [sh] + opt + args
+    else:
+        argv = args
+    cmd = argv[0]
+    hint = _hint(prog, verb, cmd)
+    if verb == "exec" and "/" in cmd and hint and _is_image(cmd):
+        raise HpcimageError(f"{prog}: {cmd}: is an image, not a program{hint}",
+                            EXIT_NOT_EXECUTABLE)
+    scripts = has_sh and app is not None
+    try:
+        scripts = scripts or has_sh and any(n.endswith(".sh") for n in os.listdir(ENV_DIR))
+    except OSError:
+        pass
+    if scripts:
+        if "/" in cmd:      # the shell's own exec error is raw: say it here, as below
+            why = _why_not(cmd)
+            if why:
+                raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1])
+        label = prog if prog.startswith("image-") else "hpcimage"
+        e = environ.shell_env(env, forced, prepend, append, label, hint)
+        script = environ.shell_prologue(forced, prepend, append, app) + environ.SHELL_EXEC
+        procstate.for_exec()
+        os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
+    e = environ.direct_env(env, forced, prepend, append)
+    path = which(cmd, e.get("PATH", environ.DEFAULT_PATH))
+    if path is None:
+        raise HpcimageError(f"{prog}: {cmd}: command not found in the image "
+                            f"(PATH={e.get('PATH', '')}){hint}", EXIT_NOT_FOUND)
+    procstate.for_exec()
+    try:
+        os.execve(path, argv, e)
+    except OSError as e2:
+        why = _why_not(path) or (f"cannot execute: {e2.strerror}", EXIT_NOT_EXECUTABLE)
+        raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1]) from None
+
+
+IMAGE_SUFFIXES = (".sif", ".sqfs", ".squashfs", ".img", ".simg")
+
+
+def _hint(prog, verb, cmd):
+    """What a user probably meant by a command the image cannot run: the Apptainer
+    habit of naming the image first (image-exec IMAGE CMD), or a script in the current
+    directory named without ./ ("" when nothing comes to mind)."""
+    if verb == "exec" and prog.startswith("image-") and (
+            cmd.endswith(IMAGE_SUFFIXES) or _is_image(cmd)):
+        also = ", or use 'hpcimage exec IMAGE CMD'" if prog == "image-exec" else ""
+        return f"; {prog} runs the loaded module's image: drop the image argument{also}"
+    if "/" not in cmd and os.path.isfile(cmd):
+        return f"; did you mean ./{cmd}?"
+    return ""
+
+
+def _is_image(path):
+    """path (as seen from here) is a SIF or SquashFS file or a sandbox directory."""
+    try:
+        if os.path.isdir(path):
+            return os.path.isdir(os.path.join(path, ".singularity.d"))
+        with open(path, "rb") as f:
+            head = f.read(42)
+    except OSError:
+        return False
+    return head_kind(head) is not None
+
+
+def _why_not(path, interpreter=True):
+    """(message, status) saying why path cannot be executed, None when it looks runnable:
+    missing (127), a directory or without execute permission (126; access() also sees a
+    noexec mount), a script whose #! interpreter is missing (127) or not executable."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "no such file in the image", EXIT_NOT_FOUND
+    except OSError as e:
+        return f"cannot execute: {e.strerror}", EXIT_NOT_EXECUTABLE
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a program", EXIT_NOT_EXECUTABLE
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
+        return "not executable (permission denied)", EXIT_NOT_EXECUTABLE
+    if interpreter:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(256)
+        except OSError:
+            return None
+        if head[:2] == b"#!":
+            words = head[2:].split(b"\n")[0].split()
+            if words:
+                interp = words[0].decode(errors="replace")
+                why = _why_not(interp, False)
+                if why:
+                    return f"bad interpreter {interp}: {why[0]}", why[1]
+    return None

@@ -1,0 +1,105 @@
+"""The recipe a job's holder writes for hpcimage-join (join.c): what a rank after the
+first on a node needs to join without Python; where the joiner is. Standard library
+only."""
+import os
+
+from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES, PMIX_TRANSLATE
+
+
+JOIN_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hpcimage-join")
+
+
+# Variables that may differ between the ranks of one job (PMIX_RANK, OMPI_COMM_WORLD_RANK,
+# SLURM_PROCID, ...): a joining rank passes its own; every other variable must equal the
+# planning rank's for the recipe to apply.
+# Prefixes of NAME=VALUE. LAUNCHER_EXTRA: what the launchers set besides OMPI_/PMIX_/
+# SLURM_: Open MPI's mpirun HFI_, IPATH_, PWD (the rank's directory, which must equal
+# the planned one anyway) and `_` (the launching shell's last command); srun
+# SLURMD_NODENAME, SRUN_DEBUG and TMPDIR (Slurm 22.05 sets TMPDIR=/tmp, when it is
+# unset, for the node's first task only). Passed per rank like the others, or, under
+# --cleanenv (which drops them), neither compared nor passed.
+VARY_PREFIXES = FORWARD_PREFIXES
+
+
+LAUNCHER_EXTRA = ("HFI_", "IPATH_", "_=", "PWD=", "TMPDIR=", "SLURMD_", "SRUN_")
+
+
+def join_helper(environ):
+    """The compiled per-rank joiner (hpcimage/runtime/join.c, built at install time when
+    a C compiler is there), or None: then every rank is a Python runtime."""
+    if environ.get("HPCIMAGE_MPI_JOIN", "1") == "0" or environ.get("HPCIMAGE_MPI_SHARE") == "0":
+        return None
+    return JOIN_HELPER if os.access(JOIN_HELPER, os.X_OK) else None
+
+
+class Recipe:
+    """What hpcimage-join needs to do what a rank's `tail` (chdir, exec) does, for any
+    rank of the job. environ: the planning environment (a rank's, or the launcher's)."""
+
+    def __init__(self, tail, environ, signature, cwd, cleanenv=False):
+        from hpcimage.runtime import environ as envmod
+        (c_name, self.workdir, self.home, self.explicit), e_op = tail.ops[0][:4], tail.ops[1]
+        verb, args, env, forced, prepend, append, self.prog, app = e_op[1:9]
+        self.ok = (c_name == "chdir" and e_op[0] == "exec" and verb == "exec"
+                   and app is None and (len(e_op) < 10 or e_op[9] is None))
+        label = self.prog if self.prog.startswith("image-") else "hpcimage"
+        self.direct = envmod.direct_env(env, forced, prepend, append)
+        self.shell = envmod.shell_env(env, forced, prepend, append, label)
+        self.script = envmod.shell_prologue(forced, prepend, append, None) + envmod.SHELL_EXEC
+        self.vary = tuple(VARY_PREFIXES) + (() if cleanenv else LAUNCHER_EXTRA)
+        self.ignore = LAUNCHER_EXTRA if cleanenv else ()
+        self.environ, self.signature, self.cwd = dict(environ), signature, cwd
+        self.keep = sorted({k for out in (self.direct, self.shell) for k, v in out.items()
+                            if self.varies(k) and environ.get(k) != v})
+        self.final = None
+
+    def varies(self, k):
+        return f"{k}=".startswith(self.vary)
+
+    def probe_args(self):
+        """_probe_env's arguments (run by the holder, in the container)."""
+        return (self.script, self.shell, self.workdir, self.home, self.varies, set(self.keep))
+
+    def encode(self):
+        """The recipe file (join.c reads it), or None."""
+        return recipe(self) if self.ok else None
+
+
+def recipe(r):
+    """The recipe file's bytes: MAGIC NUL, then KEY NUL VALUE NUL pairs."""
+    environ, vary, ignore, keep = r.environ, r.vary, r.ignore, r.keep
+    signature, cwd, workdir, home = r.signature, r.cwd, r.workdir, r.home
+    explicit, prog, script, direct, shell = r.explicit, r.prog, r.script, r.direct, r.shell
+    varies = r.varies
+    enc = os.fsencode
+    items = [(b"sig", enc(signature)), (b"cwd", enc(cwd)), (b"workdir", enc(workdir)),
+             (b"home", enc(home)), (b"explicit_pwd", b"1" if explicit else b"0"),
+             (b"prog", enc(prog)), (b"script", enc(script))]
+    items += [(b"vary", enc(v)) for v in vary]
+    items += [(b"ignore", enc(v)) for v in ignore]
+    items += [(b"keep", enc(k)) for k in keep]
+    items += [(b"translate", enc(f"{a}={b}")) for a, b in PMIX_TRANSLATE.items()]
+    items += [(b"host", enc(f"{k}={v}")) for k, v in environ.items()
+              if not varies(k) and not f"{k}=".startswith(ignore or ("\0",))]
+    items += [(b"out", enc(f"{k}={v}")) for k, v in direct.items()]
+    items += [(b"sh_out", enc(f"{k}={v}")) for k, v in shell.items()]
+    if r.final is not None:         # the env scripts' result (the holder's probe)
+        items += [(b"final", enc(f"{k}={v}")) for k, v in r.final.items()]
+        items += [(b"final_keep", enc(k)) for k, v in r.final.items()
+                  if varies(k) and environ.get(k) != v]
+    if any(b"\0" in v for _, v in items):
+        return None
+    return b"HPCIMAGE-RECIPE 1\0" + b"".join(k + b"\0" + v + b"\0" for k, v in items)
+
+
+def _write_recipe(state, data):
+    if not data:
+        return
+    tmp = os.path.join(state, "recipe.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(state, "recipe"))

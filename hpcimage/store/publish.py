@@ -1,0 +1,183 @@
+"""hpcimage publish: an image into the store, with its manifest entry (docs/store.md)."""
+import errno
+import os
+import stat
+import sys
+
+from hpcimage.fsutil import fsync_dir as _fsync_dir
+from hpcimage.errors import HpcimageError, UsageError
+from hpcimage.store.layout import _identity_matches, MANIFEST, STORE_LOCK, PREVIOUS, TMP_MARK, _now_iso, _makedirs, clean_temps, Lock
+from hpcimage.store.transfer import Progress, copy_hashing, hash_file, _mib
+from hpcimage.store.manifest import MANIFEST_VERSION, HEADER, load_manifest, write_json_atomic, image_facts
+
+
+def _find_image(site, name, version):
+    for img in site.images:
+        if img.name == name and img.version == version:
+            return img
+    listed = ", ".join(i.module for i in site.images) or "none"
+    raise UsageError(f"{name}/{version} is not in {site.path} (its images: {listed}): "
+                     "add it there (name, version, file) before publishing")
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def publish(site_path, source, name, version, definition=None, out=None):
+    """`hpcimage publish SOURCE --name N --version V`; returns 0."""
+    from hpcimage.config import site as sitemod
+    from hpcimage.image import sniff
+    out = out or sys.stdout
+    site = sitemod.load(site_path)
+    img = _find_image(site, name, version)
+    dest = img.path
+    directory, fname = os.path.split(dest)
+    source = os.path.abspath(source)
+    try:
+        st_src = os.stat(source)
+        kind = sniff(source)
+    except FileNotFoundError:
+        raise UsageError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        kind = "sandbox"
+    except OSError as e:
+        raise UsageError(f"{source}: cannot read: {e.strerror}") from None
+    if kind == "sandbox" or stat.S_ISDIR(st_src.st_mode):
+        raise UsageError(f"{source} is a directory: publish takes an image file "
+                         "(SquashFS or SIF; 'hpcimage build' makes one)")
+    if kind is None or not stat.S_ISREG(st_src.st_mode):
+        raise UsageError(f"{source}: not an image (neither a SquashFS nor a SIF file)")
+    facts = image_facts(source, definition)
+    _makedirs(directory)
+    with Lock(os.path.join(directory, STORE_LOCK),
+              wait_message=f"publish: waiting for another publish in {directory}") as lock:
+        clean_temps(directory, all_stale=lock.locked)
+        manifest = load_manifest(directory)
+        rec = manifest["images"].get(fname)
+        rec = rec if isinstance(rec, dict) else {}
+        cur = rec.get("current") if isinstance(rec.get("current"), dict) else None
+        previous = [e for e in rec.get("previous", []) if isinstance(e, dict)]
+        try:
+            st_dest = os.lstat(dest)
+        except FileNotFoundError:
+            st_dest = None
+        except OSError as e:
+            raise HpcimageError(f"cannot stat {dest}: {e.strerror}") from None
+        if st_dest is not None and not stat.S_ISREG(st_dest.st_mode):
+            raise HpcimageError(f"{dest} exists and is not a regular file: move it away")
+
+        adopt = st_dest is not None and _same_file(source, dest)
+        tmp = None
+        try:
+            if adopt:
+                # The image was built in place: record it as it is.
+                sha = hash_file(dest)
+                os.chmod(dest, 0o644)
+                st_new = os.stat(dest)
+            else:
+                tmp = os.path.join(directory, f".{fname}{TMP_MARK}{os.getpid()}")
+                src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                    try:
+                        os.fchmod(fd, 0o644)
+                        progress = Progress(f"publish {name}/{version}", st_src.st_size)
+                        try:
+                            sha = copy_hashing(src_fd, fd, st_src.st_size, progress)
+                            progress.close(st_src.st_size)
+                        finally:
+                            progress.close()
+                        os.fsync(fd)
+                        st_new = os.fstat(fd)
+                    finally:
+                        os.close(fd)
+                finally:
+                    os.close(src_fd)
+            if (cur is not None and cur.get("sha256") == sha and st_dest is not None
+                    and _identity_matches(os.stat(dest), cur)):
+                if tmp:
+                    os.unlink(tmp)
+                    tmp = None
+                out.write(f"publish: {name}/{version} is already {dest} "
+                          f"(sha256 {sha}); nothing changed\n")
+                return 0
+            entry = {"sha256": sha, "size": st_new.st_size, "mtime_ns": st_new.st_mtime_ns,
+                     "published": _now_iso(), "source": source, "file": fname, **facts}
+            # The image being replaced becomes a previous version.
+            old = None
+            if st_dest is not None and not adopt:
+                if _identity_matches(st_dest, cur):
+                    old = dict(cur)
+                else:    # placed by hand, or changed since it was published
+                    old = {"sha256": hash_file(dest), "size": st_dest.st_size,
+                           "mtime_ns": st_dest.st_mtime_ns, "published": None,
+                           "source": None, "file": fname, "build_date": None,
+                           "definition_sha256": None}
+                if old["sha256"] == sha:
+                    old = None
+            keep = site.keep
+            if old is not None and keep > 0:
+                prev_dir = os.path.join(directory, PREVIOUS)
+                _makedirs(prev_dir)
+                rel = f"{PREVIOUS}/{old['sha256'][:16]}-{fname}"
+                target = os.path.join(directory, rel)
+                if not os.path.exists(target):
+                    try:
+                        os.link(dest, target)
+                    except OSError:      # no hard links here: a copy, renamed into place
+                        import shutil
+                        part = os.path.join(prev_dir, f".{fname}{TMP_MARK}{os.getpid()}")
+                        try:
+                            shutil.copy2(dest, part)
+                            os.replace(part, target)
+                        finally:
+                            if os.path.exists(part):
+                                os.unlink(part)
+                old["file"] = rel
+                previous.insert(0, old)
+            if not adopt:
+                os.replace(tmp, dest)
+                tmp = None
+                _fsync_dir(directory)
+        except OSError as e:
+            what = e.filename or dest
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise HpcimageError(f"no space left in {directory} for {name}/{version} "
+                                    f"({_mib(st_src.st_size)}): nothing was changed") from None
+            raise HpcimageError(f"cannot publish {source} to {dest}: {what}: "
+                                f"{e.strerror}") from None
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        # Previous versions: newest first, no duplicates, not the current one.
+        seen = {sha}
+        kept, dropped = [], []
+        for e in previous:
+            s = e.get("sha256")
+            if s in seen or len(kept) >= site.keep:
+                dropped.append(e)
+            else:
+                kept.append(e)
+            seen.add(s)
+        manifest["images"][fname] = {"module": img.module, "current": entry, "previous": kept}
+        manifest["_comment"] = HEADER
+        manifest["version"] = MANIFEST_VERSION
+        write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+        keep_files = {e.get("file") for e in kept}
+        for e in dropped:
+            rel = e.get("file") or ""
+            if rel.startswith(PREVIOUS + "/") and "/.." not in rel and rel not in keep_files:
+                try:
+                    os.unlink(os.path.join(directory, rel))
+                except OSError:
+                    pass
+    out.write(f"publish: {name}/{version} -> {dest} ({_mib(entry['size'])}, "
+              f"sha256 {sha}); {len(kept)} previous version(s) kept\n")
+    return 0
