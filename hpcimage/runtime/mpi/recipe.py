@@ -25,7 +25,7 @@ LAUNCHER_EXTRA = ("HFI_", "IPATH_", "_=", "PWD=", "TMPDIR=", "SLURMD_", "SRUN_")
 
 
 def join_helper(environ):
-    """The compiled per-rank joiner (hpcimage/runtime/join.c, built at install time when
+    """The compiled per-rank joiner (hpcimage/runtime/mpi/join.c, built at install time when
     a C compiler is there), or None: then every rank is a Python runtime."""
     if environ.get("HPCIMAGE_MPI_JOIN", "1") == "0" or environ.get("HPCIMAGE_MPI_SHARE") == "0":
         return None
