@@ -297,6 +297,23 @@ def test_site_config_stale_warns(user, rendered):
     assert sc["fix"].startswith(f"hpcimage generate --site {site}")
 
 
+def test_site_option_finds_the_sites_site_json(user, rendered):
+    """No module loaded: --site checks the site.json its wrappers directory holds."""
+    site, wrappers = rendered
+    rc, lines, _ = doctor(user, "--site", str(site))
+    assert rc == 0
+    assert lines["site-config"] == {
+        "name": "site-config", "status": "OK", "fix": None,
+        "detail": f"{wrappers}/site.json (the wrappers directory of --site): "
+                  f"current with {site}"}
+    (wrappers / "site.json").unlink()
+    rc, lines, _ = doctor(user, "--site", str(site))
+    assert rc == 1
+    assert lines["site-config"]["status"] == "FAIL"
+    assert lines["site-config"]["detail"] == (f"{wrappers}/site.json (the wrappers "
+                                              "directory of --site): missing")
+
+
 def test_site_config_other_format_version_warns(user, rendered):
     _site, wrappers = rendered
     sj = wrappers / "site.json"

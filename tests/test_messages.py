@@ -45,6 +45,23 @@ def test_usage_errors_are_one_line(user, argv, line):
     assert (r.returncode, r.stdout, r.stderr) == (2, "", line + "\n")
 
 
+@pytest.mark.parametrize("argv,line", [
+    (["image-exec", "--bogus", "true"],
+     "image-exec: error: no such option: --bogus (see 'image-exec --help')"),
+    (["image-exec", "--bogus=1", "true"],
+     "image-exec: error: no such option: --bogus (see 'image-exec --help')"),
+    (["exec", "-q", "x.sif", "true"],
+     "hpcimage: error: no such option: -q (see 'hpcimage exec --help')"),
+])
+def test_runtime_unknown_option_says_it_as_click_does(user, argv, line):
+    """The runtime parses its options by hand, and says an unknown one in click's form."""
+    r = user.run(runtime_argv(*argv), env={"HPCIMAGE_IMAGE": "/nonexistent.sqfs"})
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", line + "\n")
+    if argv[0] == "exec":
+        r = user.run(cli_argv(*argv), env={"HPCIMAGE_IMAGE": "/nonexistent.sqfs"})
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", line + "\n")
+
+
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_image_update_h_is_help(user, flag):
     r = user.run(["sh", str(readable("wrappers/image-update")), flag],

@@ -486,6 +486,26 @@ def test_cwd_the_image_lacks_warns(user, image):
                         f"(No such file or directory); running in {user.home}\n")
 
 
+def test_hpcimage_exec_warns_under_the_label_of_its_errors(user, image, userdir):
+    """`hpcimage exec` says `hpcimage: warning:` as it says `hpcimage: error:`, for the
+    warnings said while starting (the plan's) and in the container (the chdir's)."""
+    r = user.run(cli_argv("exec", image, "pwd"), cwd="/usr/lib")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ("hpcimage: warning: cannot enter /usr/lib in the container "
+                        f"(No such file or directory); running in {user.home}\n")
+    gone = userdir / "gone"
+    gone.mkdir()
+    os.chown(gone, user.uid, user.gid)
+    r = user.run(["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone),
+                  *cli_argv("exec", image, "pwd")])
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (f"hpcimage: warning: cannot enter {gone} in the container "
+                        f"(deleted on the host); running in {user.home}\n")
+    r = user.run(cli_argv("exec", image, "no-such-command"))
+    assert r.returncode == 127
+    assert r.stderr.startswith("hpcimage: error: no-such-command: command not found")
+
+
 # --------------------------------------------- wrappers reached through links
 
 @pytest.fixture

@@ -32,6 +32,12 @@ def valid_app(name):
         c.isalnum() and c.isascii() or c in "_.+-" for c in name)
 
 
+def label(prog):
+    """What a message of `prog` starts with, errors and warnings alike: an image-*
+    wrapper's name, else "hpcimage" (as main writes errors of `hpcimage exec`)."""
+    return prog if prog.startswith("image-") else "hpcimage"
+
+
 def app_dir(app):
     return f"/scif/apps/{app}/scif"
 
@@ -44,7 +50,7 @@ def _chdir(workdir, home, explicit, note=None, prog=None):
     try:
         os.chdir(workdir)
         if note == "system" and say:
-            os.write(2, f"{prog}: warning: cannot enter the host's {workdir} in the "
+            os.write(2, f"{label(prog)}: warning: cannot enter the host's {workdir} in the "
                         f"container (a system directory: the image's own is there); "
                         f"running in the image's {workdir}\n".encode())
         return
@@ -61,7 +67,7 @@ def _chdir(workdir, home, explicit, note=None, prog=None):
         except OSError:
             continue
     if say:
-        os.write(2, f"{prog}: warning: cannot enter {workdir} in the container ({why}); "
+        os.write(2, f"{label(prog)}: warning: cannot enter {workdir} in the container ({why}); "
                     f"running in {where}\n".encode())
 
 
@@ -112,8 +118,7 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
             why = _why_not(cmd)
             if why:
                 raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1])
-        label = prog if prog.startswith("image-") else "hpcimage"
-        e = environ.shell_env(env, forced, prepend, append, label, hint)
+        e = environ.shell_env(env, forced, prepend, append, label(prog), hint)
         script = environ.shell_prologue(forced, prepend, append, app) + environ.SHELL_EXEC
         procstate.for_exec()
         os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)

@@ -195,7 +195,7 @@ def check_userns(probe, probe_err, who):
         return line("user-namespaces", OK, f"{facts}; a test namespace worked{who}")
     if maxns == "0":
         fix = ("sysctl -w user.max_user_namespaces=15000, and the same in /etc/sysctl.d/ "
-               "(RHEL 7: also boot with user_namespace.enable=1 namespace.unpriv_enable=1)")
+               "(RHEL 7.4 to 7.9 ship it 0: the sysctl alone turns them on)")
     elif clone == "0":
         fix = ("sysctl -w kernel.unprivileged_userns_clone=1, and the same in "
                "/etc/sysctl.d/ (Debian)")
@@ -388,8 +388,10 @@ def _session_line(sd_line, sd, probe, probe_err):
                 "make it a directory every user can search (mode 0755)")
 
 
-def find_site_config(environ, option):
-    """(path or None, how it was found)."""
+def find_site_config(environ, option, site=None):
+    """(path or None, how it was found). `site`: the --site Site, whose wrappers
+    directory holds its rendered site.json (the last resort: what a module load put
+    on PATH is what users get)."""
     if option:
         return option, "--site-config"
     if environ.get("HPCIMAGE_SITE_CONFIG"):
@@ -398,6 +400,9 @@ def find_site_config(environ, option):
     if exe:
         return os.path.join(os.path.dirname(os.path.realpath(exe)), "site.json"), \
             f"beside {exe}"
+    if site is not None:
+        return os.path.join(site.roots()["wrappers"], "site.json"), \
+            "the wrappers directory of --site"
     return None, None
 
 
@@ -405,7 +410,8 @@ def check_site_config(environ, option, site_yaml):
     from hpcimage.config.policy import load_site
     from hpcimage.errors import HpcimageError
     from hpcimage.config import site as sitemod
-    path, how = find_site_config(environ, option)
+    site = sitemod.load(site_yaml) if site_yaml else None   # bad input: UsageError, exit 2
+    path, how = find_site_config(environ, option, site)
     if path is None:
         return line("site-config", WARN, "no site.json: HPCIMAGE_SITE_CONFIG unset and no "
                     "image-exec on PATH", "load an image module (module load Name/version), "
@@ -418,8 +424,7 @@ def check_site_config(environ, option, site_yaml):
     except HpcimageError as e:
         return line("site-config", FAIL, e.message, "run hpcimage generate for the site")
     where = f"{path} ({how})"
-    if site_yaml:
-        site = sitemod.load(site_yaml)              # bad input: UsageError, exit 2
+    if site is not None:
         want = json.loads(json.dumps(site.policy()))
         got = {k: v for k, v in data.items() if k != "_comment"}
         if got != want:

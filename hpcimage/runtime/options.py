@@ -126,7 +126,8 @@ def parse(argv, environ=None):
             continue
         if verb in ("shell", "run") and from_env:
             break       # image-shell -c '...', image-run --flag: the rest is theirs
-        raise UsageError(f"{prog}: unknown option {a!r} (see {prog} --help)")
+        name = a.split("=", 1)[0] if a.startswith("--") else a     # as click says it
+        raise UsageError(f"{prog}: no such option: {name} (see '{prog} --help')")
     rest = rest[i:]
     if from_env:
         o.image = environ.get("HPCIMAGE_IMAGE") or None

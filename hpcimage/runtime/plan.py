@@ -24,7 +24,7 @@ import grp
 
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.runtime import environ
-from hpcimage.runtime.command import RUNSCRIPT, _rank0, app_dir, valid_app
+from hpcimage.runtime.command import RUNSCRIPT, _rank0, app_dir, label, valid_app
 
 
 SESSION_DIRS = ("/var/lib/hpcimage/mnt", "/mnt", "/srv", "/media", "/opt")
@@ -66,7 +66,7 @@ class Plan:
         """Say the plan's warnings on stderr (MPI: rank 0 only)."""
         if _rank0(environ):
             for w in self.warnings:
-                os.write(2, f"{prog}: warning: {w}\n".encode())
+                os.write(2, f"{label(prog)}: warning: {w}\n".encode())
 
     def describe(self):
         """The plan as `--dry-run` prints it: one step a line, its words quoted as sh

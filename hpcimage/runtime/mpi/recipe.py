@@ -25,7 +25,7 @@ LAUNCHER_EXTRA = ("HFI_", "IPATH_", "_=", "PWD=", "TMPDIR=", "SLURMD_", "SRUN_")
 
 
 def join_helper(environ):
-    """The compiled per-rank joiner (hpcimage/runtime/join.c, built at install time when
+    """The compiled per-rank joiner (hpcimage/runtime/mpi/join.c, built at install time when
     a C compiler is there), or None: then every rank is a Python runtime."""
     if environ.get("HPCIMAGE_MPI_JOIN", "1") == "0" or environ.get("HPCIMAGE_MPI_SHARE") == "0":
         return None
@@ -38,13 +38,13 @@ class Recipe:
 
     def __init__(self, tail, environ, signature, cwd, cleanenv=False):
         from hpcimage.runtime import environ as envmod
+        from hpcimage.runtime.command import label
         (c_name, self.workdir, self.home, self.explicit), e_op = tail.ops[0][:4], tail.ops[1]
         verb, args, env, forced, prepend, append, self.prog, app = e_op[1:9]
         self.ok = (c_name == "chdir" and e_op[0] == "exec" and verb == "exec"
                    and app is None and (len(e_op) < 10 or e_op[9] is None))
-        label = self.prog if self.prog.startswith("image-") else "hpcimage"
         self.direct = envmod.direct_env(env, forced, prepend, append)
-        self.shell = envmod.shell_env(env, forced, prepend, append, label)
+        self.shell = envmod.shell_env(env, forced, prepend, append, label(self.prog))
         self.script = envmod.shell_prologue(forced, prepend, append, None) + envmod.SHELL_EXEC
         self.vary = tuple(VARY_PREFIXES) + (() if cleanenv else LAUNCHER_EXTRA)
         self.ignore = LAUNCHER_EXTRA if cleanenv else ()
