@@ -5,6 +5,7 @@ old file or the new one and never half of one (DESIGN.md, "Errors and bad input"
 Standard library only (os alone): light enough for any room.
 
     write_atomic(path, data, mode=0o644, tmp=None)    bytes or str (UTF-8)
+    with AtomicFile(path, mode) as f: ...             the same for streamed data
     fsync_dir(path)                                   best effort
 """
 import os
@@ -24,33 +25,64 @@ def fsync_dir(path):
         os.close(fd)
 
 
-def write_atomic(path, data, mode=0o644, tmp=None):
-    """Write DATA to PATH atomically, with MODE (exactly: umask does not apply).
+class AtomicFile:
+    """`with AtomicFile(path, mode) as f:` a binary file at a temporary name in PATH's
+    directory; when the block ends without an exception the data is fsync'ed and
+    renamed onto PATH, then the directory fsync'ed; on an exception the temporary file
+    is removed and PATH is untouched. For data that is streamed (a download) rather
+    than held (write_atomic).
 
     tmp: the temporary name (default DIR/.NAME.hpcimage-tmp.PID, which the store's
-    clean-up recognises); it is never followed if a symbolic link. On any failure the
-    temporary file is removed and the error (OSError) raised; PATH is untouched."""
-    d, name = os.path.split(path)
-    if tmp is None:
-        tmp = os.path.join(d, f".{name}.hpcimage-tmp.{os.getpid()}")
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode)
+    clean-up recognises); never followed if a symbolic link. MODE applies exactly
+    (umask does not)."""
+
+    def __init__(self, path, mode=0o644, tmp=None):
+        d, name = os.path.split(path)
+        self.path, self.dir, self.mode = path, d or ".", mode
+        self.tmp = tmp or os.path.join(d, f".{name}.hpcimage-tmp.{os.getpid()}")
+        self.file = None
+
+    def __enter__(self):
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, self.mode)
         try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
+            os.fchmod(fd, self.mode)
+        except BaseException:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
+            self._discard()
+            raise
+        self.file = os.fdopen(fd, "wb")
+        return self.file
+
+    def __exit__(self, kind, exc, tb):
         try:
-            os.unlink(tmp)
+            if kind is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if kind is None:
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
+        if kind is not None:
+            self._discard()
+            return False
+        fsync_dir(self.dir)
+        return False
+
+    def _discard(self):
+        try:
+            os.unlink(self.tmp)
         except OSError:
             pass
-        raise
-    fsync_dir(d or ".")
+
+
+def write_atomic(path, data, mode=0o644, tmp=None):
+    """Write DATA (bytes, or str as UTF-8) to PATH atomically, with MODE (exactly:
+    umask does not apply). On any failure the temporary file is removed and the error
+    (OSError) raised; PATH is untouched. See AtomicFile for tmp."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with AtomicFile(path, mode, tmp) as f:
+        f.write(data)

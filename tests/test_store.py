@@ -1143,3 +1143,20 @@ def test_copy_hashing_write_error(tmp_path):
     finally:
         os.close(fi)
         os.close(fo)
+
+
+def test_atomic_file_keeps_the_old_file_on_failure_and_replaces_it_on_success(tmp_path):
+    """fsutil.AtomicFile (streamed writes: registry blobs): an exception in the block
+    leaves the old file and no temporary name; a clean block replaces it, mode exact."""
+    from hpcimage import fsutil
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with fsutil.AtomicFile(str(path)) as f:
+            f.write(b"half")
+            raise RuntimeError("broken download")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f"]
+    with fsutil.AtomicFile(str(path), 0o640) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["f"]
+    assert (path.stat().st_mode & 0o777) == 0o640

@@ -19,11 +19,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 
+from hpcimage import fsutil
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.imagebuild import oci
 
@@ -216,32 +216,22 @@ class Client:
         path = os.path.join(d, hexd)
         if os.path.isfile(path):
             return path
-        fd, tmp = tempfile.mkstemp(prefix=f".{hexd[:12]}.", dir=d)
         h = hashlib.new(algo)
         n = 0
-        try:
-            with os.fdopen(fd, "wb") as out, self.open(f"/v2/{repo}/blobs/{digest}") as r:
-                while True:
-                    b = r.read(1 << 20)
-                    if not b:
-                        break
-                    h.update(b)
-                    out.write(b)
-                    n += len(b)
+        with fsutil.AtomicFile(path) as out, self.open(f"/v2/{repo}/blobs/{digest}") as r:
+            while True:
+                b = r.read(1 << 20)
+                if not b:
+                    break
+                h.update(b)
+                out.write(b)
+                n += len(b)
             if h.hexdigest() != hexd:
                 raise HpcimageError(f"{self.where}: blob {digest} of {repo}: digest mismatch "
                                     f"(got {algo}:{h.hexdigest()}): refusing it")
             if size is not None and n != size:
                 raise HpcimageError(f"{self.where}: blob {digest}: {n} bytes, the manifest "
                                     f"says {size}")
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
         return path
 
 
