@@ -7,6 +7,7 @@ so everything after it reaches the container verbatim. Standard library only.
 import os
 
 from hpcimage.errors import UsageError
+from hpcimage.runtime.flags import ATTACHED, HELP as HELP_WORDS, SWITCHES, VALUED
 
 VERBS = ("exec", "run", "shell")
 WRAPPER_VERBS = {"image-exec": "exec", "image-run": "run", "image-shell": "shell",
@@ -61,11 +62,9 @@ class Options:
         self.mpi_mode = None
 
 
-_FLAGS = {"-e": "cleanenv", "--cleanenv": "cleanenv", "-C": "contain",
-          "--contain": "contain", "--no-home": "no_home", "--dry-run": "dry_run",
-          "--nv": "nv", "--rocm": "rocm", "--ib": "ib"}
-_VALUED = {"-B": "bind", "--bind": "bind", "--pwd": "pwd", "--env": "env",
-           "--app": "app", "--mpi-mode": "mpi_mode"}
+# The grammar is hpcimage.runtime.flags' table (image-mpi and hpcimage-join read it too).
+_FLAGS = SWITCHES
+_VALUED = VALUED
 
 
 def parse(argv, environ=None):
@@ -89,7 +88,7 @@ def parse(argv, environ=None):
         if a == "--":
             i += 1
             break
-        if a in ("-h", "--help"):
+        if a in HELP_WORDS:
             o.args = ["--help"]
             return o
         if not a.startswith("-") or a == "-":
@@ -99,8 +98,10 @@ def parse(argv, environ=None):
             setattr(o, _FLAGS[name], True)
             i += 1
             continue
-        if name in _VALUED:
-            if not eq:
+        if name in _VALUED or (a[:2] in ATTACHED and len(a) > 2):
+            if name not in _VALUED:                     # -B/a,/b
+                name, val = a[:2], a[2:]
+            elif not eq:
                 if name.startswith("--") or len(a) == 2:
                     if i + 1 >= len(rest):
                         raise UsageError(f"{prog}: option {name} needs a value")
@@ -118,10 +119,6 @@ def parse(argv, environ=None):
                 raise UsageError(f"{prog}: --mpi-mode wants hybrid or bind, not {val!r}")
             else:
                 setattr(o, key, val)
-            i += 1
-            continue
-        if a.startswith("-B") and len(a) > 2:
-            o.binds.extend(v for v in a[2:].split(",") if v)
             i += 1
             continue
         if verb in ("shell", "run") and from_env:

@@ -3,7 +3,29 @@ first on a node needs to join without Python; where the joiner is. Standard libr
 only."""
 import os
 
+from hpcimage.runtime.flags import SWITCHES, VALUED
 from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES, PMIX_TRANSLATE
+
+
+# The recipe's format: join.c reads this one only (its FORMAT); change both together.
+# 2: the runtime's option table and the joiner's messages (1: neither).
+FORMAT = 2
+MAGIC = b"HPCIMAGE-RECIPE %d" % FORMAT
+
+# What the joiner says when it cannot go on, as the Python rank says it (runtime/command.py,
+# environ.py's prologue, main.py's "PROG: error: "): name -> (exit status, text). The
+# joiner fills {cmd} (the program), {path} (PATH), {dir}, {ns} and {error} (strerror).
+ERROR_LABEL = "image-mpi"
+MESSAGES = {
+    "not_found": (127, "{cmd}: command not found in the image (PATH={path})"),
+    "no_file": (127, "{cmd}: no such file in the image"),
+    "is_dir": (126, "{cmd}: is a directory, not a program"),
+    "not_exec": (126, "{cmd}: not executable (permission denied)"),
+    "cannot_exec": (126, "{cmd}: cannot execute: {error}"),
+    "bad_pwd": (2, "--pwd {dir}: no such directory in the container"),
+    "setns": (1, "joining the node's shared container: setns({ns}): {error}"),
+    "chdir": (1, "chdir /: {error}"),
+}
 
 
 JOIN_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hpcimage-join")
@@ -66,7 +88,8 @@ class Recipe:
 
 
 def recipe(r):
-    """The recipe file's bytes: MAGIC NUL, then KEY NUL VALUE NUL pairs."""
+    """The recipe file's bytes: MAGIC NUL, then KEY NUL VALUE NUL pairs (a list repeats
+    its key)."""
     environ, vary, ignore, keep = r.environ, r.vary, r.ignore, r.keep
     signature, cwd, workdir, home = r.signature, r.cwd, r.workdir, r.home
     explicit, prog, script, direct, shell = r.explicit, r.prog, r.script, r.direct, r.shell
@@ -79,6 +102,10 @@ def recipe(r):
     items += [(b"ignore", enc(v)) for v in ignore]
     items += [(b"keep", enc(k)) for k in keep]
     items += [(b"translate", enc(f"{a}={b}")) for a, b in PMIX_TRANSLATE.items()]
+    items += [(b"switch", enc(n)) for n in SWITCHES]      # the runtime's option table
+    items += [(b"valued", enc(n)) for n in VALUED]
+    items += [(b"message", enc(f"{name}\x1f{status}\x1f{ERROR_LABEL}: error: {text}"))
+              for name, (status, text) in MESSAGES.items()]
     items += [(b"host", enc(f"{k}={v}")) for k, v in environ.items()
               if not varies(k) and not f"{k}=".startswith(ignore or ("\0",))]
     items += [(b"out", enc(f"{k}={v}")) for k, v in direct.items()]
@@ -89,7 +116,7 @@ def recipe(r):
                   if varies(k) and environ.get(k) != v]
     if any(b"\0" in v for _, v in items):
         return None
-    return b"HPCIMAGE-RECIPE 1\0" + b"".join(k + b"\0" + v + b"\0" for k, v in items)
+    return MAGIC + b"\0" + b"".join(k + b"\0" + v + b"\0" for k, v in items)
 
 
 def _write_recipe(state, data):
