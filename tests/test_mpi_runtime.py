@@ -2,6 +2,7 @@
 rank environment, and the shared namespaces of the ranks of one job on one node
 (ranks simulated by processes carrying a launcher's variables)."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -231,7 +232,10 @@ def test_one_flag_table_reaches_the_parser_image_mpi_and_the_joiner():
     msgs = [v.decode().split("\x1f") for k, v in items if k == b"message"]
     assert {m[0]: (int(m[1]), m[2]) for m in msgs} == {
         name: (status, "image-mpi: error: " + text)
-        for name, (status, text) in recipe.MESSAGES.items()}
+        for name, (status, text) in recipe.messages().items()}
+    src = (Path(__file__).parent.parent / "hpcimage/runtime/mpi/join.c").read_text()
+    said = src.split("MESSAGE_NAMES[] = {", 1)[1].split("}", 1)[0]
+    assert set(re.findall(r'"(\w+)"', said)) == set(recipe.messages())  # all it may say
 
 
 JOINER = subprocess.run([PY, "-I", "-c", "import hpcimage.runtime.mpi.recipe as m; "

@@ -3,6 +3,7 @@ first on a node needs to join without Python; where the joiner is. Standard libr
 only."""
 import os
 
+from hpcimage.errors import EXIT_FAILED, EXIT_USAGE
 from hpcimage.runtime.flags import SWITCHES, VALUED
 from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES, PMIX_TRANSLATE
 
@@ -12,20 +13,23 @@ from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES, PMIX_TRANSLATE
 FORMAT = 2
 MAGIC = b"HPCIMAGE-RECIPE %d" % FORMAT
 
-# What the joiner says when it cannot go on, as the Python rank says it (runtime/command.py,
-# environ.py's prologue, main.py's "PROG: error: "): name -> (exit status, text). The
-# joiner fills {cmd} (the program), {path} (PATH), {dir}, {ns} and {error} (strerror).
+# What the joiner says when it cannot go on, in the Python rank's words (main.py's
+# "PROG: error: "; environ.NOT_RUNNABLE, command.BAD_PWD): name -> (exit status, text).
+# The joiner fills {cmd} (the program), {path} (PATH), {dir}, {ns} and {error} (strerror).
 ERROR_LABEL = "image-mpi"
-MESSAGES = {
-    "not_found": (127, "{cmd}: command not found in the image (PATH={path})"),
-    "no_file": (127, "{cmd}: no such file in the image"),
-    "is_dir": (126, "{cmd}: is a directory, not a program"),
-    "not_exec": (126, "{cmd}: not executable (permission denied)"),
-    "cannot_exec": (126, "{cmd}: cannot execute: {error}"),
-    "bad_pwd": (2, "--pwd {dir}: no such directory in the container"),
-    "setns": (1, "joining the node's shared container: setns({ns}): {error}"),
-    "chdir": (1, "chdir /: {error}"),
+JOINER_ONLY = {
+    "setns": (EXIT_FAILED, "joining the node's shared container: setns({ns}): {error}"),
+    "chdir": (EXIT_FAILED, "chdir /: {error}"),
 }
+
+
+def messages():
+    from hpcimage.runtime.command import BAD_PWD
+    from hpcimage.runtime.environ import NOT_RUNNABLE
+    out = {name: (status, "{cmd}: " + text) for name, (status, text) in NOT_RUNNABLE.items()}
+    out["bad_pwd"] = (EXIT_USAGE, BAD_PWD)
+    out.update(JOINER_ONLY)
+    return out
 
 
 JOIN_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hpcimage-join")
@@ -105,7 +109,7 @@ def recipe(r):
     items += [(b"switch", enc(n)) for n in SWITCHES]      # the runtime's option table
     items += [(b"valued", enc(n)) for n in VALUED]
     items += [(b"message", enc(f"{name}\x1f{status}\x1f{ERROR_LABEL}: error: {text}"))
-              for name, (status, text) in MESSAGES.items()]
+              for name, (status, text) in messages().items()]
     items += [(b"host", enc(f"{k}={v}")) for k, v in environ.items()
               if not varies(k) and not f"{k}=".startswith(ignore or ("\0",))]
     items += [(b"out", enc(f"{k}={v}")) for k, v in direct.items()]
