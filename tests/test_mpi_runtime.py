@@ -200,23 +200,23 @@ def test_step_signal_leaves_the_shared_container_served(user, demo_sqfs):
 # ------------------------------------------- one flag table; the joiner's decisions
 
 def test_one_flag_table_reaches_the_parser_image_mpi_and_the_joiner():
-    """Every option the runtime's parser accepts is in flags.FLAGS, image-mpi's split
+    """Every option the runtime's parser accepts is in options.FLAGS, image-mpi's split
     knows it (its own, passed to the ranks, or the launcher's), and the recipe gives
     hpcimage-join exactly the table."""
     from types import SimpleNamespace
-    from hpcimage.runtime import flags, options
+    from hpcimage.runtime import options
     from hpcimage.runtime.mpi import recipe
-    table = {name for name, *_ in flags.FLAGS}
+    table = {name for name, *_ in options.FLAGS}
     assert set(options._FLAGS) | set(options._VALUED) == table
-    for name, attr, valued, where in flags.FLAGS:
+    for name, attr, valued, where in options.FLAGS:
         assert where in ("ranks", "image-mpi", "launcher")
-        assert (name in mpi.OUR_LONG) != (name in flags.LAUNCHERS), name
+        assert (name in mpi.OUR_LONG) != (name in options.LAUNCHERS), name
         if name in mpi.OUR_LONG:
             assert mpi.OUR_LONG[name] == valued
         words = [name, "hybrid" if attr == "mpi_mode" else "A=1"] if valued else [name]
         o = options.parse(["image-mpi-rank", *words, "prog"], {"HPCIMAGE_IMAGE": "/x"})
         assert o.args == ["prog"] and getattr(o, attr if attr != "bind" else "binds"), name
-    assert set(mpi.OUR_LONG) == (table - flags.LAUNCHERS) | set(flags.IMAGE_MPI_ONLY)
+    assert set(mpi.OUR_LONG) == (table - options.LAUNCHERS) | set(options.IMAGE_MPI_ONLY)
     # image-mpi's split: ours before the program, the launcher's short forms its own
     assert mpi.split_launcher_args(["--bind", "/a", "-n", "2", "prog"]) == (
         ["--bind", "/a", "-n", "2"], ["prog"])
@@ -227,8 +227,8 @@ def test_one_flag_table_reaches_the_parser_image_mpi_and_the_joiner():
     assert data.startswith(b"HPCIMAGE-RECIPE %d\0" % recipe.FORMAT)
     words = data.split(b"\0")[1:-1]
     items = list(zip(words[::2], words[1::2]))
-    assert [v.decode() for k, v in items if k == b"switch"] == list(flags.SWITCHES)
-    assert [v.decode() for k, v in items if k == b"valued"] == list(flags.VALUED)
+    assert [v.decode() for k, v in items if k == b"switch"] == list(options.SWITCHES)
+    assert [v.decode() for k, v in items if k == b"valued"] == list(options.VALUED)
     msgs = [v.decode().split("\x1f") for k, v in items if k == b"message"]
     assert {m[0]: (int(m[1]), m[2]) for m in msgs} == {
         name: (status, "image-mpi: error: " + text)

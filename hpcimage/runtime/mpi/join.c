@@ -23,7 +23,7 @@
  *
  * It decides nothing itself that Python decides: the rank test and the job key are
  * jobenv.py's tables (RANK_MARKERS, KEY_GROUPS, ...), compiled in from join_rules.h,
- * which setup.py generates from jobenv.py; the runtime's option table (flags.py) and
+ * which setup.py generates from jobenv.py; the runtime's option table (options.FLAGS) and
  * the error messages with their exit statuses (127 command not found, 126 not
  * executable, 2 for a bad --pwd, 1 for other errors) come in the recipe. A recipe of
  * another FORMAT is not used (the rank runs as Python). Linux, C99, libc only.
@@ -216,7 +216,7 @@ struct recipe {
     int explicit_pwd;
     const char *vary[64], *ignore[64], *translate[64];
     int nvary, nignore, ntranslate;
-    /* the runtime's option table (flags.py): switches take no value, valued one */
+    /* the runtime's option table (options.FLAGS): switches take no value, valued one */
     const char *switches[MAX_OPTIONS], *valued[MAX_OPTIONS];
     int nswitches, nvalued;
     /* messages: NAME \x1f STATUS \x1f TEXT with {cmd} {path} {dir} {ns} {error} */

@@ -24,7 +24,7 @@ import sys
 
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.linux import procstate
-from hpcimage.runtime import flags
+from hpcimage.runtime.options import HELP_WORDS, IMAGE_MPI
 from hpcimage.runtime.mpi.jobenv import is_rank
 from hpcimage.runtime.mpi.recipe import Recipe, _write_recipe, join_helper
 from hpcimage.runtime.mpi.shared import _start_holder, _state_base, _warm_arg
@@ -205,8 +205,8 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
 
 # image-mpi's own words (name -> takes a value), from the runtime's flag table: the
 # runtime options that reach every rank, --mpi-mode, --dry-run and --launcher. The
-# table's short forms and --app are the launcher's (flags.LAUNCHERS).
-OUR_LONG = flags.IMAGE_MPI
+# table's short forms and --app are the launcher's (options.LAUNCHERS).
+OUR_LONG = IMAGE_MPI
 
 
 def main(argv, environ, site):
@@ -221,7 +221,7 @@ def main(argv, environ, site):
         return run_rank(opts, open_image(opts.image), site, environ,
                         wrapper_signature(argv[1:], opts))
     args = argv[1:]
-    if args[:1] and args[0] in flags.HELP:
+    if args[:1] and args[0] in HELP_WORDS:
         sys.stdout.write(HELP)
         return 0
     if not environ.get("HPCIMAGE_IMAGE"):

@@ -4,7 +4,7 @@ only."""
 import os
 
 from hpcimage.errors import EXIT_FAILED, EXIT_USAGE
-from hpcimage.runtime.flags import SWITCHES, VALUED
+from hpcimage.runtime.options import SWITCHES, VALUED
 from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES, PMIX_TRANSLATE
 
 
