@@ -179,6 +179,10 @@ def test_gpu_via_fake_host_root(sess, demo_dir, fake_root):
     # device binds come after the minimal /dev they are bound into
     dsts = [x.dst for x in of(p, Bind)]
     assert dsts.index("/dev") < dsts.index("/dev/nvidia3")
+    # the discovery's notes reach the plan and --dry-run
+    note = next(n for n in p.notes if "GPUs visible" in n)
+    assert note.startswith("--nv: 2 of 4 GPUs visible")
+    assert f"# note: {note}\n" in p.describe()
 
 
 def test_mpi_bind_model(sess, demo_dir):
@@ -258,6 +262,7 @@ def test_describe_lines():
     from hpcimage.image import Image
     p = Plan()
     p.warnings.append("w")
+    p.notes.append("n")
     for op in (UserNs(1000, 100), Private(), Session("/s"),
                MountImage(Image("/i/x.sif", "sif", offset=4096), "/s/image"),
                RootFs("/s/image", "/s/root", ["/proc", "/a b"]),
@@ -268,6 +273,7 @@ def test_describe_lines():
         p.add(op)
     assert p.describe() == (
         "# warning: w\n"
+        "# note: n\n"
         "userns 1000 100\n"
         "private /\n"
         "session /s\n"

@@ -41,6 +41,7 @@ class Plan:
     def __init__(self):
         self.ops = []          # runtime.ops objects, in order
         self.warnings = []     # said once, before the launch
+        self.notes = []        # what the steps found, skipped and why (--dry-run)
 
     def add(self, op):
         self.ops.append(op)
@@ -52,10 +53,12 @@ class Plan:
                 os.write(2, f"{label(prog)}: warning: {w}\n".encode())
 
     def describe(self):
-        """The plan as `--dry-run` prints it: one step a line, its words quoted as sh
-        would need them (`shlex.split(line, comments=True)` gives them back), then
-        `  # ` and a note in words."""
+        """The plan as `--dry-run` prints it: the warnings and the steps' notes (host
+        discovery's: what was found, what was skipped and why) as `# ` lines, then one
+        op a line, its words quoted as sh would need them (`shlex.split(line,
+        comments=True)` gives them back), then `  # ` and a note in words."""
         out = [f"# warning: {w}" for w in self.warnings]
+        out += [f"# note: {n}" for n in self.notes]
         for op in self.ops:
             out += op.describe()
         return "\n".join(out) + "\n"
@@ -169,6 +172,7 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
         keep_prefixes = tuple(keep_prefixes) + lmod.CLEANENV_KEEP_PREFIXES
         lmod_rc = lc.env.get("BASH_ENV")
     p.warnings = [w for c in contributions for w in c.warnings]
+    p.notes = list(dict.fromkeys(n for c in contributions for n in c.notes))
     dev_binds = [b for b in hw.binds if b[1] == "/dev" or b[1].startswith("/dev/")]
     hw.binds = [b for b in hw.binds if b not in dev_binds]
     # A private /dev when the host's cannot simply be bound: --contain, GPUs left out
