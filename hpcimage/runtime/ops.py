@@ -66,7 +66,8 @@ class Op:
         return [self.name]
 
     def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__slots__)})"
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
     def __eq__(self, other):
         return type(self) is type(other) and all(
