@@ -32,14 +32,14 @@ NONE_VALUES = ("", "none", "void", "nodevfiles")
 
 # --------------------------------------------------------------------- policy
 
-def _str_list(policy, key):
+def str_list(policy, key):
     v = policy.get(key) or ()
     if isinstance(v, str):
         v = [v]
     return [x for x in v if isinstance(x, str) and x]
 
 
-def _choice(policy, key, allowed, default, c):
+def choice(policy, key, allowed, default, c):
     v = policy.get(key, default)
     if v is None:
         return default
@@ -187,7 +187,7 @@ def bind_binaries(host, environ, names, c, *, why, tag, essential=(), extra_dirs
 
 def bind_extra_devices(host, policy, c, tag):
     """gpu_extra_devices: host paths under /dev (a trailing * matches a prefix)."""
-    for spec in _str_list(policy, "gpu_extra_devices"):
+    for spec in str_list(policy, "gpu_extra_devices"):
         if not spec.startswith("/dev/"):
             c.warnings.append(f"{tag}: gpu_extra_devices {spec!r} is not under /dev; ignored")
             continue
@@ -203,7 +203,7 @@ def bind_extra_devices(host, policy, c, tag):
 
 
 def _mode(policy, c):
-    return _choice(policy, "gpu", GPU_MODES, "auto", c)
+    return choice(policy, "gpu", GPU_MODES, "auto", c)
 
 
 # -------------------------------------------------------------------- NVIDIA
@@ -251,7 +251,7 @@ def discover_nvidia(host, policy, environ, force=False, cache=None):
         if not present:
             c.notes.append(f"gpu={mode}: no /dev/nvidiactl on the host, NVIDIA support off")
             return c
-    dev_mode = _choice(policy, "gpu_devices", DEVICE_MODES, "visible", c)
+    dev_mode = choice(policy, "gpu_devices", DEVICE_MODES, "visible", c)
     why_dev = f"{tag}: device"
     if not present:
         c.warnings.append(f"{tag}: no NVIDIA GPU on this host (/dev/nvidiactl missing); "
@@ -278,13 +278,13 @@ def discover_nvidia(host, policy, environ, force=False, cache=None):
         cache = LdCache(host)
     bind_libraries(host, cache, L.NVIDIA_LIBS, c, why=f"{tag}: driver library", tag=tag,
                    essential=L.NVIDIA_ESSENTIAL_LIBS,
-                   extra=_str_list(policy, "gpu_extra_libs"),
-                   exclude=_str_list(policy, "gpu_exclude_libs"))
+                   extra=str_list(policy, "gpu_extra_libs"),
+                   exclude=str_list(policy, "gpu_exclude_libs"))
     bind_binaries(host, environ,
-                  L.NVIDIA_BINARIES + tuple(_str_list(policy, "gpu_extra_binaries")),
+                  L.NVIDIA_BINARIES + tuple(str_list(policy, "gpu_extra_binaries")),
                   c, why=f"{tag}: driver tool", tag=tag,
                   essential=L.NVIDIA_ESSENTIAL_BINARIES
-                  + tuple(_str_list(policy, "gpu_extra_binaries")))
+                  + tuple(str_list(policy, "gpu_extra_binaries")))
     return c
 
 
@@ -364,7 +364,7 @@ def discover_rocm(host, policy, environ, force=False, cache=None):
         if not present:
             c.notes.append(f"gpu={mode}: no /dev/kfd on the host, ROCm support off")
             return c
-    dev_mode = _choice(policy, "gpu_devices", DEVICE_MODES, "visible", c)
+    dev_mode = choice(policy, "gpu_devices", DEVICE_MODES, "visible", c)
     if not present:
         c.warnings.append(f"{tag}: no AMD GPU on this host (/dev/kfd missing); "
                           "binding the ROCm libraries only")
@@ -406,12 +406,12 @@ def discover_rocm(host, policy, environ, force=False, cache=None):
         cache = LdCache(host)
     bind_libraries(host, cache, L.ROCM_LIBS, c, why=f"{tag}: ROCm library", tag=tag,
                    essential=L.ROCM_ESSENTIAL_LIBS,
-                   extra=_str_list(policy, "gpu_extra_libs"),
-                   exclude=_str_list(policy, "gpu_exclude_libs"))
+                   extra=str_list(policy, "gpu_extra_libs"),
+                   exclude=str_list(policy, "gpu_exclude_libs"))
     bind_binaries(host, environ,
-                  L.ROCM_BINARIES + tuple(_str_list(policy, "gpu_extra_binaries")),
+                  L.ROCM_BINARIES + tuple(str_list(policy, "gpu_extra_binaries")),
                   c, why=f"{tag}: ROCm tool", tag=tag,
                   essential=L.ROCM_ESSENTIAL_BINARIES
-                  + tuple(_str_list(policy, "gpu_extra_binaries")),
+                  + tuple(str_list(policy, "gpu_extra_binaries")),
                   extra_dirs=L.ROCM_BIN_DIRS)
     return c

@@ -14,7 +14,7 @@ Pure: reads the host through a HostRoot, returns a Contribution. Standard librar
 """
 from hpcimage.host.root import Contribution
 from hpcimage.host import gpulibs as L
-from hpcimage.host.gpu import LIBS_DIR, bind_libraries, _choice, _str_list
+from hpcimage.host.gpu import LIBS_DIR, bind_libraries, choice, str_list
 
 from hpcimage.config.policy import IB_MODES, valid_name  # noqa: E402,F401
 MEMLOCK_MIN = 64 << 20
@@ -49,7 +49,7 @@ def discover_ib(host, policy, environ, force=False, cache=None):
     or infiniband=auto (default) when /dev/infiniband/uverbs* exists."""
     c = Contribution()
     tag = "--ib" if force else "infiniband"
-    mode = _choice(policy, "infiniband", IB_MODES, "auto", c)
+    mode = choice(policy, "infiniband", IB_MODES, "auto", c)
     nodes = host.listdir("/dev/infiniband")
     present = any(n.startswith("uverbs") for n in nodes)
     if not force:
@@ -78,7 +78,7 @@ def discover_ib(host, policy, environ, force=False, cache=None):
     why = f"{tag}: rdma-core"
     bound = bind_libraries(host, cache, L.IB_LIBS, c, why=why, tag=tag,
                            essential=L.IB_ESSENTIAL_LIBS,
-                           extra=_str_list(policy, "ib_extra_libs"))
+                           extra=str_list(policy, "ib_extra_libs"))
     _providers(host, cache, c, tag, bound)
     _closure(host, cache, c, tag, bound)
     if host.isdir("/etc/libibverbs.d"):

@@ -23,7 +23,7 @@ from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.imagebuild import userns
 from hpcimage.runtime.environ import DEFAULT_PATH
 from hpcimage.linux.paths import resolve_in
-from hpcimage.imagebuild.layout import (_write, _unlink, _has_sh, base_layout, app_layout,
+from hpcimage.imagebuild.layout import (write_file, unlink_missing_ok, has_sh, base_layout, app_layout,
                                          write_metadata, remove_tree)
 
 SOURCE_ENV = ('for __f in /.singularity.d/env/*.sh; do [ -f "$__f" ] && . "$__f"; done; '
@@ -177,7 +177,7 @@ class _Job:
             return
         _say("running %setup on the host")
         script = os.path.join(self.work, f"setup-{st.index}.sh")
-        _write(script, sec.body, 0o700)
+        write_file(script, sec.body, 0o700)
         env = dict(os.environ)
         for k in ("HPCIMAGE_ROOTFS", "APPTAINER_ROOTFS", "SINGULARITY_ROOTFS"):
             env[k] = root
@@ -232,7 +232,7 @@ class _Job:
         installs = [a for a in st.apps.values() if a.script("install") is not None]
         if not sec and not installs:
             return
-        if not _has_sh(root):
+        if not has_sh(root):
             raise HpcimageError(f"{self.d.path}:{(sec or installs[0].sections['install']).line}: "
                                 "the image has no /bin/sh to run %post")
         body = sec.body if sec else ""
@@ -240,14 +240,14 @@ class _Job:
             body += (f"\ncd /\n. /scif/apps/{a.name}/scif/env/01-base.sh\n"
                      f"cd /scif/apps/{a.name}\n{a.script('install')}\ncd /\n")
         script = os.path.join(root, ".post.script")
-        _write(script, body, 0o755)
+        write_file(script, body, 0o755)
         sandbox_conf = None
         if self.mode == "single" and os.path.isdir(os.path.join(root, "etc/apt/apt.conf.d")):
             sandbox_conf = os.path.join(root, "etc/apt/apt.conf.d/00hpcimage-build")
             if os.path.lexists(sandbox_conf):
                 sandbox_conf = None
             else:
-                _write(sandbox_conf, '// hpcimage build with one mapped id (removed after %post)\n'
+                write_file(sandbox_conf, '// hpcimage build with one mapped id (removed after %post)\n'
                        'APT::Sandbox::User "root";\n')
         _say("running %post" + (" and %appinstall" if installs else "") + " in the image")
         try:
@@ -255,9 +255,9 @@ class _Job:
                                     deffile.script_argv(sec, "/.post.script"),
                                     self.script_env(), what="%post")
         finally:
-            _unlink(script)
+            unlink_missing_ok(script)
             if sandbox_conf:
-                _unlink(sandbox_conf)
+                unlink_missing_ok(sandbox_conf)
         if rc:
             line = sec.line if sec else installs[0].sections["install"].line
             raise self._fail(line, "%post" if sec else "%appinstall", rc)
@@ -265,7 +265,7 @@ class _Job:
         if os.path.isfile(labels_file) and not os.path.islink(labels_file):
             with open(labels_file, errors="replace") as f:
                 st.labels.update(deffile._labels(f.read().splitlines(), 1, ".build.labels"))
-        _unlink(labels_file)
+        unlink_missing_ok(labels_file)
 
     def script_env(self):
         env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C", "USER": "root",
@@ -285,7 +285,7 @@ class _Job:
         sec = st.sections.get("test")
         if not sec:
             return
-        if not _has_sh(root):
+        if not has_sh(root):
             raise HpcimageError(f"{self.d.path}:{sec.line}: the image has no /bin/sh to run %test")
         _say("running %test (skip with --notest)")
         child = userns.start_in_root(root, ["/bin/sh", "-c", SOURCE_ENV, "test",
@@ -373,7 +373,7 @@ def build_site(site_path, force=False, notest=False, only=()):
         directory = os.path.dirname(img.path)
         work = None
         try:
-            store_layout._makedirs(directory)
+            store_layout.makedirs(directory)
             _clean_build_dirs(directory)
             try:
                 work = tempfile.mkdtemp(prefix=f"{BUILD_DIR}{os.getpid()}.", dir=directory)

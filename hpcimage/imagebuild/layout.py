@@ -11,7 +11,7 @@ from hpcimage.linux.paths import resolve_in
 META = ".singularity.d"
 
 
-def _write(path, text, mode=0o644):
+def write_file(path, text, mode=0o644):
     if os.path.islink(path):
         os.unlink(path)
     with open(path, "w") as f:
@@ -19,14 +19,14 @@ def _write(path, text, mode=0o644):
     os.chmod(path, mode)
 
 
-def _unlink(path):
+def unlink_missing_ok(path):
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
 
 
-def _has_sh(root):
+def has_sh(root):
     rel = resolve_in(root, "/bin/sh")
     p = os.path.join(root, rel)
     return os.path.isfile(p) or os.path.isfile(os.path.realpath(p)) and \
@@ -50,12 +50,12 @@ def base_layout(root):
     for f in ("etc/hosts", "etc/resolv.conf"):
         p = os.path.join(root, resolve_in(root, f))
         if not os.path.lexists(p):
-            _write(p, "")
+            write_file(p, "")
     for f, text in (("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
                     ("etc/group", "root:x:0:\n")):
         p = os.path.join(root, resolve_in(root, f))
         if not os.path.lexists(p):
-            _write(p, text)
+            write_file(p, text)
     for d in (META, META + "/env", META + "/actions", META + "/libs"):
         mkdir(d)
     for name, target in (("singularity", META + "/runscript"),
@@ -75,26 +75,26 @@ def app_layout(root, app):
     for d in ("input", "output"):
         os.makedirs(os.path.join(root, "scif/data", n, d), exist_ok=True)
     meta = os.path.join(base, "scif")
-    _write(os.path.join(meta, "env/01-base.sh"),
+    write_file(os.path.join(meta, "env/01-base.sh"),
            f"#!/bin/sh\n\nSCIF_APPNAME={n}\nSCIF_APPROOT=\"/scif/apps/{n}\"\n"
            f"SCIF_APPMETA=\"/scif/apps/{n}/scif\"\nSCIF_DATA=\"/scif/data\"\n"
            f"SCIF_APPDATA=\"/scif/data/{n}\"\nSCIF_APPINPUT=\"/scif/data/{n}/input\"\n"
            f"SCIF_APPOUTPUT=\"/scif/data/{n}/output\"\nexport SCIF_APPDATA SCIF_APPNAME "
            "SCIF_APPROOT SCIF_APPMETA SCIF_APPINPUT SCIF_APPOUTPUT SCIF_DATA\n", 0o755)
     if app.script("env") is not None:
-        _write(os.path.join(meta, "env/90-environment.sh"), app.script("env"), 0o755)
+        write_file(os.path.join(meta, "env/90-environment.sh"), app.script("env"), 0o755)
     if app.script("run") is not None:
-        _write(os.path.join(meta, "runscript"), "#!/bin/sh\n\n" + app.script("run"), 0o755)
+        write_file(os.path.join(meta, "runscript"), "#!/bin/sh\n\n" + app.script("run"), 0o755)
     if app.script("test") is not None:
-        _write(os.path.join(meta, "test"), "#!/bin/sh\n\n" + app.script("test"), 0o755)
+        write_file(os.path.join(meta, "test"), "#!/bin/sh\n\n" + app.script("test"), 0o755)
     if app.script("help") is not None:
-        _write(os.path.join(meta, "runscript.help"), app.script("help"))
+        write_file(os.path.join(meta, "runscript.help"), app.script("help"))
     labels = {"SCIF_APP_NAME": n}
     labels.update(app.labels)
-    _write(os.path.join(meta, "labels.json"), json.dumps(labels, indent=1) + "\n")
+    write_file(os.path.join(meta, "labels.json"), json.dumps(labels, indent=1) + "\n")
 
 
-def _read_json(path):
+def read_json(path):
     if not os.path.exists(path):
         return {}
     try:
@@ -108,14 +108,14 @@ def _read_json(path):
 def write_metadata(st, root, d):
     meta = os.path.join(root, META)
     if st.script("environment") is not None:
-        _write(os.path.join(meta, "env/90-environment.sh"),
+        write_file(os.path.join(meta, "env/90-environment.sh"),
                "#!/bin/sh\n# Custom environment shell code should follow\n\n"
                + st.script("environment"), 0o755)
     for name in ("runscript", "startscript", "test"):
         if st.script(name) is not None:
-            _write(os.path.join(meta, name), "#!/bin/sh\n\n" + st.script(name), 0o755)
+            write_file(os.path.join(meta, name), "#!/bin/sh\n\n" + st.script(name), 0o755)
     if st.script("help") is not None:
-        _write(os.path.join(meta, "runscript.help"), st.script("help"))
+        write_file(os.path.join(meta, "runscript.help"), st.script("help"))
     if st.apps:
         text = ""
         for app in st.apps.values():
@@ -132,8 +132,8 @@ def write_metadata(st, root, d):
             text += f'export SCIF_APPLABELS_{v}="{am}/labels.json"\n'
             if app.script("run") is not None:
                 text += f'export SCIF_APPRUN_{v}="{am}/runscript"\n'
-        _write(os.path.join(meta, "env/94-appsbase.sh"), text, 0o755)
-    labels = _read_json(os.path.join(meta, "labels.json"))
+        write_file(os.path.join(meta, "env/94-appsbase.sh"), text, 0o755)
+    labels = read_json(os.path.join(meta, "labels.json"))
     from hpcimage import __version__
     from hpcimage.image.sif import host_goarch
     labels.update({
@@ -148,8 +148,8 @@ def write_metadata(st, root, d):
     if os.path.exists(os.path.join(meta, "runscript.help")):
         labels["org.label-schema.usage"] = "/.singularity.d/runscript.help"
     labels.update(st.labels)
-    _write(os.path.join(meta, "labels.json"), json.dumps(labels, indent=1, sort_keys=True) + "\n")
-    _write(os.path.join(meta, "Singularity"), d.text if d.text.endswith("\n") else d.text + "\n")
+    write_file(os.path.join(meta, "labels.json"), json.dumps(labels, indent=1, sort_keys=True) + "\n")
+    write_file(os.path.join(meta, "Singularity"), d.text if d.text.endswith("\n") else d.text + "\n")
 
 
 def remove_tree(path):
@@ -172,4 +172,4 @@ def remove_tree(path):
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, onerror=onerror)
     else:
-        _unlink(path)
+        unlink_missing_ok(path)

@@ -456,7 +456,7 @@ def _words(v):
 
 
 def write_metadata(config, root):
-    from hpcimage.imagebuild.layout import base_layout, _read_json, _write
+    from hpcimage.imagebuild.layout import base_layout, read_json, write_file
     from hpcimage.runtime.options import valid_name
     base_layout(root)
     cfg = config.get("config") or config.get("Config") or {}
@@ -471,7 +471,7 @@ def write_metadata(config, root):
             lines.append(f"export PATH={_sq(v)}")
         else:
             lines.append(f'export {k}="${{{k}:-"{_dq(v)}"}}"')
-    _write(os.path.join(meta, "env/10-docker2singularity.sh"), "\n".join(lines) + "\n", 0o755)
+    write_file(os.path.join(meta, "env/10-docker2singularity.sh"), "\n".join(lines) + "\n", 0o755)
     ep, cmd = _words(cfg.get("Entrypoint")), _words(cfg.get("Cmd"))
     e, c = " ".join(_sq(w) for w in ep), " ".join(_sq(w) for w in cmd)
     wd = cfg.get("WorkingDir") or ""
@@ -487,8 +487,8 @@ def write_metadata(config, root):
         text.append(f'if [ $# -gt 0 ]; then exec "$@"; else exec {c}; fi')
     else:
         text.append('if [ $# -gt 0 ]; then exec "$@"; else exec /bin/sh; fi')
-    _write(os.path.join(meta, "runscript"), "\n".join(text) + "\n", 0o755)
-    labels = _read_json(os.path.join(meta, "labels.json"))
+    write_file(os.path.join(meta, "runscript"), "\n".join(text) + "\n", 0o755)
+    labels = read_json(os.path.join(meta, "labels.json"))
     for k, v in (cfg.get("Labels") or {}).items():
         labels[str(k)] = str(v)
-    _write(os.path.join(meta, "labels.json"), json.dumps(labels, indent=1, sort_keys=True) + "\n")
+    write_file(os.path.join(meta, "labels.json"), json.dumps(labels, indent=1, sort_keys=True) + "\n")

@@ -1,19 +1,10 @@
-"""The launch: a plan of plain operations, then one loop that carries them out.
+"""The launch: a plan of typed operations (runtime.ops), then one loop that carries
+them out (runtime.execute).
 
-    userns      unshare(user, mount) and map the caller's uid/gid onto themselves
-    private     make every mount private (nothing propagates to the host)
-    session     a tmpfs at the session directory: mount points and generated files
-    image       mount the image there (squashfuse) or bind the directory, read-only
-    rootfs      the root: the image itself, or a tmpfs skeleton that mirrors the
-                image's entries with binds and adds the bind targets the image lacks
-    bind        host path -> container path (recursive; read-only where asked)
-    file        a generated file (passwd, group) bound read-only into the root
-    readonly    the root mount read-only
-    pivot       pivot_root into the root and drop the host's tree
-    chdir       the working directory (else $HOME, else /, with a warning)
-    exec        replace this process by the command (env scripts first via /bin/sh)
+    UserNs, Private, Session, MountImage, RootFs, IdentityFiles, Bind..., Remount,
+    Pivot, Chdir, Exec
 
-`plan()` only reads; `describe()` prints the list (`--dry-run`); `execute()` runs it.
+`plan()` only reads; `Plan.describe()` prints the list (`--dry-run`); `execute()` runs it.
 After `exec` no hpcimage process remains except, for SquashFS and SIF images, the
 squashfuse daemon that the kernel kills when the command exits (PR_SET_PDEATHSIG).
 Standard library only: this is the hot path.
@@ -24,7 +15,10 @@ import grp
 
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.runtime import environ
-from hpcimage.runtime.command import RUNSCRIPT, _rank0, app_dir, label, valid_app
+from hpcimage.runtime.command import _rank0, label, valid_app
+from hpcimage.runtime.ops import (Bind, Chdir, Exec, IdentityFiles, MountImage, Pivot,
+                                  Private, Remount, RootFs, Session, UserNs,
+                                  quote)  # noqa: F401  (quote: for callers)
 
 
 SESSION_DIRS = ("/var/lib/hpcimage/mnt", "/mnt", "/srv", "/media", "/opt")
@@ -43,23 +37,13 @@ CWD_NOT_BOUND_BELOW = ("/usr", "/usr/local", "/usr/lib", "/usr/lib32", "/usr/lib
                        "/usr/libx32")
 
 
-class Bind:
-    __slots__ = ("src", "dst", "ro", "what")
-
-    def __init__(self, src, dst, ro=False, what="bind"):
-        self.src, self.dst, self.ro, self.what = src, dst, ro, what
-
-    def __str__(self):
-        return (f"bind {quote(self.src)} -> {quote(self.dst)}{' ro' if self.ro else ''}"
-                f"  # {self.what}")
-
-
 class Plan:
     def __init__(self):
-        self.ops = []          # (name, args...) in order
+        self.ops = []          # runtime.ops objects, in order
         self.warnings = []     # said once, before the launch
+        self.notes = []        # what the steps found, skipped and why (--dry-run)
 
-    def add(self, *op):
+    def add(self, op):
         self.ops.append(op)
 
     def warn(self, prog, environ):
@@ -69,87 +53,15 @@ class Plan:
                 os.write(2, f"{label(prog)}: warning: {w}\n".encode())
 
     def describe(self):
-        """The plan as `--dry-run` prints it: one step a line, its words quoted as sh
-        would need them (`shlex.split(line, comments=True)` gives them back), then
-        `  # ` and a note in words."""
+        """The plan as `--dry-run` prints it: the warnings and the steps' notes (host
+        discovery's: what was found, what was skipped and why) as `# ` lines, then one
+        op a line, its words quoted as sh would need them (`shlex.split(line,
+        comments=True)` gives them back), then `  # ` and a note in words."""
         out = [f"# warning: {w}" for w in self.warnings]
+        out += [f"# note: {n}" for n in self.notes]
         for op in self.ops:
-            name, args = op[0], op[1:]
-            if name == "bind":
-                out.append(str(args[0]))
-            elif name == "image":
-                image, at = args
-                note = image.kind + (f", the squashfs partition at offset {image.offset}"
-                                     if getattr(image, "offset", 0) else "")
-                out.append(f"image {quote(image.path)} -> {quote(at)}  # {note}")
-            elif name == "rootfs":
-                image_dir, root, targets = args
-                out.append(f"rootfs {quote(image_dir)} -> {quote(root)}  # mount points: "
-                           + " ".join(quote(t) for t in targets))
-            elif name == "files":
-                base, uid, gid, user, home, gecos, shell, group = args
-                out.append(f"files {quote(base + '/passwd')} {quote(base + '/group')}  # the "
-                           f"image's, plus user {quote(user)} ({uid}:{gid}, home "
-                           f"{quote(home)}, shell {quote(shell or '/bin/sh')}) and group "
-                           f"{quote(group)}")
-            elif name == "chdir":
-                workdir, home, explicit, note = (args + (None,))[:4]
-                out.append(f"chdir {quote(workdir)}  # "
-                           + ("--pwd: an error where the container lacks it" if explicit
-                              else ("the image's own (a system directory is not bound), "
-                                    if note == "system" else "")
-                              + f"else {quote(home)}, else /"))
-            elif name == "exec":
-                out += _describe_exec(*args)
-            else:
-                out.append(" ".join([name] + [quote(str(a)) for a in args]))
+            out += op.describe()
         return "\n".join(out) + "\n"
-
-
-def _describe_exec(verb, argv, env, forced, prepend, append, prog, app=None, rc=None):
-    note = "after /.singularity.d/env/*.sh when the image has them" + (
-        f", then {app_dir(app)}/env/*.sh" if app else "")
-    if verb == "run":
-        argv = [(app_dir(app) + "/runscript") if app else RUNSCRIPT] + list(argv)
-    elif verb == "shell":
-        sh = env.get("APPTAINER_SHELL") or env.get("SINGULARITY_SHELL")
-        opt = ["--rcfile", rc] if rc else ["--norc"]
-        if sh:
-            argv = [sh] + (opt if sh.endswith("/bash") else []) + list(argv)
-        else:
-            argv = ["/bin/bash"] + opt + list(argv)
-            note += "; /bin/sh where the image has no /bin/bash"
-    lines = [f"exec {' '.join(quote(a) for a in argv)}  # {note}"]
-    for k in sorted(env):
-        lines.append(f"  env {_assign(k, env[k])}")
-    for k in sorted(forced):
-        lines.append(f"  env {_assign(k, forced[k])}  # forced, after the env scripts")
-    if prepend is not None:
-        lines.append(f"  prepend PATH {quote(prepend)}  # after the env scripts")
-    if append is not None:
-        lines.append(f"  append PATH {quote(append)}  # after the env scripts")
-    return lines
-
-
-_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@%+=:,./-_")
-
-
-def quote(s):
-    """shlex.quote(s) (without importing shlex and re on the hot path)."""
-    if s and all(c in _SAFE for c in s):
-        return s
-    return "'" + s.replace("'", "'\"'\"'") + "'"
-
-
-_q = quote
-
-
-def _assign(k, v):
-    """K=V as one sh word."""
-    if k and all(c in _SAFE and c not in "=" for c in k):
-        return f"{k}={quote(v)}"
-    return quote(f"{k}={v}")
-
 
 def parse_bind(spec, what="-B"):
     parts = spec.split(":")
@@ -237,10 +149,11 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
     p = Plan()
     base = _session_dir()
     root = base + "/root"
-    p.add("userns", uid, gid)
-    p.add("private", "/")
-    p.add("session", base)
-    p.add("image", image, base + "/image")
+    image_root = base + "/image"
+    p.add(UserNs(uid, gid))
+    p.add(Private())
+    p.add(Session(base))
+    p.add(MountImage(image, image_root))
 
     # Host devices and driver libraries (GPU, InfiniBand): hpcimage.host reads the
     # host through one root (HPCIMAGE_HOST_ROOT), binds nothing where nothing is found.
@@ -259,6 +172,7 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
         keep_prefixes = tuple(keep_prefixes) + lmod.CLEANENV_KEEP_PREFIXES
         lmod_rc = lc.env.get("BASH_ENV")
     p.warnings = [w for c in contributions for w in c.warnings]
+    p.notes = list(dict.fromkeys(n for c in contributions for n in c.notes))
     dev_binds = [b for b in hw.binds if b[1] == "/dev" or b[1].startswith("/dev/")]
     hw.binds = [b for b in hw.binds if b not in dev_binds]
     # A private /dev when the host's cannot simply be bound: --contain, GPUs left out
@@ -351,15 +265,16 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
         elif not any(_under(cwd, d) for d in ("/proc", "/sys", "/dev")):
             binds.append(Bind(cwd, cwd, False, "current directory"))
 
-    p.add("rootfs", base + "/image", root, [b.dst for b in binds])
-    p.add("files", base, uid, gid, user, home, gecos, pw_shell, group)
+    p.add(RootFs(image_root, root, [b.dst for b in binds]))
+    p.add(IdentityFiles(base, image_root, uid, gid, user, home, gecos, pw_shell, group))
     for b in binds:
         if b.src.startswith("session:"):
             b.src = base + "/" + b.src[len("session:"):]
-        p.add("bind", b)
-    p.add("readonly", root)
-    p.add("pivot", root)
-    p.add("chdir", workdir, home, bool(opts.pwd), cwd_note)
+        b.root = root
+        p.add(b)
+    p.add(Remount(root))
+    p.add(Pivot(root))
+    p.add(Chdir(workdir, home, bool(opts.pwd), cwd_note, opts.prog))
 
     env, forced, prepend, append = environ.compute(
         host_env, image_path=image.path, module=module, cleanenv=opts.cleanenv,
@@ -373,14 +288,14 @@ def plan(opts, image, site=None, host_env=None, extra_binds=(), keep_prefixes=()
             raise UsageError(f"{opts.prog}: --app {opts.app!r}: not an app name")
         for k in ("APPTAINER_APPNAME", "SINGULARITY_APPNAME"):
             env[k] = opts.app
-    p.add("exec", opts.verb, list(opts.args), env, forced, prepend, append, opts.prog,
-          opts.app, lmod_rc)
+    p.add(Exec(opts.verb, list(opts.args), env, forced, prepend, append, opts.prog,
+               opts.app, lmod_rc))
     return p
 
 
-def split(p, name):
-    """(ops before the first op called name, that op and the rest)."""
-    k = next(i for i, op in enumerate(p.ops) if op[0] == name)
+def split(p, op_type):
+    """(ops before the first op of op_type, that op and the rest)."""
+    k = next(i for i, op in enumerate(p.ops) if type(op) is op_type)
     head, tail = Plan(), Plan()
     head.ops, tail.ops = p.ops[:k], p.ops[k:]
     return head, tail

@@ -22,11 +22,11 @@ PREVIOUS = ".hpcimage-previous"
 TMP_MARK = ".hpcimage-tmp."
 
 
-def _now_iso(t=None):
+def now_iso(t=None):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
 
 
-def _makedirs(path, mode=0o755):
+def makedirs(path, mode=0o755):
     try:
         os.makedirs(path, mode=mode, exist_ok=True)
     except FileExistsError:
@@ -109,7 +109,7 @@ class Lock:
             try:
                 fcntl.flock(self.fd, op | fcntl.LOCK_NB)
             except BlockingIOError:
-                if self.wait_message and _isatty(self.err):
+                if self.wait_message and isatty(self.err):
                     self.err.write(self.wait_message + "\n")
                     self.err.flush()
                 fcntl.flock(self.fd, op)
@@ -130,13 +130,13 @@ class Lock:
             self.fd = None
 
 
-def _isatty(stream):
+def isatty(stream):
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
 
 
-def _identity_matches(st, entry):
+def identity_matches(st, entry):
     return (entry is not None and st.st_size == entry.get("size")
             and st.st_mtime_ns == entry.get("mtime_ns"))

@@ -6,7 +6,7 @@ import os
 
 from hpcimage import fsutil
 from hpcimage.errors import HpcimageError, UsageError
-from hpcimage.store.layout import MANIFEST, TMP_MARK, _now_iso
+from hpcimage.store.layout import MANIFEST, TMP_MARK, now_iso
 
 
 MANIFEST_VERSION = 1
@@ -75,7 +75,7 @@ def image_facts(path, definition=None):
                 created = int.from_bytes(f.read(4), "little")
     except (OSError, ValueError, HpcimageError):
         created = 0
-    build_date = _now_iso(created) if created > 0 else None
+    build_date = now_iso(created) if created > 0 else None
     if definition is not None:
         try:
             with open(definition, "rb") as f:

@@ -6,8 +6,8 @@ import sys
 
 from hpcimage.fsutil import fsync_dir as _fsync_dir
 from hpcimage.errors import HpcimageError, UsageError
-from hpcimage.store.layout import _identity_matches, MANIFEST, STORE_LOCK, PREVIOUS, TMP_MARK, _now_iso, _makedirs, clean_temps, Lock
-from hpcimage.store.transfer import Progress, copy_hashing, hash_file, _mib
+from hpcimage.store.layout import identity_matches, MANIFEST, STORE_LOCK, PREVIOUS, TMP_MARK, now_iso, makedirs, clean_temps, Lock
+from hpcimage.store.transfer import Progress, copy_hashing, hash_file, mib
 from hpcimage.store.manifest import MANIFEST_VERSION, HEADER, load_manifest, write_json_atomic, image_facts
 
 
@@ -52,7 +52,7 @@ def publish(site_path, source, name, version, definition=None, out=None):
     if kind is None or not stat.S_ISREG(st_src.st_mode):
         raise UsageError(f"{source}: not an image (neither a SquashFS nor a SIF file)")
     facts = image_facts(source, definition)
-    _makedirs(directory)
+    makedirs(directory)
     with Lock(os.path.join(directory, STORE_LOCK),
               wait_message=f"publish: waiting for another publish in {directory}") as lock:
         clean_temps(directory, all_stale=lock.locked)
@@ -98,7 +98,7 @@ def publish(site_path, source, name, version, definition=None, out=None):
                 finally:
                     os.close(src_fd)
             if (cur is not None and cur.get("sha256") == sha and st_dest is not None
-                    and _identity_matches(os.stat(dest), cur)):
+                    and identity_matches(os.stat(dest), cur)):
                 if tmp:
                     os.unlink(tmp)
                     tmp = None
@@ -106,11 +106,11 @@ def publish(site_path, source, name, version, definition=None, out=None):
                           f"(sha256 {sha}); nothing changed\n")
                 return 0
             entry = {"sha256": sha, "size": st_new.st_size, "mtime_ns": st_new.st_mtime_ns,
-                     "published": _now_iso(), "source": source, "file": fname, **facts}
+                     "published": now_iso(), "source": source, "file": fname, **facts}
             # The image being replaced becomes a previous version.
             old = None
             if st_dest is not None and not adopt:
-                if _identity_matches(st_dest, cur):
+                if identity_matches(st_dest, cur):
                     old = dict(cur)
                 else:    # placed by hand, or changed since it was published
                     old = {"sha256": hash_file(dest), "size": st_dest.st_size,
@@ -122,7 +122,7 @@ def publish(site_path, source, name, version, definition=None, out=None):
             keep = site.keep
             if old is not None and keep > 0:
                 prev_dir = os.path.join(directory, PREVIOUS)
-                _makedirs(prev_dir)
+                makedirs(prev_dir)
                 rel = f"{PREVIOUS}/{old['sha256'][:16]}-{fname}"
                 target = os.path.join(directory, rel)
                 if not os.path.exists(target):
@@ -147,7 +147,7 @@ def publish(site_path, source, name, version, definition=None, out=None):
             what = e.filename or dest
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise HpcimageError(f"no space left in {directory} for {name}/{version} "
-                                    f"({_mib(st_src.st_size)}): nothing was changed") from None
+                                    f"({mib(st_src.st_size)}): nothing was changed") from None
             raise HpcimageError(f"cannot publish {source} to {dest}: {what}: "
                                 f"{e.strerror}") from None
         finally:
@@ -178,6 +178,6 @@ def publish(site_path, source, name, version, definition=None, out=None):
                     os.unlink(os.path.join(directory, rel))
                 except OSError:
                     pass
-    out.write(f"publish: {name}/{version} -> {dest} ({_mib(entry['size'])}, "
+    out.write(f"publish: {name}/{version} -> {dest} ({mib(entry['size'])}, "
               f"sha256 {sha}); {len(kept)} previous version(s) kept\n")
     return 0

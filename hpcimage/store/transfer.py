@@ -6,7 +6,7 @@ import sys
 import time
 
 from hpcimage.errors import HpcimageError
-from hpcimage.store.layout import _isatty
+from hpcimage.store.layout import isatty
 
 
 CHUNK = 8 << 20                    # copy buffer
@@ -15,7 +15,7 @@ CHUNK = 8 << 20                    # copy buffer
 PROGRESS_MIN = 4 << 20             # no progress bar below this size
 
 
-def _mib(n):
+def mib(n):
     return f"{n / (1 << 20):.1f} MiB"
 
 
@@ -32,7 +32,7 @@ class Progress:
 
     def __init__(self, label, total, stream=None, force=None):
         self.stream = stream or sys.stderr
-        show = _isatty(self.stream) if force is None else force
+        show = isatty(self.stream) if force is None else force
         self.on = show and total >= PROGRESS_MIN
         self.label = label
         self.total = max(total, 1)
@@ -51,8 +51,8 @@ class Progress:
         room = max(columns - 1, 1)
         frac = min(done / self.total, 1.0)
         pct = f" {frac * 100:3.0f}%"
-        tails = (f"{pct} {_mib(done)} of {_mib(self.total)} {rate / (1 << 20):.0f} MiB/s",
-                 f"{pct} {_mib(done)} of {_mib(self.total)}", pct)
+        tails = (f"{pct} {mib(done)} of {mib(self.total)} {rate / (1 << 20):.0f} MiB/s",
+                 f"{pct} {mib(done)} of {mib(self.total)}", pct)
         label = self.label
         for tail in tails:
             bar = min(room - len(label) - 3 - len(tail), self.WIDTH)

@@ -8,8 +8,8 @@ import time
 from hpcimage.fsutil import fsync_dir as _fsync_dir
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.runtime import localcopy as local
-from hpcimage.store.layout import _identity_matches, _makedirs, clean_temps, Lock
-from hpcimage.store.transfer import Progress, copy_hashing, _mib
+from hpcimage.store.layout import identity_matches, makedirs, clean_temps, Lock
+from hpcimage.store.transfer import Progress, copy_hashing, mib
 
 
 MANIFEST_WAIT = 2.0                # seconds image-update waits out a publish in progress
@@ -111,7 +111,7 @@ class Update:
         when = entry.get("published") or "?"
         if st is None:
             out.write(f"{self.module}: no local copy; image-update makes one "
-                      f"({_mib(entry.get('size', 0))}, published {when})\n")
+                      f"({mib(entry.get('size', 0))}, published {when})\n")
         else:
             out.write(f"{self.module}: an update is available (published {when}, "
                       f"sha256 {entry['sha256'][:16]}...); run image-update\n")
@@ -145,7 +145,7 @@ class Update:
         return 0
 
     def update(self, out, err):
-        _makedirs(self.directory)
+        makedirs(self.directory)
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise HpcimageError(f"cannot write to the local image directory {self.directory}: "
                                 "permission denied (set HPCIMAGE_LOCAL to another one)")
@@ -172,7 +172,7 @@ class Update:
             except OSError as e:
                 raise HpcimageError(f"cannot read {self.image}: {e.strerror}") from None
             st = os.fstat(fd)
-            if _identity_matches(st, entry):
+            if identity_matches(st, entry):
                 return fd, st, entry
             os.close(fd)
             if time.monotonic() > deadline:
@@ -194,7 +194,7 @@ class Update:
             if free < size:
                 raise HpcimageError(
                     f"not enough space in {self.directory} for {self.name}: "
-                    f"{_mib(size)} needed, {_mib(free)} free; the local copy is unchanged")
+                    f"{mib(size)} needed, {mib(free)} free; the local copy is unchanged")
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                              | os.O_CLOEXEC, 0o644)
@@ -229,7 +229,7 @@ class Update:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise HpcimageError(
                     f"no space left in {self.directory} while copying {self.name} "
-                    f"({_mib(size)}): the local copy is unchanged") from None
+                    f"({mib(size)}): the local copy is unchanged") from None
             raise HpcimageError(f"cannot update {self.copy}: {e.strerror}") from None
         finally:
             os.close(src)
@@ -239,7 +239,7 @@ class Update:
                         os.unlink(p)
                     except OSError:
                         pass
-        out.write(f"{self.module}: updated the local copy {self.copy} ({_mib(size)} in "
+        out.write(f"{self.module}: updated the local copy {self.copy} ({mib(size)} in "
                   f"{secs:.1f} s, sha256 verified)\n")
         return 0
 

@@ -144,6 +144,7 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
             or env.get("HPCIMAGE_MPI_PREPARE", "1") == "0"):
         return argv2
     from hpcimage.runtime import plan as launch, localcopy as local, options
+    from hpcimage.runtime.ops import Chdir
     from hpcimage.image import open_image
     rest = ["--mpi-mode", mode, *ours, "--", *program]
     key = f"launch-{os.uname().nodename}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -156,7 +157,7 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
         del env["HPCIMAGE_MPI_KEY"]
         return argv2
     p = rank_plan(opts, open_image(opts.image), site, env)
-    head, tail = launch.split(p, "chdir")
+    head, tail = launch.split(p, Chdir)
     rec = Recipe(tail, env, signature, os.getcwd(), opts.cleanenv)
     if not rec.ok:
         del env["HPCIMAGE_MPI_KEY"]

@@ -65,10 +65,13 @@ class Recipe:
     def __init__(self, tail, environ, signature, cwd, cleanenv=False):
         from hpcimage.runtime import environ as envmod
         from hpcimage.runtime.command import label
-        (c_name, self.workdir, self.home, self.explicit), e_op = tail.ops[0][:4], tail.ops[1]
-        verb, args, env, forced, prepend, append, self.prog, app = e_op[1:9]
-        self.ok = (c_name == "chdir" and e_op[0] == "exec" and verb == "exec"
-                   and app is None and (len(e_op) < 10 or e_op[9] is None))
+        from hpcimage.runtime.ops import Chdir, Exec
+        c_op, e_op = tail.ops[0], tail.ops[1]
+        self.workdir, self.home, self.explicit = c_op.workdir, c_op.home, c_op.explicit
+        env, forced, prepend, append = e_op.env, e_op.forced, e_op.prepend, e_op.append
+        self.prog = e_op.prog
+        self.ok = (type(c_op) is Chdir and type(e_op) is Exec and e_op.verb == "exec"
+                   and e_op.app is None and e_op.rcfile is None)
         self.direct = envmod.direct_env(env, forced, prepend, append)
         self.shell = envmod.shell_env(env, forced, prepend, append, label(self.prog))
         self.script = envmod.shell_prologue(forced, prepend, append, None) + envmod.SHELL_EXEC

@@ -82,10 +82,11 @@ def _warm(cmd, path):
 
 def _warm_arg(tail):
     """(command, the container's PATH) of a tail's exec step, or None."""
+    from hpcimage.runtime.ops import Exec
     op = tail.ops[-1]
-    if op[0] != "exec" or not op[2]:
+    if type(op) is not Exec or not op.argv:
         return None
-    return op[2][0], op[3].get("PATH", "")
+    return op.argv[0], op.env.get("PATH", "")
 
 
 PROBE_SUFFIX = "~hpcimage-probe"
@@ -284,7 +285,8 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
     """Set up (first rank) or find the node's shared container for job `key`, join its
     namespaces, and return the tail of the plan (chdir, exec) to carry out."""
     from hpcimage.runtime import plan as launch
-    head, tail = launch.split(plan, "chdir")
+    from hpcimage.runtime.ops import Chdir
+    head, tail = launch.split(plan, Chdir)
     base = _state_base()
     state = os.path.join(base, key)
     refs_path = os.path.join(state, "refs")

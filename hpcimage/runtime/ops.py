@@ -1,0 +1,362 @@
+"""The launch's operations: small typed objects with named fields, each self-contained
+(absolute paths; the root, the image's mount point and a pinned source's fd are fields,
+not the loop's variables), each with `describe()` (its `--dry-run` lines, words quoted
+as sh would need them) and `run(state)` (what `execute` does for it).
+
+    UserNs        unshare(user, mount) and map the caller's uid/gid onto themselves
+    Private       make every mount private (nothing propagates to the host)
+    Session       a tmpfs at the session directory: mount points and generated files
+    MountImage    mount the image there (squashfuse) or bind the directory, read-only
+    RootFs        the root: the image itself, or a tmpfs skeleton that mirrors the
+                  image's entries with binds and adds the bind targets the image lacks
+    IdentityFiles passwd and group: the image's, plus the user and the user's group
+    Bind          host path -> container path (recursive; read-only where asked)
+    Remount       the root mount read-only
+    Pivot         pivot_root into the root and drop the host's tree
+    Chdir         the working directory (else $HOME, else /, with a warning)
+    Exec          replace this process by the command (env scripts first via /bin/sh)
+
+`name` is the step's word in `--dry-run` and in "launch step 'NAME' failed".
+Standard library only: the hot path.
+"""
+import os
+
+from hpcimage.linux import syscalls as sc
+from hpcimage.runtime.command import RUNSCRIPT, _chdir, _exec, app_dir
+from hpcimage.runtime.rootfs import _build_root, _files, _make_target, _map_ids, _remount_ro
+
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@%+=:,./-_")
+
+
+def quote(s):
+    """shlex.quote(s) (without importing shlex and re on the hot path)."""
+    if s and all(c in _SAFE for c in s):
+        return s
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+def _assign(k, v):
+    """K=V as one sh word."""
+    if k and all(c in _SAFE and c not in "=" for c in k):
+        return f"{k}={quote(v)}"
+    return quote(f"{k}={v}")
+
+
+def _pinned(path, fd):
+    """The path that reaches a pinned source (also from squashfuse, a child)."""
+    return path if fd is None else f"/proc/{os.getpid()}/fd/{fd}"
+
+
+class State:
+    """What the launch produces while it runs: the squashfuse daemon's pid (killed when
+    a later step fails)."""
+    __slots__ = ("mount_pid",)
+
+    def __init__(self):
+        self.mount_pid = None
+
+
+class Op:
+    __slots__ = ()
+    name = ""
+
+    def describe(self):
+        """The op's `--dry-run` lines."""
+        return [self.name]
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None
+
+
+class UserNs(Op):
+    __slots__ = ("uid", "gid")
+    name = "userns"
+
+    def __init__(self, uid, gid):
+        self.uid, self.gid = uid, gid
+
+    def describe(self):
+        return [f"userns {self.uid} {self.gid}"]
+
+    def run(self, state):
+        if self.uid == 0:
+            sc.unshare(sc.CLONE_NEWNS)
+        else:
+            sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
+            _map_ids(self.uid, self.gid)
+
+
+class Private(Op):
+    __slots__ = ()
+    name = "private"
+
+    def describe(self):
+        return ["private /"]
+
+    def run(self, state):
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+
+
+SESSION_SUBDIRS = ("image", "home", "tmp", "vartmp", "dev")
+
+
+class Session(Op):
+    __slots__ = ("base",)
+    name = "session"
+
+    def __init__(self, base):
+        self.base = base
+
+    def describe(self):
+        return [f"session {quote(self.base)}"]
+
+    def run(self, state):
+        base = self.base
+        sc.mount("hpcimage", base, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
+        for d in SESSION_SUBDIRS:
+            os.mkdir(f"{base}/{d}", 0o700)
+        for d in ("tmp", "vartmp"):
+            os.chmod(f"{base}/{d}", 0o1777)
+        os.chmod(f"{base}/dev", 0o755)
+        os.mkdir(f"{base}/dev/shm", 0o1777)
+        os.chmod(f"{base}/dev/shm", 0o1777)
+        os.mkdir(f"{base}/dev/pts")
+
+
+class MountImage(Op):
+    """image: an hpcimage.image.Image; fd: the image file opened by pin_sources (the
+    session tmpfs hides its path), else None."""
+    __slots__ = ("image", "at", "fd")
+    name = "image"
+
+    def __init__(self, image, at, fd=None):
+        self.image, self.at, self.fd = image, at, fd
+
+    def describe(self):
+        image = self.image
+        note = image.kind + (f", the squashfs partition at offset {image.offset}"
+                             if getattr(image, "offset", 0) else "")
+        return [f"image {quote(image.path)} -> {quote(self.at)}  # {note}"]
+
+    def run(self, state):
+        image, at = self.image, self.at
+        if self.fd is not None:
+            image = type(image)(_pinned(image.path, self.fd), image.kind, image.offset,
+                                image.size, image.arch)
+        if image.needs_mount:
+            from hpcimage.image import squashfs
+            state.mount_pid = squashfs.mount(image, at, at + ".log")
+        else:
+            sc.mount(image.path, at, None, sc.MS_BIND | sc.MS_REC)
+            _remount_ro(at)
+        if image.arch in (None, "unknown"):     # a SIF's header was checked
+            from hpcimage.image import arch
+            arch.check_tree(image.path, at)
+
+
+class RootFs(Op):
+    __slots__ = ("image_dir", "root", "targets")
+    name = "rootfs"
+
+    def __init__(self, image_dir, root, targets):
+        self.image_dir, self.root, self.targets = image_dir, root, targets
+
+    def describe(self):
+        return [f"rootfs {quote(self.image_dir)} -> {quote(self.root)}  # mount points: "
+                + " ".join(quote(t) for t in self.targets)]
+
+    def run(self, state):
+        _build_root(self.image_dir, self.root, self.targets)
+
+
+class IdentityFiles(Op):
+    """passwd and group written to base (the session directory) from the image's (read
+    below image_root) plus the user and the user's group."""
+    __slots__ = ("base", "image_root", "uid", "gid", "user", "home", "gecos", "shell",
+                 "group")
+    name = "files"
+
+    def __init__(self, base, image_root, uid, gid, user, home, gecos, shell, group):
+        self.base, self.image_root = base, image_root
+        self.uid, self.gid, self.user, self.home = uid, gid, user, home
+        self.gecos, self.shell, self.group = gecos, shell, group
+
+    def describe(self):
+        return [f"files {quote(self.base + '/passwd')} {quote(self.base + '/group')}  # the "
+                f"image's, plus user {quote(self.user)} ({self.uid}:{self.gid}, home "
+                f"{quote(self.home)}, shell {quote(self.shell or '/bin/sh')}) and group "
+                f"{quote(self.group)}"]
+
+    def run(self, state):
+        _files(self.base, self.image_root, self.uid, self.gid, self.user, self.home,
+               self.gecos, self.shell, self.group)
+
+
+class Bind(Op):
+    """src (host) -> dst (container) below root; what: why, for --dry-run. src may be
+    "session:NAME" until plan() resolves it to the session directory's NAME. fd: src
+    opened by pin_sources (the session tmpfs hides its path), else None."""
+    __slots__ = ("src", "dst", "ro", "what", "root", "fd")
+    name = "bind"
+
+    def __init__(self, src, dst, ro=False, what="bind", root=None, fd=None):
+        self.src, self.dst, self.ro, self.what = src, dst, ro, what
+        self.root, self.fd = root, fd
+
+    def __str__(self):
+        return (f"bind {quote(self.src)} -> {quote(self.dst)}{' ro' if self.ro else ''}"
+                f"  # {self.what}")
+
+    def describe(self):
+        return [str(self)]
+
+    def run(self, state):
+        src = _pinned(self.src, self.fd)
+        target = _make_target(self.root, self.dst, os.path.isdir(src))
+        sc.mount(src, target, None, sc.MS_BIND | sc.MS_REC)
+        if self.ro:
+            _remount_ro(target)
+
+
+class Remount(Op):
+    """The mount at path (the root) read-only."""
+    __slots__ = ("path",)
+    name = "readonly"
+
+    def __init__(self, path):
+        self.path = path
+
+    def describe(self):
+        return [f"readonly {quote(self.path)}"]
+
+    def run(self, state):
+        _remount_ro(self.path)
+
+
+class Pivot(Op):
+    __slots__ = ("root",)
+    name = "pivot"
+
+    def __init__(self, root):
+        self.root = root
+
+    def describe(self):
+        return [f"pivot {quote(self.root)}"]
+
+    def run(self, state):
+        os.chdir(self.root)
+        sc.pivot_root(".", ".")
+        sc.umount2(".", sc.MNT_DETACH)
+        os.chdir("/")
+
+
+class Chdir(Op):
+    """workdir, else home, else /. explicit: --pwd (an error where workdir is missing);
+    note "system": workdir is the caller's, a system directory not bound (the image's
+    own). prog: who says the warnings (None: silent)."""
+    __slots__ = ("workdir", "home", "explicit", "note", "prog")
+    name = "chdir"
+
+    def __init__(self, workdir, home, explicit=False, note=None, prog=None):
+        self.workdir, self.home, self.explicit = workdir, home, explicit
+        self.note, self.prog = note, prog
+
+    def describe(self):
+        return [f"chdir {quote(self.workdir)}  # "
+                + ("--pwd: an error where the container lacks it" if self.explicit
+                   else ("the image's own (a system directory is not bound), "
+                         if self.note == "system" else "")
+                   + f"else {quote(self.home)}, else /")]
+
+    def run(self, state):
+        _chdir(self.workdir, self.home, self.explicit, self.note, prog=self.prog)
+
+
+class Exec(Op):
+    """verb (exec, run, shell) with argv; env: the container's environment before the
+    env scripts; forced, prepend, append: what is set after them; app: the SCI-F app
+    or None; rcfile: bash's --rcfile for shell (Lmod inside), or None."""
+    __slots__ = ("verb", "argv", "env", "forced", "prepend", "append", "prog", "app",
+                 "rcfile")
+    name = "exec"
+
+    def __init__(self, verb, argv, env, forced, prepend, append, prog, app=None,
+                 rcfile=None):
+        self.verb, self.argv, self.env, self.forced = verb, argv, env, forced
+        self.prepend, self.append, self.prog = prepend, append, prog
+        self.app, self.rcfile = app, rcfile
+
+    def describe(self):
+        verb, argv, env, app, rc = self.verb, self.argv, self.env, self.app, self.rcfile
+        note = "after /.singularity.d/env/*.sh when the image has them" + (
+            f", then {app_dir(app)}/env/*.sh" if app else "")
+        if verb == "run":
+            argv = [(app_dir(app) + "/runscript") if app else RUNSCRIPT] + list(argv)
+        elif verb == "shell":
+            sh = env.get("APPTAINER_SHELL") or env.get("SINGULARITY_SHELL")
+            opt = ["--rcfile", rc] if rc else ["--norc"]
+            if sh:
+                argv = [sh] + (opt if sh.endswith("/bash") else []) + list(argv)
+            else:
+                argv = ["/bin/bash"] + opt + list(argv)
+                note += "; /bin/sh where the image has no /bin/bash"
+        lines = [f"exec {' '.join(quote(a) for a in argv)}  # {note}"]
+        for k in sorted(env):
+            lines.append(f"  env {_assign(k, env[k])}")
+        for k in sorted(self.forced):
+            lines.append(f"  env {_assign(k, self.forced[k])}  # forced, after the env scripts")
+        if self.prepend is not None:
+            lines.append(f"  prepend PATH {quote(self.prepend)}  # after the env scripts")
+        if self.append is not None:
+            lines.append(f"  append PATH {quote(self.append)}  # after the env scripts")
+        return lines
+
+    def run(self, state):
+        _exec(self.verb, self.argv, self.env, self.forced, self.prepend, self.append,
+              self.prog, self.app, self.rcfile)
+
+
+# The session directory's own names: sources there are the launch's, not the user's.
+SESSION_NAMES = ("image", "home", "tmp", "vartmp", "dev", "passwd", "group", "root",
+                 "image.log")
+
+
+def pin_sources(ops):
+    """Host paths below the session directory (a fallback such as /mnt may hold the
+    user's data) disappear under the session tmpfs: open them first. Returns the ops
+    with each such Bind and MountImage replaced by a copy carrying the fd (run reaches
+    the source as /proc/PID/fd/N, still valid for mount(2) and for squashfuse started
+    from here); the others as they are. `execute` runs it when it reaches the Session
+    op (the fds must belong to the launch's mount namespace). Raises OSError."""
+    base = next((op.base for op in ops if type(op) is Session), None)
+    if base is None:
+        return list(ops)
+    prefix = base.rstrip("/") + "/"
+    own = tuple(prefix + n for n in SESSION_NAMES)
+
+    def pin(path):
+        if not path.startswith(prefix) or path.startswith(own):
+            return None
+        flags = os.O_PATH if os.path.isdir(path) else os.O_RDONLY   # squashfuse reads it
+        return os.open(path, flags | os.O_CLOEXEC)
+    out = []
+    for op in ops:
+        t = type(op)
+        if t is Bind and op.fd is None:
+            fd = pin(op.src)
+            if fd is not None:
+                op = Bind(op.src, op.dst, op.ro, op.what, op.root, fd)
+        elif t is MountImage and op.fd is None:
+            fd = pin(op.image.path)
+            if fd is not None:
+                op = MountImage(op.image, op.at, fd)
+        out.append(op)
+    return out
