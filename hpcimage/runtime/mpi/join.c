@@ -301,25 +301,38 @@ static const char *parse_recipe(char *buf, size_t len, struct recipe *r)
 }
 
 /* Say the recipe's message NAME, its placeholders {KEY} filled from vals (KEY, VALUE,
- * ..., NULL), and exit with its status. */
+ * ..., NULL), in one write (ranks fail together), and exit with its status. */
 static void die(const struct recipe *r, const char *name, const char *const *vals)
 {
     const char *m = find_message(r, name);       /* parse_recipe checked: all there */
     int status = atoi(m);
     const char *t = strchr(m, '\x1f') + 1;
-    while (*t) {
-        const char *close = t[0] == '{' ? strchr(t, '}') : NULL;
-        int done = 0;
-        for (int i = 0; close && vals[i] && !done; i += 2)
-            if (strlen(vals[i]) == (size_t)(close - t - 1) && !strncmp(t + 1, vals[i], close - t - 1)) {
-                fputs(vals[i + 1], stderr);
-                t = close + 1;
-                done = 1;
-            }
-        if (!done)
-            fputc(*t++, stderr);
+    char line[8192];
+    size_t n = 0, room = sizeof line - 1;        /* the last byte: the newline */
+    while (*t && n < room) {
+        const char *close = t[0] == '{' ? strchr(t, '}') : NULL, *val = NULL;
+        for (int i = 0; close && vals[i] && !val; i += 2)
+            if (strlen(vals[i]) == (size_t)(close - t - 1) && !strncmp(t + 1, vals[i], close - t - 1))
+                val = vals[i + 1];
+        if (val) {
+            size_t l = strlen(val);
+            l = l < room - n ? l : room - n;
+            memcpy(line + n, val, l);
+            n += l;
+            t = close + 1;
+        } else {
+            line[n++] = *t++;
+        }
     }
-    fputc('\n', stderr);
+    line[n++] = '\n';
+    for (size_t done = 0; done < n;) {
+        ssize_t w = write(2, line + done, n - done);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            break;
+        done += (size_t)w;
+    }
     _exit(status);
 }
 
