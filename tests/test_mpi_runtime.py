@@ -2,6 +2,7 @@
 rank environment, and the shared namespaces of the ranks of one job on one node
 (ranks simulated by processes carrying a launcher's variables)."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import runtime_argv, fuse_processes, wait_no_leaks
+from conftest import PY, runtime_argv, fuse_processes, wait_no_leaks
 from hpcimage.runtime.mpi import launcher as mpi
 from hpcimage.runtime.mpi import jobenv, rank
 
@@ -194,3 +195,174 @@ def test_step_signal_leaves_the_shared_container_served(user, demo_sqfs):
     assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
     assert all(o[0] == 'NAME="hpcimage Demo"\n' for o in outs), outs
     assert wait_no_leaks(user.uid) == ([], [])
+
+
+# ------------------------------------------- one flag table; the joiner's decisions
+
+def test_one_flag_table_reaches_the_parser_image_mpi_and_the_joiner():
+    """Every option the runtime's parser accepts is in options.FLAGS, image-mpi's split
+    knows it (its own, passed to the ranks, or the launcher's), and the recipe gives
+    hpcimage-join exactly the table."""
+    from types import SimpleNamespace
+    from hpcimage.runtime import options
+    from hpcimage.runtime.mpi import recipe
+    table = {name for name, *_ in options.FLAGS}
+    assert set(options._FLAGS) | set(options._VALUED) == table
+    for name, attr, valued, where in options.FLAGS:
+        assert where in ("ranks", "image-mpi", "launcher")
+        assert (name in mpi.OUR_LONG) != (name in options.LAUNCHERS), name
+        if name in mpi.OUR_LONG:
+            assert mpi.OUR_LONG[name] == valued
+        words = [name, "hybrid" if attr == "mpi_mode" else "A=1"] if valued else [name]
+        o = options.parse(["image-mpi-rank", *words, "prog"], {"HPCIMAGE_IMAGE": "/x"})
+        assert o.args == ["prog"] and getattr(o, attr if attr != "bind" else "binds"), name
+    assert set(mpi.OUR_LONG) == (table - options.LAUNCHERS) | set(options.IMAGE_MPI_ONLY)
+    # image-mpi's split: ours before the program, the launcher's short forms its own
+    assert mpi.split_launcher_args(["--bind", "/a", "-n", "2", "prog"]) == (
+        ["--bind", "/a", "-n", "2"], ["prog"])
+    r = SimpleNamespace(environ={}, vary=(), ignore=(), keep=[], signature="image-mpi\x1f",
+                        cwd="/", workdir="/", home="/", explicit=False, prog="image-mpi",
+                        script="", direct={}, shell={}, varies=lambda k: False, final=None)
+    data = recipe.recipe(r)
+    assert data.startswith(b"HPCIMAGE-RECIPE %d\0" % recipe.FORMAT)
+    words = data.split(b"\0")[1:-1]
+    items = list(zip(words[::2], words[1::2]))
+    assert [v.decode() for k, v in items if k == b"switch"] == list(options.SWITCHES)
+    assert [v.decode() for k, v in items if k == b"valued"] == list(options.VALUED)
+    msgs = [v.decode().split("\x1f") for k, v in items if k == b"message"]
+    assert {m[0]: (int(m[1]), m[2]) for m in msgs} == {
+        name: (status, "image-mpi: error: " + text)
+        for name, (status, text) in recipe.messages().items()}
+    src = (Path(__file__).parent.parent / "hpcimage/runtime/mpi/join.c").read_text()
+    said = src.split("MESSAGE_NAMES[] = {", 1)[1].split("}", 1)[0]
+    assert set(re.findall(r'"(\w+)"', said)) == set(recipe.messages())  # all it may say
+
+
+JOINER = subprocess.run([PY, "-I", "-c", "import hpcimage.runtime.mpi.recipe as m; "
+                         "print(m.JOIN_HELPER)"], capture_output=True, text=True).stdout.strip()
+needs_joiner = pytest.mark.skipif(not os.access(JOINER, os.X_OK),
+                                  reason="hpcimage-join not built (no C compiler)")
+
+
+def run_joiner(env, *words, python=("/bin/true",)):
+    return subprocess.run([JOINER, *python, *words], env=dict(env, HPCIMAGE_TRACE="1"),
+                          capture_output=True, text=True, timeout=30)
+
+
+@needs_joiner
+@pytest.mark.parametrize("env", [
+    {"SLURM_JOB_ID": "4711", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3"},
+    {"SLURM_JOB_ID": "4711", "SLURM_STEPID": "2", "PMIX_RANK": "1",
+     "PMIX_NAMESPACE": "slurm.pmix.4711.2"},                         # Slurm first
+    {"PMIX_RANK": "0", "PMIX_NAMESPACE": "prterun-node01-12345@1"},  # Open MPI 5 / PRRTE
+    {"OMPI_COMM_WORLD_RANK": "2", "OMPI_MCA_ess_base_jobid": "3042312193"},
+    {"OMPI_COMM_WORLD_RANK": "2", "OMPI_MCA_orte_ess_jobid": "1234:1"},   # Open MPI 3/4
+    {"PMI_RANK": "1", "PMI_KVSNAME": "kvs_28473_0"},                 # MPICH (hydra)
+    {"PMI_FD": "5", "PMI_ID_SPACE": "a b/c"},
+    {"PMIX_RANK": "0", "HPCIMAGE_MPI_KEY": "launch-n1-99-abc", "SLURM_JOB_ID": "1",
+     "SLURM_STEP_ID": "0"},                                           # image-mpi's own
+    {"PMIX_RANK": "0", "PMIX_NAMESPACE": "x" * 200 + "é"},           # cut at KEY_MAX
+    {"PMIX_RANK": "0"},                                               # no key
+])
+def test_joiner_rank_test_and_job_key_are_jobenv_s(env, tmp_path):
+    """hpcimage-join is compiled with jobenv's tables: its rank test and job key are
+    jobenv.is_rank and jobenv.job_key."""
+    env = dict(env, PATH="/usr/bin:/bin", HPCIMAGE_MPI_STATE=str(tmp_path))
+    r = run_joiner(env, "image-mpi", "prog")                  # the wrapper form
+    assert r.returncode == 0, r.stderr
+    keys = [ln.split(": job key ", 1)[1] for ln in r.stderr.splitlines() if ": job key " in ln]
+    expected = jobenv.job_key(env)
+    assert jobenv.is_rank(env)
+    if expected is None:
+        assert keys == [] and "Python rank: no job key in the environment" in r.stderr
+    else:
+        assert keys == [expected], r.stderr
+        assert "state directory missing" in r.stderr
+
+
+@needs_joiner
+@pytest.mark.parametrize("env", [{"SLURM_JOB_ID": "5"},
+                                 {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "4294967294"},
+                                 {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0x1"},
+                                 {"SLURM_JOB_ID": "5", "PMIX_RANK": ""}])
+def test_joiner_leaves_non_ranks_to_python_at_once(env, tmp_path):
+    """The wrapper form, not a rank by jobenv.is_rank: the launcher side, Python at once."""
+    assert not jobenv.is_rank(env)
+    r = run_joiner(dict(env, HPCIMAGE_MPI_STATE=str(tmp_path)), "image-mpi", "prog")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def fake_job(tmp_path, key, data):
+    """A state directory as a holder leaves it: refs, a live holder (this process), the
+    recipe."""
+    state = tmp_path / f"hpcimage-{os.getuid()}" / key
+    state.mkdir(parents=True)
+    state.parent.chmod(0o700)
+    (state / "refs").write_text("")
+    (state / "holder").write_text(str(os.getpid()))
+    (state / "recipe").write_bytes(data)
+
+
+@needs_joiner
+def test_joiner_refuses_a_recipe_of_another_format(tmp_path):
+    """A recipe of another format version is not used: the rank runs as Python and
+    HPCIMAGE_TRACE says why. A recipe of this version is read (here: made for other
+    options)."""
+    from types import SimpleNamespace
+    from hpcimage.runtime.mpi import recipe
+    r = SimpleNamespace(environ={}, vary=(), ignore=(), keep=[], signature="--nv\x1f",
+                        cwd="/", workdir="/", home="/", explicit=False, prog="image-mpi",
+                        script="", direct={}, shell={}, varies=lambda k: False, final=None)
+    current = recipe.recipe(r)
+    old = b"HPCIMAGE-RECIPE 1\0" + current.split(b"\0", 1)[1]
+    env = {"PATH": "/usr/bin:/bin", "HPCIMAGE_MPI_STATE": str(tmp_path), "PMIX_RANK": "1",
+           "HPCIMAGE_MPI_KEY": "job1"}
+    python = (PY, "-I", "-c", "import sys; print('python rank', sys.argv[1:])")
+    words = ("image-mpi-rank", "--mpi-mode", "hybrid", "--", "true")
+    fake_job(tmp_path, "job1", old)
+    p = run_joiner(env, *words, python=python)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("python rank ['image-mpi-rank', '--mpi-mode', 'hybrid'")
+    assert ("Python rank: no usable recipe: recipe of another format "
+            f"(HPCIMAGE-RECIPE {recipe.FORMAT} is read here)") in p.stderr, p.stderr
+    (tmp_path / f"hpcimage-{os.getuid()}" / "job1" / "recipe").write_bytes(current)
+    p = run_joiner(env, *words, python=python)
+    assert p.returncode == 0 and p.stdout.startswith("python rank"), p.stderr
+    assert "Python rank: recipe made for other options" in p.stderr, p.stderr
+
+
+@needs_joiner
+@pytest.mark.parametrize("words, sig, workdir, said", [
+    (["--env", "A=1", "-B/x", "--", "prog"], ["--env", "A=1", "-B/x", "--"], "/",
+     (127, "image-mpi: error: prog: command not found in the image (PATH=)")),
+    (["--bind", "/a", "--nv", "prog"], ["--bind", "/a", "--nv"], "/",
+     (127, "image-mpi: error: prog: command not found in the image (PATH=)")),
+    (["--pwd", "/no/such", "./prog"], ["--pwd", "/no/such"], "/no/such",
+     (2, "image-mpi: error: --pwd /no/such: no such directory in the container")),
+    (["--env", "A=1", "--nv", "prog"], ["--env", "A=1"], "/", "recipe made for other options"),
+    (["--env", "A=1"], ["--env", "A=1"], "/", "recipe made for other options"),
+    (["--env", "A=1", "--bogus", "prog"], ["--env", "A=1"], "/", "recipe made for other options"),
+])
+def test_joiner_reads_wrapper_options_with_the_recipe_s_table(words, sig, workdir, said,
+                                                              tmp_path):
+    """`srun image-mpi [OPTIONS] PROGRAM`: the joiner reads the option words with the
+    recipe's table, as the runtime's parser does, and joins only when they are exactly
+    the planning rank's; its errors are the recipe's messages. (The holder here is this
+    test's own process: joining its namespaces changes nothing.)"""
+    from types import SimpleNamespace
+    from hpcimage.runtime.mpi import recipe
+    env = {"PATH": "/usr/bin:/bin", "HPCIMAGE_MPI_STATE": str(tmp_path), "PMIX_RANK": "1",
+           "HPCIMAGE_MPI_KEY": "job2", "HPCIMAGE_TRACE": "1"}
+    r = SimpleNamespace(environ=env, vary=("PMIX_",), ignore=(), keep=[],
+                        signature="".join(w + "\x1f" for w in ["image-mpi", *sig]),
+                        cwd=str(tmp_path), workdir=workdir, home="/",
+                        explicit=workdir != "/", prog="image-mpi", script="", direct={},
+                        shell={}, varies=lambda k: k.startswith("PMIX_"), final=None)
+    fake_job(tmp_path, "job2", recipe.recipe(r))
+    p = subprocess.run([JOINER, "/bin/true", "image-mpi", *words], env=env, cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=30)
+    if isinstance(said, str):
+        assert p.returncode == 0 and f"Python rank: {said}" in p.stderr, p.stderr
+    else:
+        assert "Python rank" not in p.stderr, p.stderr           # joined, then failed
+        assert (p.returncode, p.stderr.splitlines()[-1]) == said, p.stderr

@@ -42,6 +42,10 @@ def app_dir(app):
     return f"/scif/apps/{app}/scif"
 
 
+# An explicit --pwd that the container lacks (status 2; hpcimage-join says it too).
+BAD_PWD = "--pwd {dir}: no such directory in the container"
+
+
 def _chdir(workdir, home, explicit, note=None, prog=None):
     """chdir to workdir; else (not --pwd) to home, else to /, saying so on stderr
     when prog is given (the MPI probes run silently). note "system": workdir is the
@@ -56,7 +60,7 @@ def _chdir(workdir, home, explicit, note=None, prog=None):
         return
     except OSError as e:
         if explicit:
-            raise UsageError(f"--pwd {workdir}: no such directory in the container") from None
+            raise UsageError(BAD_PWD.format(dir=workdir)) from None
         why = e.strerror
     where = "/"
     for d in (home, "/"):
@@ -125,13 +129,13 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
     e = environ.direct_env(env, forced, prepend, append)
     path = which(cmd, e.get("PATH", environ.DEFAULT_PATH))
     if path is None:
-        raise HpcimageError(f"{prog}: {cmd}: command not found in the image "
-                            f"(PATH={e.get('PATH', '')}){hint}", EXIT_NOT_FOUND)
+        text, status = _says("not_found", path=e.get("PATH", ""))
+        raise HpcimageError(f"{prog}: {cmd}: {text}{hint}", status)
     procstate.for_exec()
     try:
         os.execve(path, argv, e)
     except OSError as e2:
-        why = _why_not(path) or (f"cannot execute: {e2.strerror}", EXIT_NOT_EXECUTABLE)
+        why = _why_not(path) or _says("cannot_exec", error=e2.strerror)
         raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1]) from None
 
 
@@ -163,6 +167,12 @@ def _is_image(path):
     return head_kind(head) is not None
 
 
+def _says(name, **values):
+    """(text, status) of environ.NOT_RUNNABLE[name], its {placeholders} filled."""
+    status, text = environ.NOT_RUNNABLE[name]
+    return text.format(**values), status
+
+
 def _why_not(path, interpreter=True):
     """(message, status) saying why path cannot be executed, None when it looks runnable:
     missing (127), a directory or without execute permission (126; access() also sees a
@@ -170,13 +180,13 @@ def _why_not(path, interpreter=True):
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return "no such file in the image", EXIT_NOT_FOUND
+        return _says("no_file")
     except OSError as e:
-        return f"cannot execute: {e.strerror}", EXIT_NOT_EXECUTABLE
+        return _says("cannot_exec", error=e.strerror)
     if stat.S_ISDIR(st.st_mode):
-        return "is a directory, not a program", EXIT_NOT_EXECUTABLE
+        return _says("is_dir")
     if not stat.S_ISREG(st.st_mode) or not os.access(path, os.X_OK):
-        return "not executable (permission denied)", EXIT_NOT_EXECUTABLE
+        return _says("not_exec")
     if interpreter:
         try:
             with open(path, "rb") as f:

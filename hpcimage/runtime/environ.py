@@ -9,6 +9,8 @@ LD_LIBRARY_PATH (the image's own apply) and hpcimage's wrapper variables;
 """
 import os
 
+from hpcimage.errors import EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FORCE_PREFIXES = ("SINGULARITYENV_", "APPTAINERENV_", "HPCIMAGE_ENV_")
 CLEANENV_KEEP = ("HOME", "USER", "LOGNAME", "TERM", "LANG", "LANGUAGE", "TZ",
@@ -88,21 +90,34 @@ def shell_prologue(forced, prepend, append, app=None):
     return "\n".join(lines) + "\n"
 
 
+# Why a command cannot run, said the same way by every launch path: the direct exec
+# (command.py), the /bin/sh prologue below and hpcimage-join (mpi/recipe.py gives it these
+# in the recipe): name -> (exit status, text after "PROG: error: CMD: "). {path}: the
+# PATH searched, {error}: strerror. Plain text: no quotes, $, ` or \.
+NOT_RUNNABLE = {
+    "not_found": (EXIT_NOT_FOUND, "command not found in the image (PATH={path})"),
+    "no_file": (EXIT_NOT_FOUND, "no such file in the image"),
+    "is_dir": (EXIT_NOT_EXECUTABLE, "is a directory, not a program"),
+    "not_exec": (EXIT_NOT_EXECUTABLE, "not executable (permission denied)"),
+    "cannot_exec": (EXIT_NOT_EXECUTABLE, "cannot execute: {error}"),
+}
+
+
 # Resolve the command as the shell's `exec` will, and say what is wrong in one line with
 # the direct path's words and statuses (command._exec): 127 not found, 126 not executable.
 # No fork: `[` and `for` are builtins. The PATH search is done here because `command -v`
 # also finds builtins and functions (that `exec` does not run) and, in busybox, files
 # without the execute bit. A command with a '/' was checked by the launcher already (with
 # its interpreter); __HPCIMAGE_HINT (optional) ends the not-found message.
-SHELL_EXEC = r'''
+_SHELL_EXEC = r'''
 __hpcimage_c=$1
 case $__hpcimage_c in
   */*) if [ ! -e "$__hpcimage_c" ]; then
-         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: no such file in the image${__HPCIMAGE_HINT-}" >&2; exit 127
+         @no_file@
        elif [ -d "$__hpcimage_c" ]; then
-         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: is a directory, not a program${__HPCIMAGE_HINT-}" >&2; exit 126
+         @is_dir@
        elif [ ! -x "$__hpcimage_c" ]; then
-         echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: not executable (permission denied)${__HPCIMAGE_HINT-}" >&2; exit 126
+         @not_exec@
        fi ;;
   *) __hpcimage_p=
      IFS=:
@@ -114,13 +129,27 @@ case $__hpcimage_c in
        fi
      done
      if [ -z "$__hpcimage_p" ]; then
-       echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: command not found in the image (PATH=$PATH)${__HPCIMAGE_HINT-}" >&2; exit 127
+       @not_found@
      fi
      unset IFS __hpcimage_p __hpcimage_d ;;
 esac
 unset __hpcimage_c __HPCIMAGE_PROG __HPCIMAGE_HINT
 exec "$@"
 '''
+
+
+def _shell_says(name):
+    """The prologue's line for NOT_RUNNABLE[name] (its text is plain: no quoting needed)."""
+    status, text = NOT_RUNNABLE[name]
+    text = text.format(path="$PATH")
+    return (f'echo "$__HPCIMAGE_PROG: error: $__hpcimage_c: {text}${{__HPCIMAGE_HINT-}}" >&2; '
+            f"exit {status}")
+
+
+SHELL_EXEC = _SHELL_EXEC
+for _name in ("no_file", "is_dir", "not_exec", "not_found"):
+    SHELL_EXEC = SHELL_EXEC.replace(f"@{_name}@", _shell_says(_name))
+del _name
 
 
 def shell_env(env, forced, prepend, append, prog, hint=""):

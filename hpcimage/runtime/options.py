@@ -61,11 +61,50 @@ class Options:
         self.mpi_mode = None
 
 
-_FLAGS = {"-e": "cleanenv", "--cleanenv": "cleanenv", "-C": "contain",
-          "--contain": "contain", "--no-home": "no_home", "--dry-run": "dry_run",
-          "--nv": "nv", "--rocm": "rocm", "--ib": "ib"}
-_VALUED = {"-B": "bind", "--bind": "bind", "--pwd": "pwd", "--env": "env",
-           "--app": "app", "--mpi-mode": "mpi_mode"}
+# The options: one table, read by parse() below, by image-mpi's split of its own options
+# from the launcher's (mpi/launcher.py) and, through the recipe (mpi/recipe.py), by
+# hpcimage-join (mpi/join.c). Adding a row reaches all three.
+#
+# A row: (name, Options attribute, takes a value, what `image-mpi NAME` does with it):
+#   "ranks"     ours: passed to every rank
+#   "image-mpi" image-mpi's own (the mode of the ranks, --dry-run prints the launcher line)
+#   "launcher"  the launcher's: a short form or a name srun/mpirun also use (srun's -e is
+#               --error, -C --constraint, -B --extra-node-info; mpirun's --app an app file)
+FLAGS = (
+    ("-B", "bind", True, "launcher"),
+    ("--bind", "bind", True, "ranks"),
+    ("-e", "cleanenv", False, "launcher"),
+    ("--cleanenv", "cleanenv", False, "ranks"),
+    ("-C", "contain", False, "launcher"),
+    ("--contain", "contain", False, "ranks"),
+    ("--no-home", "no_home", False, "ranks"),
+    ("--pwd", "pwd", True, "ranks"),
+    ("--env", "env", True, "ranks"),
+    ("--app", "app", True, "launcher"),
+    ("--nv", "nv", False, "ranks"),
+    ("--rocm", "rocm", False, "ranks"),
+    ("--ib", "ib", False, "ranks"),
+    ("--dry-run", "dry_run", False, "image-mpi"),
+    ("--mpi-mode", "mpi_mode", True, "image-mpi"),
+)
+
+HELP_WORDS = ("-h", "--help")
+
+# The parser's view: switches (no value) and valued options, name -> attribute. A valued
+# short option also takes its value attached (-B/a,/b).
+SWITCHES = {name: attr for name, attr, valued, _ in FLAGS if not valued}
+VALUED = {name: attr for name, attr, valued, _ in FLAGS if valued}
+ATTACHED = tuple(name for name in VALUED if len(name) == 2)
+
+# image-mpi's view: its words (name -> takes a value); every other option word is the
+# launcher's. --launcher is image-mpi's alone (not a runtime option).
+IMAGE_MPI_ONLY = {"--launcher": True}
+IMAGE_MPI = dict({name: valued for name, _, valued, where in FLAGS if where != "launcher"},
+                 **IMAGE_MPI_ONLY)
+LAUNCHERS = frozenset(name for name, _, _, where in FLAGS if where == "launcher")
+
+_FLAGS = SWITCHES
+_VALUED = VALUED
 
 
 def parse(argv, environ=None):
@@ -89,7 +128,7 @@ def parse(argv, environ=None):
         if a == "--":
             i += 1
             break
-        if a in ("-h", "--help"):
+        if a in HELP_WORDS:
             o.args = ["--help"]
             return o
         if not a.startswith("-") or a == "-":
@@ -99,8 +138,10 @@ def parse(argv, environ=None):
             setattr(o, _FLAGS[name], True)
             i += 1
             continue
-        if name in _VALUED:
-            if not eq:
+        if name in _VALUED or (a[:2] in ATTACHED and len(a) > 2):
+            if name not in _VALUED:                     # -B/a,/b
+                name, val = a[:2], a[2:]
+            elif not eq:
                 if name.startswith("--") or len(a) == 2:
                     if i + 1 >= len(rest):
                         raise UsageError(f"{prog}: option {name} needs a value")
@@ -118,10 +159,6 @@ def parse(argv, environ=None):
                 raise UsageError(f"{prog}: --mpi-mode wants hybrid or bind, not {val!r}")
             else:
                 setattr(o, key, val)
-            i += 1
-            continue
-        if a.startswith("-B") and len(a) > 2:
-            o.binds.extend(v for v in a[2:].split(",") if v)
             i += 1
             continue
         if verb in ("shell", "run") and from_env:

@@ -1,6 +1,7 @@
 """What an MPI job's environment says: whether this process is a rank, the job's key
 (one shared container per job and node), the variables a rank needs. Standard library
-only (hpcimage-join, join.c, re-derives is_rank and job_key: keep them in step)."""
+only, and no imports: setup.py reads the tables below (RANK_MARKERS ... KEY_MAX) into
+the header hpcimage-join (join.c) is compiled with, so the joiner applies the same rules."""
 
 
 # Reach the rank even under --cleanenv.
@@ -8,7 +9,20 @@ FORWARD_PREFIXES = ("PMIX_", "PMI_", "SLURM_", "OMPI_", "MPICH_", "UCX_", "FI_",
                     "HYDRA_", "HYDI_", "I_MPI_", "MPI_", "OMPI_MCA_", "PSM2_", "NCCL_")
 
 
+# The rank test: one of RANK_MARKERS set, or a Slurm step (the first set of STEP_VARS)
+# below STEP_LIMIT (Slurm's batch and extern steps are 0xFFFFFFFx).
 RANK_MARKERS = ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMI_FD")
+STEP_VARS = ("SLURM_STEP_ID", "SLURM_STEPID")
+STEP_LIMIT = 0xFFFFFFF0
+
+# The job key: the first group whose variables are all set, their values joined with
+# "-", other characters than KEY_CHARS and letters/digits made "_", at most KEY_MAX.
+# HPCIMAGE_MPI_KEY: set by an image-mpi launcher that prepared the container itself.
+KEY_GROUPS = (("HPCIMAGE_MPI_KEY",), ("SLURM_JOB_ID", "SLURM_STEP_ID"), ("PMIX_NAMESPACE",),
+              ("OMPI_MCA_ess_base_jobid",), ("OMPI_MCA_orte_ess_jobid",),
+              ("PMI_KVSNAME",), ("PMI_ID_SPACE",))
+KEY_CHARS = "._-"
+KEY_MAX = 120
 
 
 PMIX_TRANSLATE = {"PMIX_PTL_MODULE": "PMIX_MCA_ptl", "PMIX_SECURITY_MODE": "PMIX_MCA_psec",
@@ -26,18 +40,17 @@ NO_CMA = {"OMPI_MCA_btl_vader_single_copy_mechanism": "none",
 def is_rank(environ):
     if any(environ.get(k) for k in RANK_MARKERS):
         return True
-    step = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID")
-    return bool(step) and step.isdigit() and int(step) < 0xFFFFFFF0
+    step = None
+    for k in STEP_VARS:
+        step = step or environ.get(k)
+    return bool(step) and step.isdigit() and int(step) < STEP_LIMIT
 
 
 def job_key(environ):
-    """One name for the ranks of one job step on this node, or None. HPCIMAGE_MPI_KEY
-    (set by an image-mpi launcher that prepared the container itself) comes first."""
-    for parts in (("HPCIMAGE_MPI_KEY",), ("SLURM_JOB_ID", "SLURM_STEP_ID"), ("PMIX_NAMESPACE",),
-                  ("OMPI_MCA_ess_base_jobid",), ("OMPI_MCA_orte_ess_jobid",),
-                  ("PMI_KVSNAME",), ("PMI_ID_SPACE",)):
+    """One name for the ranks of one job step on this node, or None."""
+    for parts in KEY_GROUPS:
         vals = [environ.get(p) for p in parts]
         if all(vals):
             key = "-".join(vals)
-            return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)[:120]
+            return "".join(c if c.isalnum() or c in KEY_CHARS else "_" for c in key)[:KEY_MAX]
     return None

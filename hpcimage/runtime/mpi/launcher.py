@@ -24,13 +24,14 @@ import sys
 
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.linux import procstate
+from hpcimage.runtime.options import HELP_WORDS, IMAGE_MPI
 from hpcimage.runtime.mpi.jobenv import is_rank
 from hpcimage.runtime.mpi.recipe import Recipe, _write_recipe, join_helper
 from hpcimage.runtime.mpi.shared import _start_holder, _state_base, _warm_arg
 from hpcimage.runtime.mpi.rank import rank_plan, rank_signature, run_rank, wrapper_signature
 
 
-# Launcher options that take a value (the next argument), so that
+# The launcher's options (srun's, mpirun's) that take a value (the next argument), so that
 # `image-mpi -n 4 --map-by core ./solver` finds ./solver. `--` always ends them.
 VALUE_OPTS = {
     "-n", "-np", "--np", "-c", "--n", "-N", "--ntasks", "--nodes", "--cpus-per-task",
@@ -203,9 +204,10 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
     return argv2
 
 
-OUR_LONG = {"--mpi-mode": True, "--bind": True, "--pwd": True, "--env": True,
-            "--cleanenv": False, "--contain": False, "--no-home": False, "--dry-run": False,
-            "--nv": False, "--rocm": False, "--ib": False, "--launcher": True}
+# image-mpi's own words (name -> takes a value), from the runtime's flag table: the
+# runtime options that reach every rank, --mpi-mode, --dry-run and --launcher. The
+# table's short forms and --app are the launcher's (options.LAUNCHERS).
+OUR_LONG = IMAGE_MPI
 
 
 def main(argv, environ, site):
@@ -220,7 +222,7 @@ def main(argv, environ, site):
         return run_rank(opts, open_image(opts.image), site, environ,
                         wrapper_signature(argv[1:], opts))
     args = argv[1:]
-    if args[:1] in (["-h"], ["--help"]):
+    if args[:1] and args[0] in HELP_WORDS:
         sys.stdout.write(HELP)
         return 0
     if not environ.get("HPCIMAGE_IMAGE"):

@@ -3,7 +3,33 @@ first on a node needs to join without Python; where the joiner is. Standard libr
 only."""
 import os
 
+from hpcimage.errors import EXIT_FAILED, EXIT_USAGE
+from hpcimage.runtime.options import SWITCHES, VALUED
 from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES, PMIX_TRANSLATE
+
+
+# The recipe's format: join.c reads this one only (its FORMAT); change both together.
+# 2: the runtime's option table and the joiner's messages (1: neither).
+FORMAT = 2
+MAGIC = b"HPCIMAGE-RECIPE %d" % FORMAT
+
+# What the joiner says when it cannot go on, in the Python rank's words (main.py's
+# "PROG: error: "; environ.NOT_RUNNABLE, command.BAD_PWD): name -> (exit status, text).
+# The joiner fills {cmd} (the program), {path} (PATH), {dir}, {ns} and {error} (strerror).
+ERROR_LABEL = "image-mpi"
+JOINER_ONLY = {
+    "setns": (EXIT_FAILED, "joining the node's shared container: setns({ns}): {error}"),
+    "chdir": (EXIT_FAILED, "chdir /: {error}"),
+}
+
+
+def messages():
+    from hpcimage.runtime.command import BAD_PWD
+    from hpcimage.runtime.environ import NOT_RUNNABLE
+    out = {name: (status, "{cmd}: " + text) for name, (status, text) in NOT_RUNNABLE.items()}
+    out["bad_pwd"] = (EXIT_USAGE, BAD_PWD)
+    out.update(JOINER_ONLY)
+    return out
 
 
 JOIN_HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hpcimage-join")
@@ -69,7 +95,8 @@ class Recipe:
 
 
 def recipe(r):
-    """The recipe file's bytes: MAGIC NUL, then KEY NUL VALUE NUL pairs."""
+    """The recipe file's bytes: MAGIC NUL, then KEY NUL VALUE NUL pairs (a list repeats
+    its key)."""
     environ, vary, ignore, keep = r.environ, r.vary, r.ignore, r.keep
     signature, cwd, workdir, home = r.signature, r.cwd, r.workdir, r.home
     explicit, prog, script, direct, shell = r.explicit, r.prog, r.script, r.direct, r.shell
@@ -82,6 +109,10 @@ def recipe(r):
     items += [(b"ignore", enc(v)) for v in ignore]
     items += [(b"keep", enc(k)) for k in keep]
     items += [(b"translate", enc(f"{a}={b}")) for a, b in PMIX_TRANSLATE.items()]
+    items += [(b"switch", enc(n)) for n in SWITCHES]      # the runtime's option table
+    items += [(b"valued", enc(n)) for n in VALUED]
+    items += [(b"message", enc(f"{name}\x1f{status}\x1f{ERROR_LABEL}: error: {text}"))
+              for name, (status, text) in messages().items()]
     items += [(b"host", enc(f"{k}={v}")) for k, v in environ.items()
               if not varies(k) and not f"{k}=".startswith(ignore or ("\0",))]
     items += [(b"out", enc(f"{k}={v}")) for k, v in direct.items()]
@@ -92,7 +123,7 @@ def recipe(r):
                   if varies(k) and environ.get(k) != v]
     if any(b"\0" in v for _, v in items):
         return None
-    return b"HPCIMAGE-RECIPE 1\0" + b"".join(k + b"\0" + v + b"\0" for k, v in items)
+    return MAGIC + b"\0" + b"".join(k + b"\0" + v + b"\0" for k, v in items)
 
 
 def _write_recipe(state, data):
