@@ -146,7 +146,8 @@ def site_binds(r, p):
     source exists."""
     module = r.environ.get("HPCIMAGE_MODULE")
     site = r.site
-    for spec in list(site.get("binds", ())) + list(site.get("image_binds", {}).get(module or "", ())):
+    specs = list(site.get("binds", ())) + list(site.get("image_binds", {}).get(module or "", ()))
+    for spec in specs:
         b = parse_bind(spec, "site")
         if os.path.exists(b.src):
             p.binds.append(b)
