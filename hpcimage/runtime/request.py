@@ -35,16 +35,18 @@ class Request:
 def resolve(opts, environ, site=None, explain_missing=True):
     """The Request of options opts (runtime.options.parse) in environ: the site's policy
     (site.json, unless site is given), the image (a wrapper's: the user's local copy
-    when it is current, image-update) opened once, the user, the directories.
+    when it is current, image-update) opened once, the user, the directories. opts is
+    not changed: the image chosen is request.image (its path: request.image.path).
     explain_missing: a missing image's error says what the user can do about it."""
     if site is None:
         from hpcimage.config.policy import load_site
         site = load_site(environ)
-    if opts.image and opts.prog.startswith("image-"):
+    path = opts.image
+    if path and opts.prog.startswith("image-"):
         # HPCIMAGE_IMAGE: the user's local copy when it is current (image-update).
         from hpcimage.runtime import localcopy as local
-        opts.image = local.choose(opts.image, site, environ)
-    image = _open_image(opts, environ) if explain_missing else _open(opts.image)
+        path = local.choose(path, site, environ)
+    image = _open_image(path, opts, environ) if explain_missing else _open(path)
     environ = dict(environ)
     uid, gid, user, pw_home, gecos, shell, group = _user(environ)
     cwd, gone = _cwd()
@@ -57,24 +59,24 @@ def _open(path):
     return open_image(path)
 
 
-def _open_image(opts, environ):
+def _open_image(path, opts, environ):
     """open_image, saying what the user can do about a missing image."""
     from hpcimage.runtime.command import IMAGE_SUFFIXES
-    if os.path.lexists(opts.image):
-        return _open(opts.image)
+    if os.path.lexists(path):
+        return _open(path)
     if opts.prog.startswith("image-"):
         module = environ.get("HPCIMAGE_MODULE")
-        raise HpcimageError(f"{opts.image}: image not found (the image of "
+        raise HpcimageError(f"{path}: image not found (the image of "
                             f"{'module ' + module if module else 'HPCIMAGE_IMAGE'} is "
                             "missing on this node)", 2)
     hint = ""
-    if "/" not in opts.image and not opts.image.endswith(IMAGE_SUFFIXES):
+    if "/" not in path and not path.endswith(IMAGE_SUFFIXES):
         what = "COMMAND [ARGS...]" if opts.verb == "exec" else "[ARGS...]"
         hint = f" (the image comes first: {opts.prog} [OPTIONS] IMAGE {what}"
         if environ.get("HPCIMAGE_IMAGE"):
             hint += f"; the loaded module's image: image-{opts.verb} {what}"
         hint += ")"
-    raise HpcimageError(f"{opts.image}: image not found{hint}", 2)
+    raise HpcimageError(f"{path}: image not found{hint}", 2)
 
 
 def _user(environ):
