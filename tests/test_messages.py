@@ -308,3 +308,32 @@ def test_debootstrap_build_says_what_it_does_and_v_shows_its_output(user, userdi
             "(takes a few minutes)") in lines, r.stderr
     assert any(ln.startswith(("I: ", "E: ")) for ln in lines), r.stderr
     assert lines[-1].endswith("its output is above"), r.stderr
+
+
+# ------------------------------------------------------------------ one printer
+
+def test_runtime_messages_carry_no_program_name():
+    """The one printer (runtime.main.main, cli.commands.main) says who speaks: no
+    message raised in the runtime, the host discovery or the image code starts with a
+    program's name (issue 13)."""
+    import ast
+    root = Path(__file__).resolve().parent.parent / "hpcimage"
+    bad = []
+    for top in ("runtime", "host", "image", "config", "linux"):
+        for path in sorted((root / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+                        and node.exc.args):
+                    continue
+                first = node.exc.args[0]
+                if isinstance(first, ast.JoinedStr):
+                    first = first.values[0] if first.values else None
+                    if isinstance(first, ast.FormattedValue):
+                        src = ast.unparse(first.value)
+                        if src == "prog" or src.endswith(".prog"):
+                            bad.append(f"{path.relative_to(root)}:{node.lineno}")
+                        continue
+                if isinstance(first, ast.Constant) and isinstance(first.value, str) and (
+                        first.value.startswith(("image-", "hpcimage "))):
+                    bad.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert bad == [], bad

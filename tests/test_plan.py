@@ -1,6 +1,7 @@
-"""The launch plan as data: plan() built from inputs made by hand (options.parse of an
-argv, an opened test image, a site dict, a host environment), asserted on the types and
-named fields of its ops (hpcimage.runtime.ops); the pinning pass; describe().
+"""The launch plan as data: plan(request) of a Request built by hand (options.parse of
+an argv, an opened test image, a site dict, a host environment, the user, the session
+and current directories), asserted on the types and named fields of its ops
+(hpcimage.runtime.ops); the pinning pass; describe().
 No container is started: nothing here mounts anything."""
 import os
 import shutil
@@ -16,6 +17,7 @@ from hpcimage.image import open_image  # noqa: E402
 from hpcimage.host.root import LIBS_DIR  # noqa: E402
 from hpcimage.runtime import options  # noqa: E402
 from hpcimage.runtime.plan import Plan, plan, split  # noqa: E402
+from hpcimage.runtime.request import Request  # noqa: E402
 from hpcimage.runtime.ops import (Bind, Chdir, Exec, IdentityFiles, MountImage,  # noqa: E402
                                   Pivot, Private, Remount, RootFs, Session, UserNs,
                                   pin_sources)
@@ -25,15 +27,14 @@ ORDER_TAIL = [Remount, Pivot, Chdir, Exec]
 
 
 @pytest.fixture
-def sess(tmp_path, monkeypatch):
-    """The session directory, the caller's home and cwd (a project directory)."""
+def sess(tmp_path):
+    """The session directory, the caller's home and cwd (a project directory): given
+    to the Request, nothing of this process changed."""
     s = tmp_path / "sess"
     s.mkdir()
     home = tmp_path / "home"
     home.mkdir()
     proj = tempfile.mkdtemp(prefix="hpcimage-plan-proj-", dir="/var/tmp")  # not below /tmp
-    monkeypatch.setenv("HPCIMAGE_SESSION_DIR", str(s))
-    monkeypatch.chdir(proj)
     yield str(s), str(home), proj
     os.rmdir(proj)
 
@@ -44,9 +45,21 @@ def host_env(home, **kw):
     return e
 
 
-def make(argv, env, site=None, image=None):
+UID, GID = 1234, 567         # the request's, not this process's
+
+
+def request(argv, env, sess, site=None, image=None):
+    """A Request built by hand: options parsed from argv, the image opened, the user,
+    the session directory and the current directory given."""
+    base, home, proj = sess
     opts = options.parse(argv, env)
-    return plan(opts, open_image(image or opts.image), site or {}, env)
+    return Request(opts, open_image(image or opts.image), env, base, site or {},
+                   uid=UID, gid=GID, user="u", home=home, gecos="",
+                   shell="/bin/sh", group="g", cwd=proj)
+
+
+def make(argv, env, sess, site=None, image=None):
+    return plan(request(argv, env, sess, site, image))
 
 
 def of(p, t):
@@ -73,8 +86,8 @@ def check_shape(p, base):
     assert rf.targets == [b.dst for b in of(p, Bind)]
     idf = of(p, IdentityFiles)[0]
     assert (idf.base, idf.image_root) == (base, image_root)
-    assert (idf.uid, idf.gid) == (os.getuid(), os.getgid())
-    assert of(p, UserNs)[0].uid == os.getuid() and of(p, UserNs)[0].gid == os.getgid()
+    assert (idf.uid, idf.gid, idf.user, idf.group, idf.shell) == (UID, GID, "u", "g", "/bin/sh")
+    assert of(p, UserNs)[0].uid == UID and of(p, UserNs)[0].gid == GID
     for b in of(p, Bind):
         assert b.root == root and b.fd is None
         assert b.src.startswith("/") and b.dst.startswith("/"), b
@@ -88,7 +101,7 @@ def check_shape(p, base):
 def test_plain_exec(sess, demo_dir):
     base, home, proj = sess
     env = host_env(home)
-    p = make(["exec", str(demo_dir), "true", "a b"], env)
+    p = make(["exec", str(demo_dir), "true", "a b"], env, sess)
     check_shape(p, base)
     mi = of(p, MountImage)[0]
     assert mi.image.path == str(demo_dir) and mi.image.kind == "sandbox"
@@ -114,7 +127,7 @@ def test_plain_exec(sess, demo_dir):
 
 def test_contain(sess, demo_dir):
     base, home, proj = sess
-    p = make(["exec", "--contain", str(demo_dir), "true"], host_env(home))
+    p = make(["exec", "--contain", str(demo_dir), "true"], host_env(home), sess)
     check_shape(p, base)
     b = binds(p)
     assert (b["/dev"].src, b["/dev"].what) == (base + "/dev", "--contain: minimal /dev")
@@ -132,7 +145,8 @@ def test_bind_target_the_image_lacks(sess, bare_dir, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     assert not os.path.lexists(os.path.join(str(bare_dir), "no/such"))
-    p = make(["exec", "-B", f"{data}:/no/such/data:ro", str(bare_dir), "true"], host_env(home))
+    p = make(["exec", "-B", f"{data}:/no/such/data:ro", str(bare_dir), "true"], host_env(home),
+             sess)
     check_shape(p, base)
     b = binds(p)["/no/such/data"]
     assert (b.src, b.ro, b.what, b.root) == (str(data), True, "-B", base + "/root")
@@ -144,7 +158,7 @@ def test_bind_source_missing_is_an_error(sess, demo_dir):
     from hpcimage.errors import UsageError
     base, home, proj = sess
     with pytest.raises(UsageError, match="bind source /no/such/src does not exist"):
-        make(["exec", "-B", "/no/such/src:/x", str(demo_dir), "true"], host_env(home))
+        make(["exec", "-B", "/no/such/src:/x", str(demo_dir), "true"], host_env(home), sess)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +178,7 @@ def test_gpu_via_fake_host_root(sess, demo_dir, fake_root):
     path prepended; CUDA_VISIBLE_DEVICES renumbered, the other GPUs left out."""
     base, home, proj = sess
     env = host_env(home, HPCIMAGE_HOST_ROOT=fake_root, CUDA_VISIBLE_DEVICES="3,1")
-    p = make(["exec", "--nv", str(demo_dir), "true"], env)
+    p = make(["exec", "--nv", str(demo_dir), "true"], env, sess)
     check_shape(p, base)
     b = binds(p)
     assert (b["/dev"].src, b["/dev"].what) == (base + "/dev", "minimal /dev + selected devices")
@@ -191,9 +205,7 @@ def test_mpi_bind_model(sess, demo_dir):
     from hpcimage.runtime.mpi.rank import rank_plan
     base, home, proj = sess
     env = host_env(home, HPCIMAGE_IMAGE=str(demo_dir), OMPI_COMM_WORLD_RANK="0")
-    opts = options.parse(["image-mpi-rank", "--mpi-mode", "bind", "--", "true"], env)
-    opts.prog = "image-mpi"
-    p = rank_plan(opts, open_image(str(demo_dir)), {}, env)
+    p = rank_plan(request(["image-mpi-rank", "--mpi-mode", "bind", "--", "true"], env, sess))
     check_shape(p, base)
     mpi = [b for b in of(p, Bind) if b.what == "host MPI (openmpi) for the bind model"]
     assert any(b.dst == f"{LIBS_DIR}/libmpi.so.40" for b in mpi), [b.dst for b in mpi]
@@ -211,7 +223,7 @@ def test_lmod_inside(sess, demo_dir):
     mods = tempfile.mkdtemp(prefix="hpcimage-plan-mods-", dir="/var/tmp")
     try:
         site = {"lmod": {"modulepath": [mods]}}
-        p = make(["shell", str(demo_dir)], host_env(home), site)
+        p = make(["shell", str(demo_dir)], host_env(home), sess, site)
         check_shape(p, base)
         by_what = {}
         for b in of(p, Bind):
@@ -226,6 +238,25 @@ def test_lmod_inside(sess, demo_dir):
         assert e.describe()[0].startswith(f"exec /bin/bash --rcfile {e.rcfile}  # ")
     finally:
         os.rmdir(mods)
+
+
+def test_deleted_cwd_and_pwd(sess, demo_dir):
+    """A current directory deleted on the host (Request.cwd None): the command runs in
+    the home directory when it is bound, with a warning; --pwd is taken as given."""
+    base, home, proj = sess
+    r = request(["exec", str(demo_dir), "true"], host_env(home), sess)
+    r.cwd, r.cwd_gone = None, "/gone/dir"
+    p = plan(r)
+    check_shape(p, base)
+    assert of(p, Chdir)[0].workdir == home and proj not in binds(p)
+    assert p.warnings == [f"cannot enter /gone/dir in the container (deleted on the host); "
+                          f"running in {home}"]
+    p = make(["exec", "--pwd", "/w", str(demo_dir), "true"], host_env(home), sess)
+    c = of(p, Chdir)[0]
+    assert (c.workdir, c.explicit) == ("/w", True)
+    from hpcimage.errors import UsageError
+    with pytest.raises(UsageError, match="^--pwd wants an absolute path, got 'w'$"):
+        make(["exec", "--pwd", "w", str(demo_dir), "true"], host_env(home), sess)
 
 
 def test_pin_sources_returns_new_ops_with_fds(tmp_path):

@@ -206,6 +206,7 @@ def discover(policy, environ, site_dir=None, host=None):
     relative "modulepath" entries are relative to it)."""
     host = host or HostRoot(environ=environ)
     c = Contribution()
+    c.skip_covered = True       # a MODULEPATH entry in $HOME or /tmp is bound rw already
     prefix, problem = find_prefix(host, policy, environ)
     if prefix is None:
         c.warnings.append(f"{TAG}: {problem}: `module` is not available in the image")

@@ -48,13 +48,13 @@ def bind_contribution(site, environ, program):
         if found:
             break
     if found is None:
-        raise HpcimageError("image-mpi: --mpi-mode bind: no host MPI library found "
+        raise HpcimageError("--mpi-mode bind: no host MPI library found "
                             f"({', '.join(n for f in order for n in HOST_MPI_SONAMES[f])} "
                             "not in the host's ld.so.cache); load the host MPI or set mpi.prefix")
     fam, soname, path = found
     for want in _program_mpi_sonames(program, environ):
         if ABI[want] != fam:
-            raise UsageError(f"image-mpi: {program} is linked against {want} "
+            raise UsageError(f"{program} is linked against {want} "
                              f"({ABI[want]} ABI) but the host MPI is {soname} ({fam} ABI): "
                              "the bind model needs the same MPI ABI; use --mpi-mode hybrid "
                              "or build the program against the host's MPI family")

@@ -174,9 +174,12 @@ class Contribution:
               are only right when the runtime keeps them out of the container's /dev.
     warnings  [str] for stderr (one line each: what is missing and what it means).
     notes     [str] for --dry-run (what was found, what was skipped and why).
+    skip_covered  True: a bind whose dst and src lie below a host directory already
+              bound at its own path is left out (Lmod inside: a MODULEPATH entry in
+              $HOME or /tmp, bound rw already).
     """
 
-    __slots__ = ("binds", "env", "prepend", "hide", "warnings", "notes")
+    __slots__ = ("binds", "env", "prepend", "hide", "warnings", "notes", "skip_covered")
 
     def __init__(self):
         self.binds = []
@@ -185,6 +188,7 @@ class Contribution:
         self.hide = []
         self.warnings = []
         self.notes = []
+        self.skip_covered = False
 
     def bind(self, src, dst, ro=True, why=""):
         """Add a bind unless one with the same dst is there; True when added."""

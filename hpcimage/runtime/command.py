@@ -78,16 +78,16 @@ def _chdir(workdir, home, explicit, note=None, prog=None):
 def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None):
     has_sh = os.access("/bin/sh", os.X_OK)
     if app is not None and not os.path.isdir(app_dir(app)):
-        raise UsageError(f"{prog}: no app {app!r} in this image (hpcimage apps IMAGE "
+        raise UsageError(f"no app {app!r} in this image (hpcimage apps IMAGE "
                          "lists them)")
     if verb == "run" and app is not None:
         runscript = app_dir(app) + "/runscript"
         if not os.path.isfile(runscript):
-            raise HpcimageError(f"{prog}: app {app!r} has no runscript (%apprun {app})")
+            raise HpcimageError(f"app {app!r} has no runscript (%apprun {app})")
         argv = ["/bin/sh", runscript] + args
     elif verb == "run":
         if not os.path.isfile(RUNSCRIPT):
-            raise HpcimageError(f"{prog}: this image has no runscript ({RUNSCRIPT}); "
+            raise HpcimageError(f"this image has no runscript ({RUNSCRIPT}); "
                                 "use exec or shell")
         argv = ([RUNSCRIPT] if os.access(RUNSCRIPT, os.X_OK) or not has_sh
                 else ["/bin/sh", RUNSCRIPT]) + args
@@ -96,7 +96,7 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
         if not sh:
             sh = next((s for s in SHELLS if os.access(s, os.X_OK)), None)
             if sh is None:
-                raise HpcimageError(f"{prog}: this image has no shell (/bin/bash, /bin/sh)",
+                raise HpcimageError("this image has no shell (/bin/bash, /bin/sh)",
                                     EXIT_NOT_FOUND)
         # bash: not the user's ~/.bashrc; Lmod's init/bash where the site has Lmod
         # inside (an interactive bash reads no BASH_ENV).
@@ -110,7 +110,7 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
     cmd = argv[0]
     hint = _hint(prog, verb, cmd)
     if verb == "exec" and "/" in cmd and hint and _is_image(cmd):
-        raise HpcimageError(f"{prog}: {cmd}: is an image, not a program{hint}",
+        raise HpcimageError(f"{cmd}: is an image, not a program{hint}",
                             EXIT_NOT_EXECUTABLE)
     scripts = has_sh and app is not None
     try:
@@ -121,7 +121,7 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
         if "/" in cmd:      # the shell's own exec error is raw: say it here, as below
             why = _why_not(cmd)
             if why:
-                raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1])
+                raise HpcimageError(f"{cmd}: {why[0]}{hint}", why[1])
         e = environ.shell_env(env, forced, prepend, append, label(prog), hint)
         script = environ.shell_prologue(forced, prepend, append, app) + environ.SHELL_EXEC
         procstate.for_exec()
@@ -130,13 +130,13 @@ def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None)
     path = which(cmd, e.get("PATH", environ.DEFAULT_PATH))
     if path is None:
         text, status = _says("not_found", path=e.get("PATH", ""))
-        raise HpcimageError(f"{prog}: {cmd}: {text}{hint}", status)
+        raise HpcimageError(f"{cmd}: {text}{hint}", status)
     procstate.for_exec()
     try:
         os.execve(path, argv, e)
     except OSError as e2:
         why = _why_not(path) or _says("cannot_exec", error=e2.strerror)
-        raise HpcimageError(f"{prog}: {cmd}: {why[0]}{hint}", why[1]) from None
+        raise HpcimageError(f"{cmd}: {why[0]}{hint}", why[1]) from None
 
 
 IMAGE_SUFFIXES = (".sif", ".sqfs", ".squashfs", ".img", ".simg")

@@ -28,7 +28,7 @@ import pwd
 import stat
 import sys
 
-from hpcimage.runtime import plan as launch
+from hpcimage.runtime.request import SESSION_DIRS
 from hpcimage.runtime.rootfs import _map_ids
 from hpcimage.linux.paths import which
 from hpcimage.linux import syscalls as sc
@@ -352,7 +352,7 @@ def _has_pw():
 
 
 def session_directory(environ):
-    """(directory or None, line) as plan._session_dir chooses it."""
+    """(directory or None, line) as request.session_dir chooses it."""
     d = environ.get("HPCIMAGE_SESSION_DIR")
     if d:
         try:
@@ -364,16 +364,16 @@ def session_directory(environ):
                               "create it (a directory every user can reach), or unset "
                               "HPCIMAGE_SESSION_DIR")
         return d, line("session-directory", OK, f"{d} (HPCIMAGE_SESSION_DIR)")
-    for d in launch.SESSION_DIRS:
+    for d in SESSION_DIRS:
         if os.path.isdir(d):
-            if d == launch.SESSION_DIRS[0]:
+            if d == SESSION_DIRS[0]:
                 return d, line("session-directory", OK, d)
             return d, line("session-directory", WARN, f"{d}: a fallback, because "
-                           f"{launch.SESSION_DIRS[0]} is missing", "mkdir -p "
-                           f"{launch.SESSION_DIRS[0]} (the runtime mounts a private tmpfs "
+                           f"{SESSION_DIRS[0]} is missing", "mkdir -p "
+                           f"{SESSION_DIRS[0]} (the runtime mounts a private tmpfs "
                            "on it inside each container, never on the host)")
-    return None, line("session-directory", FAIL, "none of " + ", ".join(launch.SESSION_DIRS)
-                      + " exists", f"mkdir -p {launch.SESSION_DIRS[0]}")
+    return None, line("session-directory", FAIL, "none of " + ", ".join(SESSION_DIRS)
+                      + " exists", f"mkdir -p {SESSION_DIRS[0]}")
 
 
 def _session_line(sd_line, sd, probe, probe_err):

@@ -8,9 +8,8 @@ from hpcimage.config.policy import load_site
 
 
 def run(argv, environ=None):
-    from hpcimage.runtime import options, plan as launch
+    from hpcimage.runtime import options, plan as launch, request
     from hpcimage.runtime.execute import execute
-    from hpcimage.image import open_image
     environ = os.environ if environ is None else environ
     if argv and argv[0] == "image-mpi":
         from hpcimage.runtime.mpi import launcher as mpi
@@ -19,18 +18,12 @@ def run(argv, environ=None):
     if opts.args == ["--help"] and argv[0] != "image-mpi-rank":
         sys.stdout.write(options.usage(opts))
         return 0
-    site = load_site(environ)
-    if opts.image and argv[0] in options.WRAPPER_VERBS:
-        # HPCIMAGE_IMAGE: the user's local copy when it is current (image-update).
-        from hpcimage.runtime import localcopy as local
-        opts.image = local.choose(opts.image, site, environ)
     if argv[0] == "image-mpi-rank":
         from hpcimage.runtime.mpi import rank
-        opts.prog = "image-mpi"
-        return rank.run_rank(opts, open_image(opts.image), site, environ,
+        return rank.run_rank(opts, load_site(environ), environ,
                              rank.rank_signature(argv[1:], opts))
-    image = _open_image(opts, environ)
-    p = launch.plan(opts, image, site, environ)
+    r = request.resolve(opts, environ)
+    p = launch.plan(r)
     if opts.dry_run:
         sys.stdout.write(p.describe())
         return 0
@@ -39,27 +32,6 @@ def run(argv, environ=None):
     p.warn(opts.prog, environ)
     execute(p)
     return 1
-
-
-def _open_image(opts, environ):
-    """open_image, saying what the user can do about a missing image."""
-    from hpcimage.image import open_image
-    from hpcimage.runtime.command import IMAGE_SUFFIXES
-    if os.path.lexists(opts.image):
-        return open_image(opts.image)
-    if opts.prog.startswith("image-"):
-        module = environ.get("HPCIMAGE_MODULE")
-        raise HpcimageError(f"{opts.image}: image not found (the image of "
-                            f"{'module ' + module if module else 'HPCIMAGE_IMAGE'} is "
-                            "missing on this node)", 2)
-    hint = ""
-    if "/" not in opts.image and not opts.image.endswith(IMAGE_SUFFIXES):
-        what = "COMMAND [ARGS...]" if opts.verb == "exec" else "[ARGS...]"
-        hint = f" (the image comes first: {opts.prog} [OPTIONS] IMAGE {what}"
-        if environ.get("HPCIMAGE_IMAGE"):
-            hint += f"; the loaded module's image: image-{opts.verb} {what}"
-        hint += ")"
-    raise HpcimageError(f"{opts.image}: image not found{hint}", 2)
 
 
 def main(argv=None):
@@ -71,12 +43,7 @@ def main(argv=None):
     try:
         sys.exit(run(argv))
     except HpcimageError as e:
-        msg = e.message
-        verb = argv[0] if argv else ""
-        for p in (verb + ": ", f"hpcimage {verb}: ", "image-mpi: "):
-            if msg.startswith(p):
-                msg = msg[len(p):]
-        sys.stderr.write(f"{prog}: error: {msg}\n")
+        sys.stderr.write(f"{prog}: error: {e.message}\n")
         sys.exit(e.status)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -120,7 +120,8 @@ def parse(argv, environ=None):
         prog = f"hpcimage {verb}"
     else:
         raise UsageError(f"unknown verb {verb!r} (exec, run, shell)")
-    o = Options(verb, prog)
+    # image-mpi-rank: the ranks of image-mpi, which speaks for them
+    o = Options(verb, "image-mpi" if prog == "image-mpi-rank" else prog)
     rest = argv[1:]
     i = 0
     while i < len(rest):
@@ -144,7 +145,7 @@ def parse(argv, environ=None):
             elif not eq:
                 if name.startswith("--") or len(a) == 2:
                     if i + 1 >= len(rest):
-                        raise UsageError(f"{prog}: option {name} needs a value")
+                        raise UsageError(f"option {name} needs a value")
                     val = rest[i + 1]
                     i += 1
             key = _VALUED[name]
@@ -153,10 +154,10 @@ def parse(argv, environ=None):
             elif key == "env":
                 k, has, v = val.partition("=")
                 if not has or not valid_name(k):
-                    raise UsageError(f"{prog}: --env wants NAME=VALUE, got {val!r}")
+                    raise UsageError(f"--env wants NAME=VALUE, got {val!r}")
                 o.env.append((k, v))
             elif key == "mpi_mode" and val not in MPI_MODES:
-                raise UsageError(f"{prog}: --mpi-mode wants hybrid or bind, not {val!r}")
+                raise UsageError(f"--mpi-mode wants hybrid or bind, not {val!r}")
             else:
                 setattr(o, key, val)
             i += 1
@@ -164,19 +165,19 @@ def parse(argv, environ=None):
         if verb in ("shell", "run") and from_env:
             break       # image-shell -c '...', image-run --flag: the rest is theirs
         name = a.split("=", 1)[0] if a.startswith("--") else a     # as click says it
-        raise UsageError(f"{prog}: no such option: {name} (see '{prog} --help')")
+        raise UsageError(f"no such option: {name} (see '{prog} --help')")
     rest = rest[i:]
     if from_env:
         o.image = environ.get("HPCIMAGE_IMAGE") or None
         if not o.image:
-            raise UsageError(f"{prog}: no image module loaded: run 'module load "
+            raise UsageError("no image module loaded: run 'module load "
                              "<Name/version>' first ('module avail' lists the images)")
     else:
         if not rest:
-            raise UsageError(f"{prog}: no image given (usage: {prog} [OPTIONS] IMAGE ...)")
+            raise UsageError(f"no image given (usage: {prog} [OPTIONS] IMAGE ...)")
         o.image, rest = rest[0], rest[1:]
     if verb == "exec" and not rest:
-        raise UsageError(f"{prog}: no command given (usage: {prog} [OPTIONS] "
+        raise UsageError(f"no command given (usage: {prog} [OPTIONS] "
                          f"{'' if from_env else 'IMAGE '}COMMAND [ARGS...])")
     o.args = rest
     return o

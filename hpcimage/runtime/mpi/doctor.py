@@ -143,7 +143,9 @@ def host_mpi(site, environ):
     try:
         c = hostmpi.bind_contribution(site, environ, "")
     except HpcimageError as e:
-        msg = e.message.split(": ", 2)[-1] if e.message.startswith("image-mpi:") else e.message
+        msg = e.message
+        if msg.startswith("--mpi-mode bind: "):
+            msg = msg[len("--mpi-mode bind: "):]
         return {"found": False, "reason": msg, "findings": [_finding("no", msg)]}
     lib = next(((os.path.basename(dst), src) for src, dst, _ro, _w in c.binds
                 if os.path.dirname(dst) == hostmpi.LIBS_DIR and os.path.basename(dst) in hostmpi.ABI),

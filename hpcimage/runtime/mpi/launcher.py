@@ -28,7 +28,8 @@ from hpcimage.runtime.options import HELP_WORDS, IMAGE_MPI
 from hpcimage.runtime.mpi.jobenv import is_rank
 from hpcimage.runtime.mpi.recipe import Recipe, _write_recipe, join_helper
 from hpcimage.runtime.mpi.shared import _start_holder, _state_base, _warm_arg
-from hpcimage.runtime.mpi.rank import rank_plan, rank_signature, run_rank, wrapper_signature
+from hpcimage.runtime.mpi.rank import (rank_plan, rank_signature, run_rank, wrapper_signature,
+                                       resolve as rank_request)
 
 
 # The launcher's options (srun's, mpirun's) that take a value (the next argument), so that
@@ -105,7 +106,7 @@ def launcher_argv(opts, environ, site, mode, runtime_opts, program):
     from hpcimage.linux.paths import which
     exe = which(kind, environ.get("PATH") or "/usr/bin:/bin")
     if exe is None:
-        raise HpcimageError(f"image-mpi: launcher {kind!r} not found on PATH"
+        raise HpcimageError(f"launcher {kind!r} not found on PATH"
                             + (" (load the host MPI module?)" if kind == "mpirun" else ""))
     rank = [sys.executable, "-I", "-c", "from hpcimage.runtime.main import main; main()",
             "image-mpi-rank", "--mpi-mode", mode, *runtime_opts, "--", *program]
@@ -143,20 +144,17 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
             or any(o.split("=")[0] in WDIR_OPTS for o in launcher_opts)
             or env.get("HPCIMAGE_MPI_PREPARE", "1") == "0"):
         return argv2
-    from hpcimage.runtime import plan as launch, localcopy as local, options
+    from hpcimage.runtime import plan as launch, options
     from hpcimage.runtime.ops import Chdir
-    from hpcimage.image import open_image
     rest = ["--mpi-mode", mode, *ours, "--", *program]
     key = f"launch-{os.uname().nodename}-{os.getpid()}-{os.urandom(3).hex()}"
     env["HPCIMAGE_MPI_KEY"] = key
     opts = options.parse(["image-mpi-rank", *rest], env)
-    opts.prog = "image-mpi"
-    opts.image = local.choose(opts.image, site, env)
     signature = rank_signature(rest, opts)
     if signature is None:
         del env["HPCIMAGE_MPI_KEY"]
         return argv2
-    p = rank_plan(opts, open_image(opts.image), site, env)
+    p = rank_plan(rank_request(opts, site, env))
     head, tail = launch.split(p, Chdir)
     rec = Recipe(tail, env, signature, os.getcwd(), opts.cleanenv)
     if not rec.ok:
@@ -215,18 +213,13 @@ def main(argv, environ, site):
     from hpcimage.runtime import options
     if is_rank(environ):
         opts = options.parse(["image-mpi-rank", *argv[1:]], environ)
-        opts.prog = "image-mpi"
-        from hpcimage.image import open_image
-        from hpcimage.runtime import localcopy as local
-        opts.image = local.choose(opts.image, site, environ)   # image-update's copy
-        return run_rank(opts, open_image(opts.image), site, environ,
-                        wrapper_signature(argv[1:], opts))
+        return run_rank(opts, site, environ, wrapper_signature(argv[1:], opts))
     args = argv[1:]
     if args[:1] and args[0] in HELP_WORDS:
         sys.stdout.write(HELP)
         return 0
     if not environ.get("HPCIMAGE_IMAGE"):
-        raise UsageError("image-mpi: no image module loaded: run 'module load "
+        raise UsageError("no image module loaded: run 'module load "
                          "<Name/version>' first ('module avail' lists the images)")
     launcher_opts, program = split_launcher_args(args)
     ours, rest, mode, launcher, dry = [], [], None, None, False
@@ -250,11 +243,11 @@ def main(argv, environ, site):
             rest.append(a)
         i += 1
     if not program:
-        raise UsageError("image-mpi: no program given (usage: image-mpi [OPTIONS] "
+        raise UsageError("no program given (usage: image-mpi [OPTIONS] "
                          "[LAUNCHER OPTIONS] [--] PROGRAM [ARGS...])")
     mode = mode or (site.get("mpi") or {}).get("mode") or "hybrid"
     if mode not in ("hybrid", "bind"):
-        raise UsageError(f"image-mpi: --mpi-mode wants hybrid or bind, not {mode!r}")
+        raise UsageError(f"--mpi-mode wants hybrid or bind, not {mode!r}")
     env = dict(environ)
     if launcher:
         env["HPCIMAGE_MPI_LAUNCHER"] = launcher
@@ -275,7 +268,7 @@ def main(argv, environ, site):
     try:
         os.execve(exe, argv2, env)
     except OSError as e:
-        raise HpcimageError(f"image-mpi: cannot start {exe}: {e.strerror}") from None
+        raise HpcimageError(f"cannot start {exe}: {e.strerror}") from None
 
 
 HELP = """\

@@ -6,6 +6,9 @@ import sys
 from hpcimage.host.mpi import bind_contribution
 from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES, PMIX_TRANSLATE, PMIX_DIR_VARS, NO_CMA, job_key
 from hpcimage.runtime.mpi.shared import join_shared
+from hpcimage.runtime import steps
+from hpcimage.runtime.ops import Bind
+from hpcimage.runtime.steps import _under
 
 
 def rank_environ(environ):
@@ -52,14 +55,14 @@ def wrapper_signature(rest, opts):
     return "".join(a + "\x1f" for a in ["image-mpi", *rest[:n]])
 
 
-def run_rank(opts, image, site, environ, signature=None):
-    """Rank side: plan, then shared (or per-rank) namespaces, then exec. signature:
-    the rank's runtime options as hpcimage-join sees them (for the recipe)."""
+def run_rank(opts, site, environ, signature=None):
+    """Rank side: request, plan, then shared (or per-rank) namespaces, then exec.
+    signature: the rank's runtime options as hpcimage-join sees them (for the recipe)."""
     from hpcimage.runtime.execute import execute
     locked = environ.pop("HPCIMAGE_MPI_LOCKED_FD", None)
     os.environ.pop("HPCIMAGE_MPI_LOCKED_FD", None)
     key = job_key(environ) if environ.get("HPCIMAGE_MPI_SHARE", "1") != "0" else None
-    p = rank_plan(opts, image, site, environ, shared=key is not None)
+    p = rank_plan(resolve(opts, site, environ), shared=key is not None)
     if opts.dry_run:
         sys.stdout.write(p.describe())
         sys.stdout.write(f"# ranks share namespaces: {'yes, job ' + key if key else 'no'}\n")
@@ -73,19 +76,48 @@ def run_rank(opts, image, site, environ, signature=None):
     return 1
 
 
-def rank_plan(opts, image, site, environ, shared=True):
+def resolve(opts, site, environ):
+    """The Request of one rank (runtime.request.resolve; the image as the launcher
+    names it, no hints)."""
+    from hpcimage.runtime import request
+    return request.resolve(opts, environ, site, explain_missing=False)
+
+
+def mpi_rank(r, p):
+    """A rank's step (after host_devices): the PMIx variable translations; the
+    launcher's and the job's variables pass --cleanenv; --mpi-mode bind (or the site's
+    mpi mode): the host's MPI library."""
+    p.env_add.update(rank_environ(r.environ))
+    p.keep_prefixes += FORWARD_PREFIXES
+    opts = r.opts
+    mode = opts.mpi_mode or (r.site.get("mpi") or {}).get("mode") or "hybrid"
+    if mode == "bind":
+        p.contribute(bind_contribution(r.site, r.environ, opts.args[0] if opts.args else ""))
+
+
+def no_cma(r, p):
+    """A rank's step where ranks do not share namespaces: no cross-memory attach
+    between them (NO_CMA), unless the caller chose."""
+    for k, v in NO_CMA.items():
+        if k not in r.environ and k not in p.env_add:
+            p.env_add[k] = v
+
+
+def pmix_binds(r, p):
+    """A rank's step (after user_binds): the PMIx/PMI server's directories at their
+    paths, unless a bind at its own path holds them already."""
+    for d in pmix_dirs(r.environ):
+        if not any(_under(d, b.dst) for b in p.binds if b.src == b.dst):
+            p.binds.append(Bind(d, d, False, "MPI/PMIx"))
+
+
+RANK_STEPS = steps.with_steps(steps.STEPS, {steps.host_devices: (mpi_rank,),
+                                            steps.user_binds: (pmix_binds,)})
+RANK_STEPS_UNSHARED = steps.with_steps(RANK_STEPS, {mpi_rank: (no_cma,)})
+
+
+def rank_plan(r, shared=True):
     """The launch plan of one rank (the launcher makes the same one to prepare the
     node's container before the ranks start)."""
-    from hpcimage.runtime import plan as launch
-    env = dict(environ)
-    env.update(rank_environ(environ))
-    if not shared:
-        for k, v in NO_CMA.items():
-            env.setdefault(k, v)
-    extra = [d for d in pmix_dirs(environ)]
-    contributions = []
-    mode = opts.mpi_mode or (site.get("mpi") or {}).get("mode") or "hybrid"
-    if mode == "bind":
-        contributions.append(bind_contribution(site, environ, opts.args[0] if opts.args else ""))
-    return launch.plan(opts, image, site, env, extra_binds=extra,
-                       keep_prefixes=FORWARD_PREFIXES, contributions=contributions)
+    from hpcimage.runtime.plan import plan
+    return plan(r, RANK_STEPS if shared else RANK_STEPS_UNSHARED)

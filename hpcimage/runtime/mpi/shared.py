@@ -341,4 +341,4 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
         os.close(m)
         os.chdir("/")
         return tail
-    raise HpcimageError("image-mpi: could not join the node's shared container")
+    raise HpcimageError("could not join the node's shared container")

@@ -1,0 +1,122 @@
+"""The request: everything a launch needs from the caller and the machine, resolved
+once (`resolve`): the user (uid, gid, name, home, gecos, shell, group), the current
+directory, the host environment, the session directory, the site's policy, the
+options and the opened image. `plan(request)` reads these and nothing else of the
+caller's state (a step only probes the host where it must: does a bind source exist).
+A test builds one by hand. Standard library only: the hot path."""
+import os
+
+from hpcimage.errors import HpcimageError
+
+
+SESSION_DIRS = ("/var/lib/hpcimage/mnt", "/mnt", "/srv", "/media", "/opt")
+
+
+class Request:
+    """uid, gid, user, home (HOME, else the passwd entry's), gecos, shell, group;
+    cwd: the current directory, or None when it was deleted (cwd_gone: its name then);
+    environ: the host environment (a dict of its own); session_dir: where the session
+    mounts go; site: the site's policy (site.json's dict, {} without one); opts:
+    runtime.options.Options; image: the opened image.Image."""
+    __slots__ = ("uid", "gid", "user", "home", "gecos", "shell", "group", "cwd",
+                 "cwd_gone", "environ", "session_dir", "site", "opts", "image")
+
+    def __init__(self, opts, image, environ, session_dir, site=None, uid=0, gid=0,
+                 user="root", home="/", gecos="", shell="/bin/sh", group=None,
+                 cwd="/", cwd_gone=None):
+        self.opts, self.image, self.environ = opts, image, dict(environ)
+        self.session_dir, self.site = session_dir, {} if site is None else site
+        self.uid, self.gid, self.user, self.home = uid, gid, user, home
+        self.gecos, self.shell = gecos, shell
+        self.group = user if group is None else group
+        self.cwd, self.cwd_gone = cwd, cwd_gone
+
+
+def resolve(opts, environ, site=None, explain_missing=True):
+    """The Request of options opts (runtime.options.parse) in environ: the site's policy
+    (site.json, unless site is given), the image (a wrapper's: the user's local copy
+    when it is current, image-update) opened once, the user, the directories. opts is
+    not changed: the image chosen is request.image (its path: request.image.path).
+    explain_missing: a missing image's error says what the user can do about it."""
+    if site is None:
+        from hpcimage.config.policy import load_site
+        site = load_site(environ)
+    path = opts.image
+    if path and opts.prog.startswith("image-"):
+        # HPCIMAGE_IMAGE: the user's local copy when it is current (image-update).
+        from hpcimage.runtime import localcopy as local
+        path = local.choose(path, site, environ)
+    image = _open_image(path, opts, environ) if explain_missing else _open(path)
+    environ = dict(environ)
+    uid, gid, user, pw_home, gecos, shell, group = _user(environ)
+    cwd, gone = _cwd()
+    return Request(opts, image, environ, session_dir(environ), site, uid, gid, user,
+                   environ.get("HOME") or pw_home, gecos, shell, group, cwd, gone)
+
+
+def _open(path):
+    from hpcimage.image import open_image
+    return open_image(path)
+
+
+def _open_image(path, opts, environ):
+    """open_image, saying what the user can do about a missing image."""
+    from hpcimage.runtime.command import IMAGE_SUFFIXES
+    if os.path.lexists(path):
+        return _open(path)
+    if opts.prog.startswith("image-"):
+        module = environ.get("HPCIMAGE_MODULE")
+        raise HpcimageError(f"{path}: image not found (the image of "
+                            f"{'module ' + module if module else 'HPCIMAGE_IMAGE'} is "
+                            "missing on this node)", 2)
+    hint = ""
+    if "/" not in path and not path.endswith(IMAGE_SUFFIXES):
+        what = "COMMAND [ARGS...]" if opts.verb == "exec" else "[ARGS...]"
+        hint = f" (the image comes first: {opts.prog} [OPTIONS] IMAGE {what}"
+        if environ.get("HPCIMAGE_IMAGE"):
+            hint += f"; the loaded module's image: image-{opts.verb} {what}"
+        hint += ")"
+    raise HpcimageError(f"{path}: image not found{hint}", 2)
+
+
+def _user(environ):
+    import pwd
+    import grp
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        pw = pwd.getpwuid(uid)
+        name, home, gecos, shell = pw.pw_name, pw.pw_dir, pw.pw_gecos, pw.pw_shell
+    except KeyError:
+        name = environ.get("USER") or f"user{uid}"
+        home, gecos, shell = environ.get("HOME") or "/", "", "/bin/sh"
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = name
+    return uid, gid, name, home, gecos, shell, group
+
+
+def session_dir(environ):
+    """HPCIMAGE_SESSION_DIR, else the first of SESSION_DIRS that exists."""
+    d = environ.get("HPCIMAGE_SESSION_DIR")
+    if d:
+        return d
+    for d in SESSION_DIRS:
+        if os.path.isdir(d):
+            return d
+    raise HpcimageError("no directory to hold the session mounts: create /var/lib/hpcimage/mnt")
+
+
+def _cwd():
+    """(the current directory, None), or (None, its name) when it was deleted."""
+    try:
+        return os.getcwd(), None
+    except OSError:
+        pass
+    try:
+        name = os.readlink("/proc/self/cwd")
+    except OSError:
+        name = ""
+    if name.endswith(" (deleted)"):
+        name = name[:-len(" (deleted)")]
+    return None, name or "the current directory"

@@ -1,0 +1,262 @@
+"""The steps of a launch plan, in order (STEPS). Each is a function step(request, plan)
+that reads the request (runtime.request.Request) and adds to the plan
+(runtime.plan.Plan): ops, binds (plan.binds: the container's mounts, in order, made
+ops by the `root` step), contributions (host.Contribution: their warnings and notes
+at once, their binds and environment by later steps), warnings, notes. `plan()` runs
+them and knows none by name; MPI ranks run the same tuple with their own steps put in
+(runtime.mpi.rank). Standard library only: the hot path.
+"""
+import os
+
+from hpcimage.errors import UsageError
+from hpcimage.runtime import environ as envmod
+from hpcimage.runtime.command import valid_app
+from hpcimage.runtime.ops import (Bind, Chdir, Exec, IdentityFiles, MountImage, Pivot,
+                                  Private, Remount, RootFs, Session, UserNs)
+
+
+# A current directory that is one of these (or directly below /usr, /usr/local or
+# /usr/lib*) is not bound: the host's would replace what the image's system needs
+# (Apptainer's addCwdMount list, with the merged-/usr names). Any other directory is
+# bound at its path, below a system directory too (/usr/local/src/proj); /proc, /sys
+# and /dev are the host's already (or a private /dev).
+CWD_NOT_BOUND = ("/", "/bin", "/boot", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/mnt",
+                 "/opt", "/run", "/sbin", "/usr", "/var", "/var/lib")
+
+
+CWD_NOT_BOUND_BELOW = ("/usr", "/usr/local", "/usr/lib", "/usr/lib32", "/usr/lib64",
+                       "/usr/libx32")
+
+
+BIND_ENV = ("SINGULARITY_BIND", "APPTAINER_BIND", "HPCIMAGE_BIND")
+
+
+def parse_bind(spec, what="-B"):
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise UsageError(f"bind {spec!r}: want SRC[:DST[:ro|rw]]")
+    src = parts[0]
+    dst = parts[1] if len(parts) > 1 and parts[1] else src
+    mode = parts[2] if len(parts) > 2 else "rw"
+    if mode not in ("ro", "rw"):
+        raise UsageError(f"bind {spec!r}: mode must be ro or rw, not {mode!r}")
+    src = os.path.abspath(src)
+    if not dst.startswith("/"):
+        raise UsageError(f"bind {spec!r}: destination must be an absolute path")
+    return Bind(src, os.path.normpath(dst), mode == "ro", what)
+
+
+def _under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _covered(path, binds):
+    """path is below a host directory bound at its own path."""
+    return any(b.src == b.dst and _under(path, b.dst) for b in binds
+               if not b.src.startswith("session:"))
+
+
+def _system_dir(path):
+    return path in CWD_NOT_BOUND or os.path.dirname(path) in CWD_NOT_BOUND_BELOW
+
+
+def session(r, p):
+    """The user namespace, private mounts, the session tmpfs, the image mounted there."""
+    p.add(UserNs(r.uid, r.gid))
+    p.add(Private())
+    p.add(Session(r.session_dir))
+    p.add(MountImage(r.image, r.session_dir + "/image"))
+
+
+def host_devices(r, p):
+    """GPUs (--nv, --rocm, the site's gpu policy) and InfiniBand (--ib, infiniband):
+    hpcimage.host reads the host through one root (HPCIMAGE_HOST_ROOT) and binds
+    nothing where nothing is found. Device nodes go into /dev (system_binds): a private
+    /dev where GPUs are left out (*_VISIBLE_DEVICES) or the host root is not this
+    machine's /; the driver libraries with the other contributions' binds."""
+    from hpcimage import host as hostmod
+    opts = r.opts
+    hw = hostmod.discover(r.site, r.environ, nv=opts.nv, rocm=opts.rocm, ib=opts.ib)
+    dev = [b for b in hw.binds if b[1] == "/dev" or b[1].startswith("/dev/")]
+    hw.binds = [b for b in hw.binds if b not in dev]
+    p.dev_binds = dev
+    p.private_dev = bool(dev and (hw.hide or not hostmod.HostRoot(environ=r.environ).is_real))
+    p.contribute(hw)
+
+
+def lmod_inside(r, p):
+    """site.json "lmod" (site.yaml lmod_in_image): the host's Lmod, its Lua and the
+    MODULEPATH (imported only here: the plain image-exec path stays light). Its binds
+    already covered by a bind at the same path are left out (skip_covered)."""
+    if not isinstance(r.site.get("lmod"), dict):
+        return
+    from hpcimage.host import lmod
+    config = r.environ.get("HPCIMAGE_SITE_CONFIG")
+    c = lmod.discover(r.site["lmod"], r.environ,
+                      site_dir=os.path.dirname(config) if config else None)
+    p.contribute(c)
+    p.keep_prefixes += lmod.CLEANENV_KEEP_PREFIXES
+    p.rcfile = c.env.get("BASH_ENV")
+
+
+def system_binds(r, p):
+    """/proc, /sys, /dev (or a private one with the devices), /tmp, the host's network
+    files, passwd and group."""
+    contain = r.opts.contain
+    private_dev = contain or p.private_dev
+    binds = p.binds
+    for src in ("/proc", "/sys", "/dev"):
+        if private_dev and src == "/dev":
+            continue
+        binds.append(Bind(src, src, False, "system"))
+    if private_dev:
+        why = "--contain: minimal /dev" if contain else "minimal /dev + selected devices"
+        binds.append(Bind("session:dev", "/dev", False, why))
+        for d in ("null", "zero", "full", "random", "urandom", "tty"):
+            if os.path.exists("/dev/" + d):
+                binds.append(Bind("/dev/" + d, "/dev/" + d, False, why))
+        if os.path.isdir("/dev/pts"):
+            binds.append(Bind("/dev/pts", "/dev/pts", False, why))
+        if not contain and os.path.isdir("/dev/shm"):
+            binds.append(Bind("/dev/shm", "/dev/shm", False, why))
+        for src, dst, ro, w in p.dev_binds:
+            binds.append(Bind(src, dst, False, w))
+    if contain:
+        binds.append(Bind("session:tmp", "/tmp", False, "--contain: fresh /tmp"))
+        binds.append(Bind("session:vartmp", "/var/tmp", False, "--contain: fresh /var/tmp"))
+    else:
+        binds.append(Bind("/tmp", "/tmp", False, "system"))
+    for f in ("/etc/hosts", "/etc/resolv.conf"):
+        if os.path.exists(f):
+            binds.append(Bind(os.path.realpath(f), f, True, "host network files"))
+    binds.append(Bind("session:passwd", "/etc/passwd", True, "image passwd + the user"))
+    binds.append(Bind("session:group", "/etc/group", True, "image group + the user's group"))
+
+
+def home(r, p):
+    """The home directory: the host's at its path, an empty one under --contain."""
+    if r.opts.contain:
+        p.binds.append(Bind("session:home", r.home, False, "--contain: empty home"))
+    elif not r.opts.no_home and r.home != "/" and os.path.isdir(r.home):
+        p.binds.append(Bind(r.home, r.home, False, "home"))
+
+
+def site_binds(r, p):
+    """The site's binds (site.json binds, and image_binds of the loaded module) whose
+    source exists."""
+    module = r.environ.get("HPCIMAGE_MODULE")
+    site = r.site
+    specs = list(site.get("binds", ())) + list(site.get("image_binds", {}).get(module or "", ()))
+    for spec in specs:
+        b = parse_bind(spec, "site")
+        if os.path.exists(b.src):
+            p.binds.append(b)
+
+
+def user_binds(r, p):
+    """SINGULARITY_BIND, APPTAINER_BIND, HPCIMAGE_BIND, then -B: a missing source is an
+    error."""
+    specs = []
+    for var in BIND_ENV:
+        specs += [v for v in r.environ.get(var, "").split(",") if v]
+    for spec in specs + list(r.opts.binds):
+        b = parse_bind(spec, "-B")
+        if not os.path.exists(b.src):
+            raise UsageError(f"bind source {b.src} does not exist")
+        p.binds.append(b)
+
+
+def contributed_binds(r, p):
+    """The contributions' binds (driver libraries, MPI bind model, Lmod inside), in the
+    order they came."""
+    binds = p.binds
+    for c in p.contributions:
+        for src, dst, ro, why in c.binds:
+            if c.skip_covered and any(b.src == b.dst and _under(dst, b.dst) and _under(src, b.src)
+                            for b in binds):
+                continue
+            binds.append(Bind(src, dst, ro, why))
+
+
+def cwd(r, p):
+    """The working directory: the caller's, bound at its own path (as Apptainer does,
+    where the image's own directory of that name would be another directory), except
+    where that would replace a directory the image's system needs (CWD_NOT_BOUND).
+    Where the command cannot run in the caller's directory, the warning says so and
+    where it runs instead."""
+    opts, home, binds = r.opts, r.home, p.binds
+    p.cwd_note = None
+    if opts.pwd:
+        if not opts.pwd.startswith("/"):
+            raise UsageError(f"--pwd wants an absolute path, got {opts.pwd!r}")
+        p.workdir = opts.pwd
+    elif opts.contain:
+        p.workdir = home
+    elif r.cwd is None:
+        p.workdir = home if _covered(home, binds) else "/"
+        p.warnings.append(f"cannot enter {r.cwd_gone} in the container (deleted on the "
+                          f"host); running in {p.workdir}")
+    else:
+        p.workdir = r.cwd
+        if r.cwd == "/" or _covered(r.cwd, binds):
+            pass
+        elif _system_dir(r.cwd):
+            p.cwd_note = "system"       # _chdir says where the command runs
+        elif not any(_under(r.cwd, d) for d in ("/proc", "/sys", "/dev")):
+            binds.append(Bind(r.cwd, r.cwd, False, "current directory"))
+
+
+def root(r, p):
+    """The root with every bind's mount point, passwd and group, the binds (session:
+    sources resolved to the session directory), read-only, pivot, chdir."""
+    base = r.session_dir
+    rootdir, image_root = base + "/root", base + "/image"
+    p.add(RootFs(image_root, rootdir, [b.dst for b in p.binds]))
+    p.add(IdentityFiles(base, image_root, r.uid, r.gid, r.user, r.home, r.gecos, r.shell,
+                        r.group))
+    for b in p.binds:
+        if b.src.startswith("session:"):
+            b.src = base + "/" + b.src[len("session:"):]
+        b.root = rootdir
+        p.add(b)
+    p.add(Remount(rootdir))
+    p.add(Pivot(rootdir))
+    p.add(Chdir(p.workdir, r.home, bool(r.opts.pwd), p.cwd_note, r.opts.prog))
+
+
+def command(r, p):
+    """The container's environment (runtime.environ, then the contributions' variables
+    and paths), the app, the exec."""
+    opts = r.opts
+    host_env = {**r.environ, **p.env_add} if p.env_add else r.environ
+    env, forced, prepend, append = envmod.compute(
+        host_env, image_path=r.image.path, module=r.environ.get("HPCIMAGE_MODULE"),
+        cleanenv=opts.cleanenv, cli_env=opts.env, home=r.home, keep_prefixes=p.keep_prefixes)
+    env_prepend = {}
+    for c in p.contributions:
+        env.update(c.env)
+        for k, paths in c.prepend.items():
+            env_prepend.setdefault(k, []).extend(paths)
+    for k, paths in env_prepend.items():
+        old = [x for x in env.get(k, "").split(":") if x]
+        env[k] = ":".join(dict.fromkeys(paths + old))
+    if opts.app is not None:
+        if not valid_app(opts.app):
+            raise UsageError(f"--app {opts.app!r}: not an app name")
+        for k in ("APPTAINER_APPNAME", "SINGULARITY_APPNAME"):
+            env[k] = opts.app
+    p.add(Exec(opts.verb, list(opts.args), env, forced, prepend, append, opts.prog,
+               opts.app, p.rcfile))
+
+
+STEPS = (session, host_devices, lmod_inside, system_binds, home, site_binds, user_binds,
+         contributed_binds, cwd, root, command)
+
+
+def with_steps(steps, after):
+    """steps with more put in: after maps a step to the steps that follow it."""
+    out = []
+    for s in steps:
+        out.append(s)
+        out.extend(after.get(s, ()))
+    return tuple(out)
