@@ -20,7 +20,7 @@ RUNSCRIPT = "/.singularity.d/runscript"
 ENV_DIR = "/.singularity.d/env"
 
 
-def _rank0(environ):
+def is_rank0(environ):
     """Not an MPI rank, or rank 0 (warnings are said once per job)."""
     return next((environ[k] for k in ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK",
                                       "SLURM_PROCID") if environ.get(k)), "0") == "0"
@@ -46,11 +46,11 @@ def app_dir(app):
 BAD_PWD = "--pwd {dir}: no such directory in the container"
 
 
-def _chdir(workdir, home, explicit, note=None, prog=None):
+def enter_workdir(workdir, home, explicit, note=None, prog=None):
     """chdir to workdir; else (not --pwd) to home, else to /, saying so on stderr
     when prog is given (the MPI probes run silently). note "system": workdir is the
     caller's directory, a system directory not bound: the image's own, if any."""
-    say = prog and _rank0(os.environ)
+    say = prog and is_rank0(os.environ)
     try:
         os.chdir(workdir)
         if note == "system" and say:
@@ -75,7 +75,7 @@ def _chdir(workdir, home, explicit, note=None, prog=None):
                     f"running in {where}\n".encode())
 
 
-def _exec(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None):
+def exec_command(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None):
     has_sh = os.access("/bin/sh", os.X_OK)
     if app is not None and not os.path.isdir(app_dir(app)):
         raise UsageError(f"no app {app!r} in this image (hpcimage apps IMAGE "

@@ -29,7 +29,7 @@ import stat
 import sys
 
 from hpcimage.runtime.request import SESSION_DIRS
-from hpcimage.runtime.rootfs import _map_ids
+from hpcimage.runtime.rootfs import map_ids
 from hpcimage.linux.paths import which
 from hpcimage.linux import syscalls as sc
 
@@ -85,7 +85,7 @@ def enter_namespaces():
         _step("unshare(CLONE_NEWNS)", sc.unshare, sc.CLONE_NEWNS)
     else:
         _step("unshare(CLONE_NEWUSER)", sc.unshare, sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-        _step("writing the uid/gid map", _map_ids, uid, gid)
+        _step("writing the uid/gid map", map_ids, uid, gid)
     _step("making the mounts private", sc.mount, None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
 
 

@@ -104,7 +104,7 @@ NOT_RUNNABLE = {
 
 
 # Resolve the command as the shell's `exec` will, and say what is wrong in one line with
-# the direct path's words and statuses (command._exec): 127 not found, 126 not executable.
+# the direct path's words and statuses (command.exec_command): 127 not found, 126 not executable.
 # No fork: `[` and `for` are builtins. The PATH search is done here because `command -v`
 # also finds builtins and functions (that `exec` does not run) and, in busybox, files
 # without the execute bit. A command with a '/' was checked by the launcher already (with

@@ -22,8 +22,8 @@ Standard library only: the hot path.
 import os
 
 from hpcimage.linux import syscalls as sc
-from hpcimage.runtime.command import RUNSCRIPT, _chdir, _exec, app_dir
-from hpcimage.runtime.rootfs import _build_root, _files, _make_target, _map_ids, _remount_ro
+from hpcimage.runtime.command import RUNSCRIPT, enter_workdir, exec_command, app_dir
+from hpcimage.runtime.rootfs import build_root, write_identity_files, make_target, map_ids, remount_ro
 
 
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789@%+=:,./-_")
@@ -91,7 +91,7 @@ class UserNs(Op):
             sc.unshare(sc.CLONE_NEWNS)
         else:
             sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
-            _map_ids(self.uid, self.gid)
+            map_ids(self.uid, self.gid)
 
 
 class Private(Op):
@@ -156,7 +156,7 @@ class MountImage(Op):
             state.mount_pid = squashfs.mount(image, at, at + ".log")
         else:
             sc.mount(image.path, at, None, sc.MS_BIND | sc.MS_REC)
-            _remount_ro(at)
+            remount_ro(at)
         if image.arch in (None, "unknown"):     # a SIF's header was checked
             from hpcimage.image import arch
             arch.check_tree(image.path, at)
@@ -174,7 +174,7 @@ class RootFs(Op):
                 + " ".join(quote(t) for t in self.targets)]
 
     def run(self, state):
-        _build_root(self.image_dir, self.root, self.targets)
+        build_root(self.image_dir, self.root, self.targets)
 
 
 class IdentityFiles(Op):
@@ -196,7 +196,7 @@ class IdentityFiles(Op):
                 f"{quote(self.group)}"]
 
     def run(self, state):
-        _files(self.base, self.image_root, self.uid, self.gid, self.user, self.home,
+        write_identity_files(self.base, self.image_root, self.uid, self.gid, self.user, self.home,
                self.gecos, self.shell, self.group)
 
 
@@ -220,10 +220,10 @@ class Bind(Op):
 
     def run(self, state):
         src = _pinned(self.src, self.fd)
-        target = _make_target(self.root, self.dst, os.path.isdir(src))
+        target = make_target(self.root, self.dst, os.path.isdir(src))
         sc.mount(src, target, None, sc.MS_BIND | sc.MS_REC)
         if self.ro:
-            _remount_ro(target)
+            remount_ro(target)
 
 
 class Remount(Op):
@@ -238,7 +238,7 @@ class Remount(Op):
         return [f"readonly {quote(self.path)}"]
 
     def run(self, state):
-        _remount_ro(self.path)
+        remount_ro(self.path)
 
 
 class Pivot(Op):
@@ -277,7 +277,7 @@ class Chdir(Op):
                    + f"else {quote(self.home)}, else /")]
 
     def run(self, state):
-        _chdir(self.workdir, self.home, self.explicit, self.note, prog=self.prog)
+        enter_workdir(self.workdir, self.home, self.explicit, self.note, prog=self.prog)
 
 
 class Exec(Op):
@@ -320,7 +320,7 @@ class Exec(Op):
         return lines
 
     def run(self, state):
-        _exec(self.verb, self.argv, self.env, self.forced, self.prepend, self.append,
+        exec_command(self.verb, self.argv, self.env, self.forced, self.prepend, self.append,
               self.prog, self.app, self.rcfile)
 
 

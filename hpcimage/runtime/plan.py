@@ -12,7 +12,7 @@ command exits (PR_SET_PDEATHSIG). Standard library only: this is the hot path.
 """
 import os
 
-from hpcimage.runtime.command import _rank0, label
+from hpcimage.runtime.command import is_rank0, label
 from hpcimage.runtime.ops import quote  # noqa: F401  (for callers)
 from hpcimage.runtime.steps import STEPS, parse_bind  # noqa: F401  (parse_bind: for callers)
 
@@ -51,7 +51,7 @@ class Plan:
 
     def warn(self, prog, environ):
         """Say the plan's warnings on stderr (MPI: rank 0 only)."""
-        if _rank0(environ):
+        if is_rank0(environ):
             for w in self.warnings:
                 os.write(2, f"{label(prog)}: warning: {w}\n".encode())
 

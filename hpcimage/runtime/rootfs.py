@@ -19,13 +19,13 @@ def _write(path, data):
         f.write(data)
 
 
-def _map_ids(uid, gid):
+def map_ids(uid, gid):
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
     _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
 
 
-def _remount_ro(path):
+def remount_ro(path):
     f = os.statvfs(path).f_flag
     flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY
     flags |= f & (sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC | 1024 | 2048)
@@ -34,7 +34,7 @@ def _remount_ro(path):
     sc.mount(None, path, None, flags)
 
 
-def _build_root(image_dir, root, targets):
+def build_root(image_dir, root, targets):
     """Make root: the image itself when every bind target exists in it, else a tmpfs
     skeleton (root sits on the session tmpfs) mirroring the image with binds, in which
     the missing targets are created. Works on any kernel with user namespaces."""
@@ -85,7 +85,7 @@ def _skeleton(image_dir, root, rel, expand):
             sc.mount(s, d, None, sc.MS_BIND)
 
 
-def _make_target(root, dst, is_dir):
+def make_target(root, dst, is_dir):
     rel = resolve_in(root, dst)
     path = os.path.join(root, rel)
     if os.path.lexists(path):
@@ -99,7 +99,7 @@ def _make_target(root, dst, is_dir):
     return path
 
 
-def _files(base, image_root, uid, gid, user, home, gecos, shell, group):
+def write_identity_files(base, image_root, uid, gid, user, home, gecos, shell, group):
     def read(name):
         try:
             with open(os.path.join(image_root, resolve_in(image_root, name)),

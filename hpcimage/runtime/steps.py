@@ -46,13 +46,13 @@ def parse_bind(spec, what="-B"):
     return Bind(src, os.path.normpath(dst), mode == "ro", what)
 
 
-def _under(path, top):
+def is_under(path, top):
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def _covered(path, binds):
     """path is below a host directory bound at its own path."""
-    return any(b.src == b.dst and _under(path, b.dst) for b in binds
+    return any(b.src == b.dst and is_under(path, b.dst) for b in binds
                if not b.src.startswith("session:"))
 
 
@@ -172,7 +172,7 @@ def contributed_binds(r, p):
     binds = p.binds
     for c in p.contributions:
         for src, dst, ro, why in c.binds:
-            if c.skip_covered and any(b.src == b.dst and _under(dst, b.dst) and _under(src, b.src)
+            if c.skip_covered and any(b.src == b.dst and is_under(dst, b.dst) and is_under(src, b.src)
                             for b in binds):
                 continue
             binds.append(Bind(src, dst, ro, why))
@@ -201,8 +201,8 @@ def cwd(r, p):
         if r.cwd == "/" or _covered(r.cwd, binds):
             pass
         elif _system_dir(r.cwd):
-            p.cwd_note = "system"       # _chdir says where the command runs
-        elif not any(_under(r.cwd, d) for d in ("/proc", "/sys", "/dev")):
+            p.cwd_note = "system"       # enter_workdir says where the command runs
+        elif not any(is_under(r.cwd, d) for d in ("/proc", "/sys", "/dev")):
             binds.append(Bind(r.cwd, r.cwd, False, "current directory"))
 
 

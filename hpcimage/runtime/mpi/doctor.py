@@ -227,7 +227,7 @@ def _userns_probe():
 
 
 def state_dir(environ):
-    """The rules of shared._state_base, checked without creating anything."""
+    """The rules of shared.state_base, checked without creating anything."""
     parent = environ.get("HPCIMAGE_MPI_STATE", "/tmp")
     base = os.path.join(parent, f"hpcimage-{os.getuid()}")
     out = {"path": base, "usable": False}

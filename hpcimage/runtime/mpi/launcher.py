@@ -26,8 +26,8 @@ from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.linux import procstate
 from hpcimage.runtime.options import HELP_WORDS, IMAGE_MPI
 from hpcimage.runtime.mpi.jobenv import is_rank
-from hpcimage.runtime.mpi.recipe import Recipe, _write_recipe, join_helper
-from hpcimage.runtime.mpi.shared import _start_holder, _state_base, _warm_arg
+from hpcimage.runtime.mpi.recipe import Recipe, write_recipe, join_helper
+from hpcimage.runtime.mpi.shared import start_holder, state_base, warm_arg
 from hpcimage.runtime.mpi.rank import (rank_plan, rank_signature, run_rank, wrapper_signature,
                                        resolve as rank_request)
 
@@ -161,7 +161,7 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
         del env["HPCIMAGE_MPI_KEY"]
         return argv2
     p.warn(opts.prog, env)
-    base = _state_base()
+    base = state_base()
     state = os.path.join(base, key)
     refs_path = os.path.join(state, "refs")
     m = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -179,13 +179,13 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
             if os.fork() == 0:
                 try:
                     os.close(refs)
-                    pid, rec.final = _start_holder(head, state, refs_path, (m,),
-                                                   _warm_arg(tail), rec.probe_args())
+                    pid, rec.final = start_holder(head, state, refs_path, (m,),
+                                                   warm_arg(tail), rec.probe_args())
                     tmp = os.path.join(state, "holder.tmp")
                     with open(tmp, "w") as f:
                         f.write(str(pid))
                     os.rename(tmp, os.path.join(state, "holder"))
-                    _write_recipe(state, rec.encode())
+                    write_recipe(state, rec.encode())
                     fcntl.flock(m, fcntl.LOCK_UN)
                 except BaseException as e:       # the ranks set it up (and report)
                     if os.environ.get("HPCIMAGE_TRACE") == "1":

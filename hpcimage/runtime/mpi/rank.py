@@ -8,7 +8,7 @@ from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES, PMIX_TRANSLATE, PMIX_D
 from hpcimage.runtime.mpi.shared import join_shared
 from hpcimage.runtime import steps
 from hpcimage.runtime.ops import Bind
-from hpcimage.runtime.steps import _under
+from hpcimage.runtime.steps import is_under
 
 
 def rank_environ(environ):
@@ -107,7 +107,7 @@ def pmix_binds(r, p):
     """A rank's step (after user_binds): the PMIx/PMI server's directories at their
     paths, unless a bind at its own path holds them already."""
     for d in pmix_dirs(r.environ):
-        if not any(_under(d, b.dst) for b in p.binds if b.src == b.dst):
+        if not any(is_under(d, b.dst) for b in p.binds if b.src == b.dst):
             p.binds.append(Bind(d, d, False, "MPI/PMIx"))
 
 

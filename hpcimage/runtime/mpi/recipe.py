@@ -126,7 +126,7 @@ def recipe(r):
     return MAGIC + b"\0" + b"".join(k + b"\0" + v + b"\0" for k, v in items)
 
 
-def _write_recipe(state, data):
+def write_recipe(state, data):
     if not data:
         return
     tmp = os.path.join(state, "recipe.tmp")

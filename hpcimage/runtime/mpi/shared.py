@@ -7,10 +7,10 @@ from hpcimage.errors import HpcimageError
 from hpcimage.linux import syscalls as sc
 from hpcimage.linux import procstate
 from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES
-from hpcimage.runtime.mpi.recipe import Recipe, _write_recipe
+from hpcimage.runtime.mpi.recipe import Recipe, write_recipe
 
 
-def _state_base():
+def state_base():
     base = os.path.join(os.environ.get("HPCIMAGE_MPI_STATE", "/tmp"), f"hpcimage-{os.getuid()}")
     try:
         os.mkdir(base, 0o700)
@@ -80,7 +80,7 @@ def _warm(cmd, path):
             os.close(fd)
 
 
-def _warm_arg(tail):
+def warm_arg(tail):
     """(command, the container's PATH) of a tail's exec step, or None."""
     from hpcimage.runtime.ops import Exec
     op = tail.ops[-1]
@@ -143,7 +143,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     variables through untouched and derive nothing from them, that environment (less
     `_`) serves every rank: hpcimage-join then execs the program without /bin/sh.
     Returns it as a dict, or None (scripts that read per-rank values, no env -0, ...)."""
-    from hpcimage.runtime.command import _chdir
+    from hpcimage.runtime.command import enter_workdir
     if not os.access("/bin/sh", os.X_OK) or not _scripts_look_static(varies):
         return None
 
@@ -156,7 +156,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
                 null = os.open(os.devnull, os.O_RDWR)
                 os.dup2(null, 0)
                 os.dup2(null, 2)
-                _chdir(workdir, home, False)
+                enter_workdir(workdir, home, False)
                 procstate.for_exec()
                 os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage", "env", "-0"], env)
             finally:
@@ -188,7 +188,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     return first
 
 
-def _start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
+def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
     """Fork the holder: it carries out head (up to pivot_root), runs the environment
     probe (probe: _probe_env's arguments), reports ready, warms the page cache for the
     program (warm: (command, PATH)), then waits until no rank holds `refs`, and exits.
@@ -287,7 +287,7 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
     from hpcimage.runtime import plan as launch
     from hpcimage.runtime.ops import Chdir
     head, tail = launch.split(plan, Chdir)
-    base = _state_base()
+    base = state_base()
     state = os.path.join(base, key)
     refs_path = os.path.join(state, "refs")
     m = _locked_fd(locked, base)
@@ -315,8 +315,8 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
                             rec = Recipe(tail, environ, signature, os.getcwd(), cleanenv)
                         except OSError:
                             pass
-                    pid, final = _start_holder(head, state, refs_path, (refs, m),
-                                               _warm_arg(tail),
+                    pid, final = start_holder(head, state, refs_path, (refs, m),
+                                               warm_arg(tail),
                                                rec.probe_args() if rec and rec.ok else None)
                     tmp = os.path.join(state, "holder.tmp")
                     with open(tmp, "w") as f:
@@ -324,7 +324,7 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
                     os.rename(tmp, os.path.join(state, "holder"))
                     if rec is not None and rec.ok:    # the other ranks: hpcimage-join
                         rec.final = final
-                        _write_recipe(state, rec.encode())
+                        write_recipe(state, rec.encode())
                 user_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
                 mnt_fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         finally:
