@@ -24,6 +24,7 @@ offset is checked against the file size before anything is read.
 import os
 import struct
 
+from hpcimage import fsutil
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.image.magic import SIF_MAGIC, SQUASHFS_MAGIC
 
@@ -832,26 +833,11 @@ def write_sif(out_path, squashfs_path, deffile=None, labels=None, arch=None,
                         _PARTITION.pack(FS_SQUASH, PART_PRIMARY_SYSTEM, code),
                         PARTITION_ALIGNMENT))
         now = int(time.time())
-        tmp = _temp_beside(out_path)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
+        try:                    # fsutil: temporary name, fsync, rename, fsync the directory
+            with fsutil.AtomicFile(out_path, 0o755, _temp_beside(out_path)) as f:
+                _write_objects(f.fileno(), objects, code, now, launch_script)
         except OSError as e:
-            raise HpcimageError(f"{out_path}: cannot create: {e.strerror}") from None
-        try:
-            try:
-                _write_objects(fd, objects, code, now, launch_script)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, out_path)
-        except BaseException as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(e, OSError):
-                raise HpcimageError(f"{out_path}: cannot write SIF: {e.strerror or e}") from None
-            raise
+            raise HpcimageError(f"{out_path}: cannot write SIF: {e.strerror or e}") from None
     finally:
         os.close(src)
     return SifImage.open(out_path)
