@@ -20,6 +20,9 @@ from conftest import PY, runtime_argv  # noqa: E402
 
 from hpcimage.host import Contribution, HostRoot, discover  # noqa: E402
 from hpcimage.config.policy import validate_policy  # noqa: E402
+from hpcimage.config.policy import Policy  # noqa: E402
+
+P = Policy.from_json
 from hpcimage.host import elf, gpu, ib, ldcache  # noqa: E402
 from hpcimage.host import gpulibs as L  # noqa: E402
 
@@ -451,7 +454,7 @@ BINS = "/.singularity.d/bin"
 
 def test_nvidia_auto_binds_everything(fake_root):
     h = HostRoot(fake_root)
-    c = gpu.discover_nvidia(h, {}, ENV)
+    c = gpu.discover_nvidia(h, P({}), ENV)
     d = dsts(c)
     for n in ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset", "nvidia-caps",
               "nvidia0", "nvidia1", "nvidia2", "nvidia3"):
@@ -471,7 +474,7 @@ def test_nvidia_auto_binds_everything(fake_root):
 
 
 def test_nvidia_visible_subset_renumbered(fake_root):
-    c = gpu.discover_nvidia(HostRoot(fake_root), {}, dict(ENV, CUDA_VISIBLE_DEVICES="3,1"))
+    c = gpu.discover_nvidia(HostRoot(fake_root), P({}), dict(ENV, CUDA_VISIBLE_DEVICES="3,1"))
     gpus = [b[1] for b in c.binds if b[1][11:].isdigit()]
     assert gpus == ["/dev/nvidia3", "/dev/nvidia1"]
     assert sorted(c.hide) == ["/dev/nvidia0", "/dev/nvidia2"]
@@ -480,7 +483,7 @@ def test_nvidia_visible_subset_renumbered(fake_root):
 
 
 def test_nvidia_visible_by_uuid(fake_root):
-    c = gpu.discover_nvidia(HostRoot(fake_root), {}, dict(
+    c = gpu.discover_nvidia(HostRoot(fake_root), P({}), dict(
         ENV, CUDA_VISIBLE_DEVICES="GPU-00000000-0000-0000-0000-000000000002,GPU-00000000"
         "-0000-0000-0000-000000000000"))
     assert [b[1] for b in c.binds if b[1][11:].isdigit()] == ["/dev/nvidia2", "/dev/nvidia0"]
@@ -488,11 +491,11 @@ def test_nvidia_visible_by_uuid(fake_root):
 
 
 def test_nvidia_visible_devices_variable(fake_root):
-    c = gpu.discover_nvidia(HostRoot(fake_root), {}, dict(ENV, NVIDIA_VISIBLE_DEVICES="2"))
+    c = gpu.discover_nvidia(HostRoot(fake_root), P({}), dict(ENV, NVIDIA_VISIBLE_DEVICES="2"))
     assert [b[1] for b in c.binds if b[1][11:].isdigit()] == ["/dev/nvidia2"]
     assert c.env == {}                     # as with Docker: CUDA sees the one GPU as 0
     # CUDA_VISIBLE_DEVICES (set by Slurm) wins over NVIDIA_VISIBLE_DEVICES
-    c = gpu.discover_nvidia(HostRoot(fake_root), {}, dict(
+    c = gpu.discover_nvidia(HostRoot(fake_root), P({}), dict(
         ENV, NVIDIA_VISIBLE_DEVICES="all", CUDA_VISIBLE_DEVICES="1"))
     assert [b[1] for b in c.binds if b[1][11:].isdigit()] == ["/dev/nvidia1"]
     assert c.env == {"CUDA_VISIBLE_DEVICES": "0"}
@@ -503,18 +506,18 @@ def test_nvidia_visible_devices_variable(fake_root):
                                        ("NVIDIA_VISIBLE_DEVICES", "void"),
                                        ("CUDA_VISIBLE_DEVICES", "NoDevFiles")])
 def test_nvidia_no_visible_gpu(fake_root, var, value):
-    c = gpu.discover_nvidia(HostRoot(fake_root), {}, dict(ENV, **{var: value}))
+    c = gpu.discover_nvidia(HostRoot(fake_root), P({}), dict(ENV, **{var: value}))
     assert not [b for b in c.binds if b[1][11:].isdigit()]
     assert len(c.hide) == 4 and c.env == {}
     assert "/dev/nvidiactl" in dsts(c) and f"{LIBS}/libcuda.so.1" in dsts(c)
 
 
 def test_nvidia_invalid_and_mig_entries(fake_root):
-    c = gpu.discover_nvidia(HostRoot(fake_root), {}, dict(ENV, CUDA_VISIBLE_DEVICES="1,9,2"))
+    c = gpu.discover_nvidia(HostRoot(fake_root), P({}), dict(ENV, CUDA_VISIBLE_DEVICES="1,9,2"))
     assert [b[1] for b in c.binds if b[1][11:].isdigit()] == ["/dev/nvidia1"]
     assert c.env == {"CUDA_VISIBLE_DEVICES": "0"}
     assert any("CUDA_VISIBLE_DEVICES=1,9,2" in w and "9 does not exist" in w for w in c.warnings)
-    c = gpu.discover_nvidia(HostRoot(fake_root), {}, dict(ENV, CUDA_VISIBLE_DEVICES="MIG-abc"))
+    c = gpu.discover_nvidia(HostRoot(fake_root), P({}), dict(ENV, CUDA_VISIBLE_DEVICES="MIG-abc"))
     assert len([b for b in c.binds if b[1][11:].isdigit()]) == 4 and c.env == {} and not c.hide
     assert any("MIG" in w for w in c.warnings)
 
@@ -522,14 +525,14 @@ def test_nvidia_invalid_and_mig_entries(fake_root):
 def test_nvidia_policy_all_devices_off_and_force(fake_root):
     h = HostRoot(fake_root)
     env = dict(ENV, CUDA_VISIBLE_DEVICES="3,1")
-    c = gpu.discover_nvidia(h, {"gpu_devices": "all"}, env)
+    c = gpu.discover_nvidia(h, P({"gpu_devices": "all"}), env)
     assert len([b for b in c.binds if b[1][11:].isdigit()]) == 4 and c.env == {} and not c.hide
     for mode in ("off", "rocm", False):
-        c = gpu.discover_nvidia(h, {"gpu": mode}, env)
+        c = gpu.discover_nvidia(h, P({"gpu": mode}), env)
         assert not c and not c.warnings
-        assert gpu.discover_nvidia(h, {"gpu": mode}, env, force=True).env == \
+        assert gpu.discover_nvidia(h, P({"gpu": mode}), env, force=True).env == \
             {"CUDA_VISIBLE_DEVICES": "1,0"}
-    c = gpu.discover_nvidia(h, {"gpu": "bogus"}, ENV)
+    c = gpu.discover_nvidia(h, P({"gpu": "bogus"}), ENV)
     assert c and any("gpu='bogus'" in w for w in c.warnings)
 
 
@@ -538,23 +541,23 @@ def test_auto_binds_nothing_without_hardware(nohw_root):
     for policy in ({}, {"gpu": "auto", "infiniband": "auto"}, {"gpu": "nvidia"},
                    {"gpu": "rocm"}):
         for env in (ENV, dict(ENV, CUDA_VISIBLE_DEVICES="0")):
-            c = discover(policy, env, host=h)
+            c = discover(P(policy), env, host=h)
             assert not c and c.binds == [] and c.env == {} and c.prepend == {}
             assert c.warnings == []
-    assert any("no /dev/nvidiactl" in n for n in discover({}, ENV, host=h).notes)
+    assert any("no /dev/nvidiactl" in n for n in discover(P({}), ENV, host=h).notes)
 
 
 def test_forced_without_hardware_binds_libraries_and_warns(nohw_root):
     h = HostRoot(nohw_root)
-    c = gpu.discover_nvidia(h, {}, ENV, force=True)
+    c = gpu.discover_nvidia(h, P({}), ENV, force=True)
     assert not c.device_binds and f"{LIBS}/libcuda.so.1" in dsts(c)
     assert any("no NVIDIA GPU on this host" in w for w in c.warnings)
-    c = gpu.discover_rocm(h, {}, ENV, force=True)
+    c = gpu.discover_rocm(h, P({}), ENV, force=True)
     assert any("no AMD GPU" in w for w in c.warnings)
-    c = ib.discover_ib(h, {"ib_memlock_min": 0}, ENV, force=True)
+    c = ib.discover_ib(h, P({"ib_memlock_min": 0}), ENV, force=True)
     assert any("no InfiniBand/RDMA device" in w for w in c.warnings)
     assert f"{LIBS}/libibverbs.so.1" in dsts(c)
-    c = ib.discover_ib(h, {"infiniband": "on", "ib_memlock_min": 0}, ENV)
+    c = ib.discover_ib(h, P({"infiniband": "on", "ib_memlock_min": 0}), ENV)
     assert f"{LIBS}/libibverbs.so.1" in dsts(c) and c.warnings
 
 
@@ -566,8 +569,8 @@ def test_nvidia_missing_pieces_are_warnings(scratch_root):
     (root / "usr/bin/nvidia-smi").unlink()
     (root / "dev/nvidia-uvm").unlink()
     relink_cache(root)
-    c = gpu.discover_nvidia(HostRoot(str(root)), {"gpu_extra_libs": ["libnvidia-extra.so"],
-                                                  "gpu_extra_binaries": ["nvidia-extra"]}, ENV)
+    c = gpu.discover_nvidia(HostRoot(str(root)), P({"gpu_extra_libs": ["libnvidia-extra.so"],
+                                                  "gpu_extra_binaries": ["nvidia-extra"]}), ENV)
     w = "\n".join(c.warnings)
     for missing in ("libnvidia-ml.so", "nvidia-smi", "/dev/nvidia-uvm", "libnvidia-extra.so",
                     "nvidia-extra"):
@@ -578,9 +581,9 @@ def test_nvidia_missing_pieces_are_warnings(scratch_root):
 
 def test_nvidia_extra_and_excluded_libs_and_devices(fake_root):
     h = HostRoot(fake_root)
-    c = gpu.discover_nvidia(h, {"gpu_extra_libs": ["libnl-3.so"],
+    c = gpu.discover_nvidia(h, P({"gpu_extra_libs": ["libnl-3.so"],
                                 "gpu_exclude_libs": ["libnvidia-ptxjitcompiler.so"],
-                                "gpu_extra_devices": ["/dev/infiniband/uverbs*", "/dev/none"]},
+                                "gpu_extra_devices": ["/dev/infiniband/uverbs*", "/dev/none"]}),
                             ENV)
     d = dsts(c)
     assert f"{LIBS}/libnl-3.so.200" in d
@@ -607,7 +610,7 @@ def test_wrong_machine_and_32bit_libraries_skipped(tmp_path, fake_root):
         ("libcuda.so.1", f64, "/lib/libcuda.so.1", 0),
         ("libnvidia-ml.so.1", 0x0003, "/lib/libnvidia-ml.so.1", 0),
         ("libnvidia-cfg.so.1", f64, "/lib/libnvidia-cfg.so.1", 0)]))
-    c = gpu.discover_nvidia(HostRoot(str(root)), {}, ENV)
+    c = gpu.discover_nvidia(HostRoot(str(root)), P({}), ENV)
     assert not [b for b in c.binds if b[1].startswith(LIBS)]
     assert any("libcuda.so.1" in n and "another machine" in n for n in c.notes)
     assert any("libnvidia-cfg.so.1" in w and "not an ELF" in w for w in c.warnings)
@@ -618,7 +621,7 @@ def test_wrong_machine_and_32bit_libraries_skipped(tmp_path, fake_root):
 @pytest.mark.parametrize("garbage", [b"", b"glibc-ld.so.cache1.1\xff\xff", os.urandom(2000)])
 def test_garbage_host_cache_no_crash(scratch_root, garbage):
     (scratch_root / "etc/ld.so.cache").write_bytes(garbage)
-    c = discover({}, ENV, nv=True, rocm=True, ib=True, host=HostRoot(str(scratch_root)))
+    c = discover(P({}), ENV, nv=True, rocm=True, ib=True, host=HostRoot(str(scratch_root)))
     assert "/dev/nvidia0" in dsts(c) and "/dev/kfd" in dsts(c) and "/dev/infiniband" in dsts(c)
     assert not [b for b in c.binds if b[1].startswith(LIBS)]
     assert any("cannot read the host's library cache" in w for w in c.warnings)
@@ -627,7 +630,7 @@ def test_garbage_host_cache_no_crash(scratch_root, garbage):
 # ------------------------------------------------------------------ ROCm
 
 def test_rocm_auto_binds_kfd_dri_libs_tools(fake_root):
-    c = gpu.discover_rocm(HostRoot(fake_root), {}, ENV)
+    c = gpu.discover_rocm(HostRoot(fake_root), P({}), ENV)
     d = dsts(c)
     assert "/dev/kfd" in d and bind_of(c, "/dev/dri")[0] == f"{fake_root}/dev/dri"
     assert bind_of(c, f"{LIBS}/libhsa-runtime64.so.1")[0] == \
@@ -639,7 +642,7 @@ def test_rocm_auto_binds_kfd_dri_libs_tools(fake_root):
 
 
 def test_rocm_visible_devices(fake_root):
-    c = gpu.discover_rocm(HostRoot(fake_root), {}, dict(ENV, ROCR_VISIBLE_DEVICES="1"))
+    c = gpu.discover_rocm(HostRoot(fake_root), P({}), dict(ENV, ROCR_VISIBLE_DEVICES="1"))
     d = dsts(c)
     assert "/dev/dri/renderD129" in d and "/dev/dri" not in d and "/dev/dri/renderD128" not in d
     assert c.hide == ["/dev/dri/renderD128"]
@@ -650,17 +653,17 @@ def test_rocm_topology_order_decides(scratch_root):
     topo = scratch_root / "sys/class/kfd/kfd/topology/nodes"
     (topo / "1/properties").write_text("simd_count 256\ndrm_render_minor 129\n")
     (topo / "2/properties").write_text("simd_count 256\ndrm_render_minor 128\n")
-    c = gpu.discover_rocm(HostRoot(str(scratch_root)), {}, dict(ENV, ROCR_VISIBLE_DEVICES="0"))
+    c = gpu.discover_rocm(HostRoot(str(scratch_root)), P({}), dict(ENV, ROCR_VISIBLE_DEVICES="0"))
     assert "/dev/dri/renderD129" in dsts(c) and c.hide == ["/dev/dri/renderD128"]
     shutil.rmtree(scratch_root / "sys")               # no topology: render nodes in order
-    c = gpu.discover_rocm(HostRoot(str(scratch_root)), {}, dict(ENV, ROCR_VISIBLE_DEVICES="0"))
+    c = gpu.discover_rocm(HostRoot(str(scratch_root)), P({}), dict(ENV, ROCR_VISIBLE_DEVICES="0"))
     assert "/dev/dri/renderD128" in dsts(c)
 
 
 # -------------------------------------------------------------------- IB
 
 def test_ib_binds_devices_rdma_core_providers_and_config(fake_root):
-    c = ib.discover_ib(HostRoot(fake_root), {"ib_memlock_min": 0}, ENV)
+    c = ib.discover_ib(HostRoot(fake_root), P({"ib_memlock_min": 0}), ENV)
     assert bind_of(c, "/dev/infiniband") == (f"{fake_root}/dev/infiniband", "/dev/infiniband",
                                              False, "infiniband: RDMA devices")
     libdir = f"{fake_root}{LIBDIR}"
@@ -679,12 +682,12 @@ def test_ib_binds_devices_rdma_core_providers_and_config(fake_root):
 
 def test_ib_policy_env_and_off(fake_root):
     h = HostRoot(fake_root)
-    c = ib.discover_ib(h, {"ib_env": {"UCX_NET_DEVICES": "mlx5_0:1", "FI_PROVIDER": "verbs",
-                                      "bad name": "x"}, "ib_memlock_min": 0}, ENV)
+    c = ib.discover_ib(h, P({"ib_env": {"UCX_NET_DEVICES": "mlx5_0:1", "FI_PROVIDER": "verbs",
+                                      "bad name": "x"}, "ib_memlock_min": 0}), ENV)
     assert c.env == {"UCX_NET_DEVICES": "mlx5_0:1", "FI_PROVIDER": "verbs"}
     assert any("'bad name'" in w for w in c.warnings)
-    assert not ib.discover_ib(h, {"infiniband": "off"}, ENV)
-    assert ib.discover_ib(h, {"infiniband": "off", "ib_memlock_min": 0}, ENV, force=True)
+    assert not ib.discover_ib(h, P({"infiniband": "off"}), ENV)
+    assert ib.discover_ib(h, P({"infiniband": "off", "ib_memlock_min": 0}), ENV, force=True)
 
 
 def test_ib_absolute_provider_path_in_driver_file(scratch_root):
@@ -692,7 +695,7 @@ def test_ib_absolute_provider_path_in_driver_file(scratch_root):
     d = scratch_root / "usr/lib64/libibverbs"
     d.mkdir(parents=True)
     (d / "libmlx4-rdmav34.so").write_bytes(make_elf(soname="libmlx4.so.1"))
-    c = ib.discover_ib(HostRoot(str(scratch_root)), {"ib_memlock_min": 0}, ENV)
+    c = ib.discover_ib(HostRoot(str(scratch_root)), P({"ib_memlock_min": 0}), ENV)
     assert bind_of(c, "/usr/lib64/libibverbs/libmlx4-rdmav34.so")[0] == \
         str(d / "libmlx4-rdmav34.so")
 
@@ -701,7 +704,7 @@ def test_ib_memlock_warning(fake_root):
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, hard))
     try:
-        c = ib.discover_ib(HostRoot(fake_root), {}, ENV)
+        c = ib.discover_ib(HostRoot(fake_root), P({}), ENV)
     finally:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
     w = [x for x in c.warnings if "locked-memory" in x]
@@ -718,7 +721,7 @@ def test_ib_memlock_warning(fake_root):
 # ----------------------------------------------------- everything together
 
 def test_discover_everything_merges(fake_root):
-    c = discover({"ib_memlock_min": 0}, dict(ENV, CUDA_VISIBLE_DEVICES="2"),
+    c = discover(P({"ib_memlock_min": 0}), dict(ENV, CUDA_VISIBLE_DEVICES="2"),
                  host=HostRoot(fake_root))
     d = dsts(c)
     assert len(d) == len(set(d))
@@ -753,7 +756,7 @@ def test_lists_follow_apptainer():
 
 def test_hot_path_imports_stay_small(fake_root):
     code = ("import sys; from hpcimage.host import discover, HostRoot; "
-            f"c = discover({{}}, {{'PATH': '/usr/bin'}}, nv=True, rocm=True, ib=True, "
+            f"c = discover(None, {{'PATH': '/usr/bin'}}, nv=True, rocm=True, ib=True, "
             f"host=HostRoot({fake_root!r})); "
             "print(' '.join(sorted(sys.modules)))")
     r = subprocess.run([PY, "-I", "-c", code], capture_output=True, text=True)

@@ -17,6 +17,7 @@ from hpcimage.image import open_image  # noqa: E402
 from hpcimage.host.root import LIBS_DIR  # noqa: E402
 from hpcimage.runtime import options  # noqa: E402
 from hpcimage.runtime.plan import Plan, plan, split  # noqa: E402
+from hpcimage.config.policy import Policy  # noqa: E402
 from hpcimage.runtime.request import Request  # noqa: E402
 from hpcimage.runtime.ops import (Bind, Chdir, Exec, IdentityFiles, MountImage,  # noqa: E402
                                   Pivot, Private, Remount, RootFs, Session, UserNs,
@@ -53,7 +54,7 @@ def request(argv, env, sess, site=None, image=None):
     the session directory and the current directory given."""
     base, home, proj = sess
     opts = options.parse(argv, env)
-    return Request(opts, open_image(image or opts.image), env, base, site or {},
+    return Request(opts, open_image(image or opts.image), env, base, Policy.from_json(site or {}),
                    uid=UID, gid=GID, user="u", home=home, gecos="",
                    shell="/bin/sh", group="g", cwd=proj)
 

@@ -370,3 +370,57 @@ def test_lmod_in_image_compiled_into_site_json(tmp_path):
                                         "lmod_prefix: /opt/lmod//lmod/\n")
     s = site.load(str(tmp_path / "site.yaml"))
     assert s.policy()["lmod"] == {"modulepath": ["../modulefiles"], "prefix": "/opt/lmod/lmod"}
+
+
+# ----------------------------------------------------------- site.json -> Policy
+
+def test_policy_defaults_in_one_table():
+    """Policy(): every key of the table at its default; from_json keeps what site.json
+    says and the defaults for the rest; mutable defaults are not shared."""
+    from hpcimage.config.policy import POLICY_KEYS, Policy, MEMLOCK_MIN, DEFAULT_LOCAL
+    p = Policy()
+    assert [k for k, *_ in POLICY_KEYS] == list(Policy.__slots__)
+    assert all(isinstance(t, str) and isinstance(m, str) and m for _k, t, _d, m in POLICY_KEYS)
+    assert (p.binds, p.image_binds, p.local, p.version) == ((), {}, DEFAULT_LOCAL, None)
+    assert (p.gpu, p.gpu_devices, p.infiniband) == ("auto", "visible", "auto")
+    assert p.ib_memlock_min == MEMLOCK_MIN == 64 << 20 and p.ib_env == {}
+    assert p.mpi == {} and p.lmod is None and p.gpu_extra_libs == ()
+    assert Policy().mpi is not p.mpi
+    q = Policy.from_json({"_comment": "x", "gpu": "off", "mpi": {"mode": "bind"},
+                          "binds": ["/a"]})
+    assert (q.gpu, q.mpi, q.binds, q.infiniband) == ("off", {"mode": "bind"}, ["/a"], "auto")
+    assert Policy.from_json({}) == Policy() and q != Policy()
+    with pytest.raises(AttributeError):
+        p.other = 1
+
+
+def test_policy_unknown_key_is_an_error(tmp_path):
+    from hpcimage.config.policy import Policy, load_policy
+    with pytest.raises(UsageError, match="unknown key 'gpus'") as e:
+        Policy.from_json({"gpu": "off", "gpus": 1})
+    assert e.value.status == 2
+    sj = tmp_path / "site.json"
+    sj.write_text('{"version": 1, "later_key": true}')
+    with pytest.raises(UsageError, match=f"{sj}: unknown key 'later_key'"):
+        load_policy({"HPCIMAGE_SITE_CONFIG": str(sj)})
+    assert load_policy({}) == Policy()
+
+
+def test_policy_knows_every_key_generate_writes(tmp_path):
+    """What site.yaml compiles into site.json (every key set) is a Policy."""
+    from hpcimage.config.policy import Policy
+    (tmp_path / "site.yaml").write_text(
+        "store: /s\nbinds: [/scratch]\nlocal: $SCRATCH/i\nlmod_in_image: true\n"
+        "lmod_prefix: /opt/lmod\ngpu: nvidia\ngpu_devices: all\n"
+        "gpu_extra_libs: [libx.so]\ngpu_exclude_libs: [liby.so]\n"
+        "gpu_extra_binaries: [nvx]\ngpu_extra_devices: [/dev/x]\ninfiniband: on\n"
+        "ib_env: {UCX_TLS: rc}\nib_extra_libs: [libz.so]\nib_memlock_min: 0\n"
+        "mpi: {mode: bind, launcher: srun, srun_mpi: pmix, implementation: openmpi,"
+        " prefix: /opt/mpi, libs: [libm.so], binds: [/opt/x]}\n"
+        "images:\n- {name: A, version: '1', file: a.sqfs, binds: [/d]}\n")
+    s = site.load(str(tmp_path / "site.yaml"))
+    data = {"_comment": "generated", **s.policy()}
+    p = Policy.from_json(data)
+    for key, value in data.items():
+        if key != "_comment":
+            assert getattr(p, key) == value, key

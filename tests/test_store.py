@@ -26,6 +26,7 @@ from conftest import PY, _cached, _mksquashfs, cli_argv
 from modtools import wrapper_code
 
 from hpcimage.config import site as sitemod
+from hpcimage.config.policy import Policy
 from hpcimage.errors import UsageError
 from hpcimage.runtime import localcopy as local
 
@@ -230,9 +231,10 @@ def test_expand():
     assert local.expand("${A", env) is None
     assert local.expand("$A/x", env) is None                  # not absolute
     assert local.expand("/a/../b/", env) == "/b"
-    assert local.local_dir({"local": "$SCRATCH/i"}, env) == "/scratch/u/i"
-    assert local.local_dir({"local": "$SCRATCH/i"}, dict(env, HPCIMAGE_LOCAL="/o")) == "/o"
-    assert local.local_dir({}, env) == "/home/u/.hpcimage/images"
+    assert local.local_dir(Policy.from_json({"local": "$SCRATCH/i"}), env) == "/scratch/u/i"
+    assert local.local_dir(Policy.from_json({"local": "$SCRATCH/i"}),
+                           dict(env, HPCIMAGE_LOCAL="/o")) == "/o"
+    assert local.local_dir(Policy.from_json({}), env) == "/home/u/.hpcimage/images"
 
 
 def _fake(tmp_path):
@@ -254,39 +256,39 @@ def _fake(tmp_path):
 
 def test_choose(tmp_path):
     image, copy, state, env = _fake(tmp_path)
-    assert local.choose(image, {}, env) == copy                        # current
-    assert local.choose(None, {}, env) is None
-    assert local.choose(image, {}, {"HPCIMAGE_LOCAL": "$UNSET/x"}) == image
+    assert local.choose(image, Policy(), env) == copy                        # current
+    assert local.choose(None, Policy(), env) is None
+    assert local.choose(image, Policy(), {"HPCIMAGE_LOCAL": "$UNSET/x"}) == image
     # the manifest names another digest: the store's file
     m = Path(image).parent / local.MANIFEST
     m.write_text(m.read_text().replace("aa" * 32, "bb" * 32))
-    assert local.choose(image, {}, env) == image
+    assert local.choose(image, Policy(), env) == image
     m.write_text(m.read_text().replace("bb" * 32, "aa" * 32))
     # the copy changed after it was recorded (size, mtime or inode): the store's file
     os.utime(copy, ns=(0, 12345))
-    assert local.choose(image, {}, env) == image
+    assert local.choose(image, Policy(), env) == image
     state.unlink()
     os.symlink(local.format_state("aa" * 32, os.stat(copy), image), state)
-    assert local.choose(image, {}, env) == copy
+    assert local.choose(image, Policy(), env) == copy
     # a garbled record, or a regular file in its place
     state.unlink()
     state.write_text("hpcimage-state-v1 " + "aa" * 32)
-    assert local.choose(image, {}, env) == image
+    assert local.choose(image, Policy(), env) == image
 
 
 def test_choose_store_unreachable_or_unmanaged(tmp_path):
     image, copy, state, env = _fake(tmp_path)
     storedir = Path(image).parent
     (storedir / local.MANIFEST).unlink()
-    assert local.choose(image, {}, env) == image          # no manifest: the store's file
+    assert local.choose(image, Policy(), env) == image          # no manifest: the store's file
     Path(image).unlink()
-    assert local.choose(image, {}, env) == copy           # ... unless it is gone
+    assert local.choose(image, Policy(), env) == copy           # ... unless it is gone
     storedir.rename(tmp_path / "gone")
-    assert local.choose(image, {}, env) == copy           # store unreachable: the copy
+    assert local.choose(image, Policy(), env) == copy           # store unreachable: the copy
     (tmp_path / "gone").rename(storedir)
     (storedir / local.MANIFEST).write_text("{not json")
     Path(image).write_bytes(b"x")
-    assert local.choose(image, {}, env) == image
+    assert local.choose(image, Policy(), env) == image
 
 
 def test_choose_ignores_a_symlinked_copy(tmp_path):
@@ -297,7 +299,7 @@ def test_choose_ignores_a_symlinked_copy(tmp_path):
     os.symlink(other, copy)
     state.unlink()
     os.symlink(local.format_state("aa" * 32, os.stat(other), image), state)
-    assert local.choose(image, {}, env) == image
+    assert local.choose(image, Policy(), env) == image
 
 
 def test_choose_stays_on_the_hot_path(store, v1):
@@ -305,7 +307,7 @@ def test_choose_stays_on_the_hot_path(store, v1):
     store.publish(v1)
     ok(store.update())
     code = ("import os, sys; from hpcimage.config import policy; from hpcimage.runtime import localcopy as local; "
-            "site = policy.load_site(os.environ); "
+            "site = policy.load_policy(os.environ); "
             "print(local.choose(os.environ['HPCIMAGE_IMAGE'], site, os.environ)); "
             "print(sorted(m for m in ('json', 're', 'hashlib', 'click', 'yaml', 'hpcimage.store')"
             " if m in sys.modules))")

@@ -21,13 +21,104 @@ def site_config(environ):
     return environ.get("HPCIMAGE_SITE_CONFIG") or None
 
 
-def load_site(environ):
-    """The policy `hpcimage generate` compiled next to the wrappers (site.json); {}
-    without one (HPCIMAGE_SITE_CONFIG unset). A site.json named but missing is an
-    error (exit 2): running with an empty policy would drop the site's binds."""
+# The hardware keys of the policy (GPU, InfiniBand): their values, checked by
+# `hpcimage generate` (site validation); the runtime itself is lenient (an unknown value
+# gives a warning and the default: hpcimage.host).
+GPU_MODES = ("auto", "nvidia", "rocm", "off")
+DEVICE_MODES = ("visible", "all")
+IB_MODES = ("auto", "on", "off")
+
+
+# The keys of site.json, each with its type, its default (the value when the key is
+# absent) and its meaning: the one place the runtime's defaults live. site.json is
+# written by `hpcimage generate` (config.site.Site.policy); a key missing here is an
+# error (Policy.from_json). The runtime is lenient about values (an unknown GPU or IB
+# mode gives a warning and the default: hpcimage.host); `hpcimage generate` checks them
+# (validate_policy).
+MEMLOCK_MIN = 64 << 20      # ib_memlock_min's default: 64 MiB
+DEFAULT_LOCAL = "~/.hpcimage/images"
+POLICY_KEYS = (
+    # key                  type        default      meaning
+    ("version",            "int",      None,        "site.json's format (hpcimage doctor compares it)"),
+    ("binds",              "[str]",    (),          "bind specs src[:dst[:ro|rw]] for every image"),
+    ("image_binds",        "{str: [str]}", {},      "bind specs of one module (Name/version)"),
+    ("local",              "str",      DEFAULT_LOCAL, "image-update's local copies; ~ and $VAR "
+                                                    "expanded at run time"),
+    ("gpu",                "str",      "auto",      "GPU passthrough: " + "|".join(GPU_MODES)),
+    ("gpu_devices",        "str",      "visible",   "GPU devices: " + "|".join(DEVICE_MODES)),
+    ("gpu_extra_libs",     "[str]",    (),          "more host GPU libraries"),
+    ("gpu_exclude_libs",   "[str]",    (),          "host GPU libraries left out"),
+    ("gpu_extra_binaries", "[str]",    (),          "more host GPU tools"),
+    ("gpu_extra_devices",  "[str]",    (),          "more device files (under /dev/)"),
+    ("infiniband",         "str",      "auto",      "InfiniBand passthrough: " + "|".join(IB_MODES)),
+    ("ib_env",             "{str: str}", {},        "UCX/libfabric variables set with InfiniBand"),
+    ("ib_extra_libs",      "[str]",    (),          "more host RDMA libraries"),
+    ("ib_memlock_min",     "int",      MEMLOCK_MIN, "locked-memory limit below which --ib warns "
+                                                    "(0: no check)"),
+    ("mpi",                "{str: ...}", {},        "the host MPI for image-mpi (site.yaml mpi: "
+                                                    "mode, launcher, srun_mpi, implementation, "
+                                                    "prefix, libs, binds)"),
+    ("lmod",               "{str: ...}", None,      "Lmod inside the images (site.yaml "
+                                                    "lmod_in_image): modulepath, prefix; None: off"),
+)
+IGNORED_KEYS = ("_comment",)    # generate's header
+
+
+class Policy:
+    """The site's policy (site.json), one attribute per key of POLICY_KEYS; Policy()
+    is the empty policy (no site.json: every default)."""
+    __slots__ = tuple(k for k, _t, _d, _m in POLICY_KEYS)
+
+    def __init__(self, **values):
+        for key, _t, default, _m in POLICY_KEYS:
+            if key in values:
+                value = values.pop(key)
+            else:
+                value = dict(default) if type(default) is dict else default
+            object.__setattr__(self, key, value)
+        if values:
+            raise TypeError(f"Policy: unknown key {next(iter(values))!r}")
+
+    @classmethod
+    def from_json(cls, data, where="site configuration"):
+        """The Policy of site.json's object `data`; a key it does not know is an error
+        (exit 2): site.json is generated, so it comes from another hpcimage."""
+        for key in data:
+            if key not in Policy.__slots__ and key not in IGNORED_KEYS:
+                raise UsageError(f"{where}: unknown key {key!r} (site.json is written by "
+                                 "'hpcimage generate': run this hpcimage's)")
+        return cls(**{k: v for k, v in data.items() if k not in IGNORED_KEYS})
+
+    def __eq__(self, other):
+        return type(other) is Policy and all(
+            getattr(self, k) == getattr(other, k) for k in Policy.__slots__)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "Policy(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in Policy.__slots__) + ")"
+
+
+def load_policy(environ):
+    """The Policy `hpcimage generate` compiled next to the wrappers (site.json); the
+    defaults without one (HPCIMAGE_SITE_CONFIG unset). Errors: load_site's, and a key
+    Policy does not know (exit 2)."""
     path = site_config(environ)
     if not path:
-        return {}
+        return Policy()
+    return Policy.from_json(read_site(path), path)
+
+
+def load_site(environ):
+    """site.json as plain data (hpcimage doctor compares it with what site.yaml
+    renders); {} without one (HPCIMAGE_SITE_CONFIG unset)."""
+    path = site_config(environ)
+    return read_site(path) if path else {}
+
+
+def read_site(path):
+    """The JSON object in `path`. A site.json named but missing is an error (exit 2):
+    running with an empty policy would drop the site's binds."""
     try:
         with open(path) as f:
             text = f.read()
@@ -71,14 +162,6 @@ def loads(text):
         pass
     import json               # invalid: let json say exactly what is wrong
     return json.loads(text)
-
-
-# The hardware keys of the policy (GPU, InfiniBand): their values, checked by
-# `hpcimage generate` (site validation); the runtime itself is lenient (an unknown value
-# gives a warning and the default: hpcimage.host).
-GPU_MODES = ("auto", "nvidia", "rocm", "off")
-DEVICE_MODES = ("visible", "all")
-IB_MODES = ("auto", "on", "off")
 
 
 def validate_policy(policy):

@@ -23,7 +23,7 @@ import yaml
 from hpcimage.errors import UsageError
 
 DEFAULT_PYTHON = "/opt/hpcimage/venv/bin/python3"
-DEFAULT_LOCAL = "~/.hpcimage/images"     # image-update's copies; ~ expanded at run time
+from hpcimage.config.policy import DEFAULT_LOCAL  # noqa: E402  image-update's copies
 DEFAULT_KEEP = 2                         # previous versions publish keeps in the store
 POLICY_VERSION = 1                       # the format of site.json; hpcimage doctor compares it
 

@@ -20,9 +20,11 @@ __all__ = ["HostRoot", "Contribution", "discover", "NEVER_BIND", "LIBS_DIR"]
 def discover(policy=None, environ=None, nv=False, rocm=False, ib=False, host=None):
     """All host contributions for one launch: NVIDIA and AMD GPUs, InfiniBand.
 
-    policy: the site's dict (keys in docs/gpu-ib.md); environ: the caller's environment
+    policy: the site's config.policy.Policy (keys in docs/gpu-ib.md; None: the defaults); environ: the caller's environment
     (CUDA_VISIBLE_DEVICES, ...); nv/rocm/ib: the --nv/--rocm/--ib flags of this call."""
-    policy = policy or {}
+    if policy is None:
+        from hpcimage.config.policy import Policy
+        policy = Policy()
     environ = os.environ if environ is None else environ
     host = host or HostRoot(environ=environ)
     total = Contribution()

@@ -33,14 +33,14 @@ NONE_VALUES = ("", "none", "void", "nodevfiles")
 # --------------------------------------------------------------------- policy
 
 def str_list(policy, key):
-    v = policy.get(key) or ()
+    v = getattr(policy, key) or ()
     if isinstance(v, str):
         v = [v]
     return [x for x in v if isinstance(x, str) and x]
 
 
 def choice(policy, key, allowed, default, c):
-    v = policy.get(key, default)
+    v = getattr(policy, key)
     if v is None:
         return default
     if isinstance(v, bool):             # YAML's off/on arrive as booleans

@@ -17,7 +17,7 @@ from hpcimage.host import gpulibs as L
 from hpcimage.host.gpu import LIBS_DIR, bind_libraries, choice, str_list
 
 from hpcimage.config.policy import IB_MODES, valid_name  # noqa: E402,F401
-MEMLOCK_MIN = 64 << 20
+from hpcimage.config.policy import MEMLOCK_MIN  # noqa: E402,F401
 MAX_CLOSURE = 128
 DEVICE_PREFIXES = ("uverbs", "rdma_cm", "umad", "issm")
 
@@ -89,7 +89,7 @@ def discover_ib(host, policy, environ, force=False, cache=None):
         c.warnings.append(f"{tag}: no /etc/libibverbs.d on the host: libibverbs will "
                           "find no provider")
 
-    env = policy.get("ib_env") or {}
+    env = policy.ib_env or {}
     if isinstance(env, dict):
         for k, v in env.items():
             if isinstance(k, str) and valid_name(k) and isinstance(v, (str, int)) \
@@ -97,7 +97,7 @@ def discover_ib(host, policy, environ, force=False, cache=None):
                 c.env[k] = str(v)
             else:
                 c.warnings.append(f"{tag}: site ib_env entry {k!r} ignored")
-    minimum = policy.get("ib_memlock_min", MEMLOCK_MIN)
+    minimum = policy.ib_memlock_min
     if not isinstance(minimum, int) or isinstance(minimum, bool):
         minimum = MEMLOCK_MIN
     w = memlock_warning(minimum)

@@ -32,7 +32,7 @@ def bind_contribution(site, environ, program):
     from hpcimage import host as hostmod
     from hpcimage.host import elf
     from hpcimage.host.ldcache import LdCache
-    policy = site.get("mpi") or {}
+    policy = site.mpi or {}
     hr = hostmod.HostRoot(environ=environ)
     cache = LdCache(hr)
     impl = policy.get("implementation") or ("openmpi" if any(k.startswith("OMPI_") for k in environ)

@@ -28,7 +28,8 @@ Layout (DIR is the local image directory: HPCIMAGE_LOCAL, else site.json's
 """
 import os
 
-DEFAULT_LOCAL = "~/.hpcimage/images"
+from hpcimage.config.policy import DEFAULT_LOCAL  # noqa: F401
+
 MANIFEST = "hpcimage-manifest.json"
 STATE_MAGIC = "hpcimage-state-v1"
 _S_IFMT = 0o170000
@@ -83,7 +84,7 @@ def expand(raw, environ):
 
 def local_dir(site, environ):
     """The local image directory, or None when it cannot be resolved."""
-    raw = environ.get("HPCIMAGE_LOCAL") or site.get("local") or DEFAULT_LOCAL
+    raw = environ.get("HPCIMAGE_LOCAL") or site.local or DEFAULT_LOCAL
     return expand(raw, environ) if isinstance(raw, str) else None
 
 

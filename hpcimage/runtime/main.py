@@ -4,7 +4,7 @@ import sys
 
 from hpcimage.errors import HpcimageError
 from hpcimage.linux import procstate  # first: it records the caller's signal state
-from hpcimage.config.policy import load_site
+from hpcimage.config.policy import load_policy
 
 
 def run(argv, environ=None):
@@ -13,14 +13,14 @@ def run(argv, environ=None):
     environ = os.environ if environ is None else environ
     if argv and argv[0] == "image-mpi":
         from hpcimage.runtime.mpi import launcher as mpi
-        return mpi.main(argv, environ, load_site(environ))
+        return mpi.main(argv, environ, load_policy(environ))
     opts = options.parse(argv, environ)
     if opts.args == ["--help"] and argv[0] != "image-mpi-rank":
         sys.stdout.write(options.usage(opts))
         return 0
     if argv[0] == "image-mpi-rank":
         from hpcimage.runtime.mpi import rank
-        return rank.run_rank(opts, load_site(environ), environ,
+        return rank.run_rank(opts, load_policy(environ), environ,
                              rank.rank_signature(argv[1:], opts))
     r = request.resolve(opts, environ)
     p = launch.plan(r)

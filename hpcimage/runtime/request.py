@@ -6,6 +6,7 @@ caller's state (a step only probes the host where it must: does a bind source ex
 A test builds one by hand. Standard library only: the hot path."""
 import os
 
+from hpcimage.config.policy import Policy, load_policy
 from hpcimage.errors import HpcimageError
 
 
@@ -16,7 +17,8 @@ class Request:
     """uid, gid, user, home (HOME, else the passwd entry's), gecos, shell, group;
     cwd: the current directory, or None when it was deleted (cwd_gone: its name then);
     environ: the host environment (a dict of its own); session_dir: where the session
-    mounts go; site: the site's policy (site.json's dict, {} without one); opts:
+    mounts go; site: the site's policy (config.policy.Policy: site.json, the defaults
+    without one); opts:
     runtime.options.Options; image: the opened image.Image."""
     __slots__ = ("uid", "gid", "user", "home", "gecos", "shell", "group", "cwd",
                  "cwd_gone", "environ", "session_dir", "site", "opts", "image")
@@ -25,7 +27,7 @@ class Request:
                  user="root", home="/", gecos="", shell="/bin/sh", group=None,
                  cwd="/", cwd_gone=None):
         self.opts, self.image, self.environ = opts, image, dict(environ)
-        self.session_dir, self.site = session_dir, {} if site is None else site
+        self.session_dir, self.site = session_dir, Policy() if site is None else site
         self.uid, self.gid, self.user, self.home = uid, gid, user, home
         self.gecos, self.shell = gecos, shell
         self.group = user if group is None else group
@@ -39,8 +41,7 @@ def resolve(opts, environ, site=None, explain_missing=True):
     not changed: the image chosen is request.image (its path: request.image.path).
     explain_missing: a missing image's error says what the user can do about it."""
     if site is None:
-        from hpcimage.config.policy import load_site
-        site = load_site(environ)
+        site = load_policy(environ)
     path = opts.image
     if path and opts.prog.startswith("image-"):
         # HPCIMAGE_IMAGE: the user's local copy when it is current (image-update).

@@ -88,11 +88,11 @@ def lmod_inside(r, p):
     """site.json "lmod" (site.yaml lmod_in_image): the host's Lmod, its Lua and the
     MODULEPATH (imported only here: the plain image-exec path stays light). Its binds
     already covered by a bind at the same path are left out (skip_covered)."""
-    if not isinstance(r.site.get("lmod"), dict):
+    if not isinstance(r.site.lmod, dict):
         return
     from hpcimage.host import lmod
     config = r.environ.get("HPCIMAGE_SITE_CONFIG")
-    c = lmod.discover(r.site["lmod"], r.environ,
+    c = lmod.discover(r.site.lmod, r.environ,
                       site_dir=os.path.dirname(config) if config else None)
     p.contribute(c)
     p.keep_prefixes += lmod.CLEANENV_KEEP_PREFIXES
@@ -146,7 +146,7 @@ def site_binds(r, p):
     source exists."""
     module = r.environ.get("HPCIMAGE_MODULE")
     site = r.site
-    specs = list(site.get("binds", ())) + list(site.get("image_binds", {}).get(module or "", ()))
+    specs = list(site.binds) + list(site.image_binds.get(module or "", ()))
     for spec in specs:
         b = parse_bind(spec, "site")
         if os.path.exists(b.src):

@@ -19,7 +19,7 @@ class Update:
     """What image-update works on: the module's image and its local copy."""
 
     def __init__(self, environ):
-        from hpcimage.config.policy import load_site
+        from hpcimage.config.policy import load_policy
         self.environ = environ
         self.image = environ.get("HPCIMAGE_IMAGE") or ""
         if not self.image:
@@ -27,8 +27,8 @@ class Update:
                              "first ('module avail' lists the images)")
         self.image = os.path.abspath(self.image)
         self.module = environ.get("HPCIMAGE_MODULE") or os.path.basename(self.image)
-        site = load_site(environ)
-        raw = environ.get("HPCIMAGE_LOCAL") or site.get("local") or local.DEFAULT_LOCAL
+        site = load_policy(environ)
+        raw = environ.get("HPCIMAGE_LOCAL") or site.local or local.DEFAULT_LOCAL
         self.directory = local.expand(raw, environ) if isinstance(raw, str) else None
         if self.directory is None:
             src = "HPCIMAGE_LOCAL" if environ.get("HPCIMAGE_LOCAL") else "the site's 'local'"

@@ -402,10 +402,10 @@ def resolve_image(arg, site, environ):
 
 
 def diagnose(image_arg=None, environ=None):
-    from hpcimage.config.policy import load_site
+    from hpcimage.config.policy import load_policy
     environ = dict(os.environ if environ is None else environ)
-    site = load_site(environ)
-    policy = site.get("mpi") or {}
+    site = load_policy(environ)
+    policy = site.mpi or {}
     image, source = resolve_image(image_arg, site, environ)
     lau = launcher(environ, policy)
     host = host_mpi(site, environ)

@@ -101,7 +101,7 @@ def launcher_kind(environ, policy):
 
 def launcher_argv(opts, environ, site, mode, runtime_opts, program):
     """The command that starts one runtime per rank."""
-    policy = site.get("mpi") or {}
+    policy = site.mpi or {}
     kind = launcher_kind(environ, policy)[0]
     from hpcimage.linux.paths import which
     exe = which(kind, environ.get("PATH") or "/usr/bin:/bin")
@@ -196,7 +196,7 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
             os._exit(0)
     os.waitpid(middle, 0)
     os.close(m)                            # the worker holds the lock now
-    impl = (site.get("mpi") or {}).get("implementation") or implementation_of(argv2[0])
+    impl = (site.mpi or {}).get("implementation") or implementation_of(argv2[0])
     if impl == "openmpi":
         argv2 = [argv2[0], "-x", "HPCIMAGE_MPI_KEY"] + argv2[1:]
     return argv2
@@ -245,7 +245,7 @@ def main(argv, environ, site):
     if not program:
         raise UsageError("no program given (usage: image-mpi [OPTIONS] "
                          "[LAUNCHER OPTIONS] [--] PROGRAM [ARGS...])")
-    mode = mode or (site.get("mpi") or {}).get("mode") or "hybrid"
+    mode = mode or (site.mpi or {}).get("mode") or "hybrid"
     if mode not in ("hybrid", "bind"):
         raise UsageError(f"--mpi-mode wants hybrid or bind, not {mode!r}")
     env = dict(environ)
