@@ -424,3 +424,16 @@ def test_policy_knows_every_key_generate_writes(tmp_path):
     for key, value in data.items():
         if key != "_comment":
             assert getattr(p, key) == value, key
+
+
+def test_mpi_defaults_are_one_table():
+    """image-mpi's defaults for site.json "mpi" live in config.policy.MPI_DEFAULTS: the
+    admin side's validation (config.site.MPI_KEYS) and the hot path read the same."""
+    from hpcimage.config.policy import MPI_DEFAULTS, Policy
+    from hpcimage.config.site import MPI_KEYS
+    assert {k: key.default for k, key in MPI_KEYS.items()} == MPI_DEFAULTS
+    assert Policy().mpi_setting("mode") == "hybrid"
+    assert Policy.from_json({"mpi": {"mode": "bind"}}).mpi_setting("mode") == "bind"
+    assert Policy.from_json({"mpi": {"launcher": "srun"}}).mpi_setting("mode") == "hybrid"
+    with pytest.raises(KeyError):
+        Policy().mpi_setting("no-such-key")

@@ -63,6 +63,11 @@ POLICY_KEYS = (
 )
 IGNORED_KEYS = ("_comment",)    # generate's header
 
+# site.json "mpi" (site.yaml mpi:, validated by config.site.MPI_KEYS, which takes its
+# defaults from here): what image-mpi and its ranks assume for a key that is absent.
+MPI_DEFAULTS = {"mode": "hybrid", "launcher": "auto", "srun_mpi": None,
+                "implementation": None, "prefix": None, "libs": (), "binds": ()}
+
 
 class Policy:
     """The site's policy (site.json), one attribute per key of POLICY_KEYS; Policy()
@@ -94,6 +99,12 @@ class Policy:
             getattr(self, k) == getattr(other, k) for k in Policy.__slots__)
 
     __hash__ = None
+
+    def mpi_setting(self, key):
+        """site.json mpi.KEY, else its default (MPI_DEFAULTS; KeyError for a key that
+        is none of MPI_DEFAULTS's)."""
+        value = (self.mpi or {}).get(key)
+        return MPI_DEFAULTS[key] if value is None or value == "" else value
 
     def __repr__(self):
         return "Policy(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in Policy.__slots__) + ")"

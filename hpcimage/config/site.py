@@ -23,7 +23,7 @@ import yaml
 from hpcimage.errors import UsageError
 
 DEFAULT_PYTHON = "/opt/hpcimage/venv/bin/python3"
-from hpcimage.config.policy import DEFAULT_LOCAL  # noqa: E402  image-update's copies
+from hpcimage.config.policy import DEFAULT_LOCAL, MPI_DEFAULTS  # noqa: E402
 DEFAULT_KEEP = 2                         # previous versions publish keeps in the store
 POLICY_VERSION = 1                       # the format of site.json; hpcimage doctor compares it
 
@@ -420,19 +420,19 @@ def parse_soname(ctx, node, keypath):
 
 
 MPI_KEYS: Dict[str, Key] = {
-    "mode": Key(choice("hybrid", "bind"), default="hybrid",
+    "mode": Key(choice("hybrid", "bind"), default=MPI_DEFAULTS["mode"],
                 doc="default model of image-mpi (--mpi-mode overrides)"),
-    "launcher": Key(choice("auto", "srun", "mpirun"), default="auto",
+    "launcher": Key(choice("auto", "srun", "mpirun"), default=MPI_DEFAULTS["launcher"],
                     doc="auto: srun inside a Slurm allocation, mpirun outside"),
-    "srun_mpi": Key(choice("pmix", "pmi2", "none"), default=None,
+    "srun_mpi": Key(choice("pmix", "pmi2", "none"), default=MPI_DEFAULTS["srun_mpi"],
                     doc="srun --mpi=... added when the user gives none"),
-    "implementation": Key(choice("openmpi", "mpich"), default=None,
+    "implementation": Key(choice("openmpi", "mpich"), default=MPI_DEFAULTS["implementation"],
                           doc="the host MPI (found from mpirun when absent)"),
-    "prefix": Key(parse_abs_path, default=None,
+    "prefix": Key(parse_abs_path, default=MPI_DEFAULTS["prefix"],
                   doc="host MPI install prefix, bound at the same path (bind model)"),
-    "libs": Key(list_of(parse_soname), default=(),
+    "libs": Key(list_of(parse_soname), default=MPI_DEFAULTS["libs"],
                 doc="extra host libraries for the bind model (sonames)"),
-    "binds": Key(list_of(parse_bind), default=(),
+    "binds": Key(list_of(parse_bind), default=MPI_DEFAULTS["binds"],
                  doc="extra binds for MPI jobs"),
 }
 

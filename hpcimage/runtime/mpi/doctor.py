@@ -415,7 +415,7 @@ def diagnose(image_arg=None, environ=None):
     rk = ranks(environ)
     modes = verdicts(lau, host, img, rk)
     return {"image": img, "launcher": lau, "host_mpi": host, "modes": modes,
-            "default_mode": policy.get("mode") or "hybrid",
+            "default_mode": site.mpi_setting("mode"),
             "ranks": rk,
             "site_config": environ.get("HPCIMAGE_SITE_CONFIG") or None,
             "works": [m for m in ("hybrid", "bind") if modes[m]["works"]]}

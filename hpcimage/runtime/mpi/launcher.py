@@ -245,7 +245,7 @@ def main(argv, environ, site):
     if not program:
         raise UsageError("no program given (usage: image-mpi [OPTIONS] "
                          "[LAUNCHER OPTIONS] [--] PROGRAM [ARGS...])")
-    mode = mode or (site.mpi or {}).get("mode") or "hybrid"
+    mode = mode or site.mpi_setting("mode")
     if mode not in ("hybrid", "bind"):
         raise UsageError(f"--mpi-mode wants hybrid or bind, not {mode!r}")
     env = dict(environ)

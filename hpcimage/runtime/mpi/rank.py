@@ -90,7 +90,7 @@ def mpi_rank(r, p):
     p.env_add.update(rank_environ(r.environ))
     p.keep_prefixes += FORWARD_PREFIXES
     opts = r.opts
-    mode = opts.mpi_mode or (r.site.mpi or {}).get("mode") or "hybrid"
+    mode = opts.mpi_mode or r.site.mpi_setting("mode")
     if mode == "bind":
         p.contribute(bind_contribution(r.site, r.environ, opts.args[0] if opts.args else ""))
 
