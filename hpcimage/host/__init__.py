@@ -29,9 +29,25 @@ def discover(policy=None, environ=None, nv=False, rocm=False, ib=False, host=Non
     host = host or HostRoot(environ=environ)
     total = Contribution()
     from hpcimage.host import gpu, ib as _ib
-    from hpcimage.host.ldcache import LdCache
-    cache = LdCache(host)           # read once, only if some discovery needs it
+    cache = _SharedLdCache(host)    # read once, only if some discovery needs it
     total.merge(gpu.discover_nvidia(host, policy, environ, force=nv, cache=cache))
     total.merge(gpu.discover_rocm(host, policy, environ, force=rocm, cache=cache))
     total.merge(_ib.discover_ib(host, policy, environ, force=ib, cache=cache))
     return total
+
+
+class _SharedLdCache:
+    """The host's ld.so.cache shared by the discoveries of one launch: an
+    hpcimage.host.ldcache.LdCache made on first use, so that a node where every
+    discovery is off (no GPU, no InfiniBand) does not even import the reader."""
+
+    __slots__ = ("_host", "_cache")
+
+    def __init__(self, host):
+        self._host, self._cache = host, None
+
+    def __getattr__(self, name):
+        if self._cache is None:
+            from hpcimage.host.ldcache import LdCache
+            self._cache = LdCache(self._host)
+        return getattr(self._cache, name)

@@ -20,7 +20,9 @@ or nvidia-smi. Standard library only.
 """
 
 from hpcimage.host.root import Contribution
-from hpcimage.host import gpulibs as L
+# The tables (hpcimage.host.gpulibs, as L) and the ld.so.cache reader are imported in
+# the functions, past the checks that turn a discovery off: a node without GPUs does
+# not pay for them on every image-exec.
 
 from hpcimage.host.root import LIBS_DIR  # noqa: E402
 BIN_DIR = "/.singularity.d/bin"
@@ -109,7 +111,7 @@ def bind_libraries(host, cache, names, c, *, why, tag, essential=(), extra=(),
                    exclude=(), dst_dir=LIBS_DIR):
     """Bind the host libraries whose sonames match names (+ extra - exclude) from the
     host's ld.so.cache into dst_dir. Returns {soname: real path} of those bound."""
-    from hpcimage.host import elf
+    from hpcimage.host import elf, gpulibs as L
     names = tuple(n for n in tuple(names) + tuple(extra) if n not in set(exclude))
     if not names:
         return {}
@@ -251,6 +253,7 @@ def discover_nvidia(host, policy, environ, force=False, cache=None):
         if not present:
             c.notes.append(f"gpu={mode}: no /dev/nvidiactl on the host, NVIDIA support off")
             return c
+    from hpcimage.host import gpulibs as L
     dev_mode = choice(policy, "gpu_devices", DEVICE_MODES, "visible", c)
     why_dev = f"{tag}: device"
     if not present:
@@ -364,6 +367,7 @@ def discover_rocm(host, policy, environ, force=False, cache=None):
         if not present:
             c.notes.append(f"gpu={mode}: no /dev/kfd on the host, ROCm support off")
             return c
+    from hpcimage.host import gpulibs as L
     dev_mode = choice(policy, "gpu_devices", DEVICE_MODES, "visible", c)
     if not present:
         c.warnings.append(f"{tag}: no AMD GPU on this host (/dev/kfd missing); "
