@@ -13,6 +13,7 @@ The submodules (gpu, ib, ldcache, elf) are imported only when used.
 import os
 
 from hpcimage.host.root import HostRoot, Contribution, NEVER_BIND, LIBS_DIR  # noqa: F401
+from hpcimage.host.root import nvidia_gate, rocm_gate, ib_gate
 
 __all__ = ["HostRoot", "Contribution", "discover", "NEVER_BIND", "LIBS_DIR"]
 
@@ -28,11 +29,20 @@ def discover(policy=None, environ=None, nv=False, rocm=False, ib=False, host=Non
     environ = os.environ if environ is None else environ
     host = host or HostRoot(environ=environ)
     total = Contribution()
-    from hpcimage.host import gpu, ib as _ib
     cache = _SharedLdCache(host)    # read once, only if some discovery needs it
-    total.merge(gpu.discover_nvidia(host, policy, environ, force=nv, cache=cache))
-    total.merge(gpu.discover_rocm(host, policy, environ, force=rocm, cache=cache))
-    total.merge(_ib.discover_ib(host, policy, environ, force=ib, cache=cache))
+    # Each discovery's gate first: one that is off gives its notes without importing
+    # its module (a node without GPUs or InfiniBand pays nothing more).
+    for gate, force in ((nvidia_gate, nv), (rocm_gate, rocm), (ib_gate, ib)):
+        off = Contribution()
+        if gate(host, policy, force, off) is None:
+            total.merge(off)
+            continue
+        if gate is ib_gate:
+            from hpcimage.host.ib import discover_ib as entry
+        else:
+            from hpcimage.host import gpu
+            entry = gpu.discover_nvidia if gate is nvidia_gate else gpu.discover_rocm
+        total.merge(entry(host, policy, environ, force=force, cache=cache))
     return total
 
 
