@@ -13,6 +13,7 @@ The submodules (gpu, ib, ldcache, elf) are imported only when used.
 import os
 
 from hpcimage.host.root import HostRoot, Contribution, NEVER_BIND, LIBS_DIR  # noqa: F401
+from hpcimage.host.root import nvidia_gate, rocm_gate, ib_gate
 
 __all__ = ["HostRoot", "Contribution", "discover", "NEVER_BIND", "LIBS_DIR"]
 
@@ -28,10 +29,35 @@ def discover(policy=None, environ=None, nv=False, rocm=False, ib=False, host=Non
     environ = os.environ if environ is None else environ
     host = host or HostRoot(environ=environ)
     total = Contribution()
-    from hpcimage.host import gpu, ib as _ib
-    from hpcimage.host.ldcache import LdCache
-    cache = LdCache(host)           # read once, only if some discovery needs it
-    total.merge(gpu.discover_nvidia(host, policy, environ, force=nv, cache=cache))
-    total.merge(gpu.discover_rocm(host, policy, environ, force=rocm, cache=cache))
-    total.merge(_ib.discover_ib(host, policy, environ, force=ib, cache=cache))
+    cache = _SharedLdCache(host)    # read once, only if some discovery needs it
+    # Each discovery's gate first: one that is off gives its notes without importing
+    # its module (a node without GPUs or InfiniBand pays nothing more).
+    for gate, force in ((nvidia_gate, nv), (rocm_gate, rocm), (ib_gate, ib)):
+        off = Contribution()
+        if gate(host, policy, force, off) is None:
+            total.merge(off)
+            continue
+        if gate is ib_gate:
+            from hpcimage.host.ib import discover_ib as entry
+        else:
+            from hpcimage.host import gpu
+            entry = gpu.discover_nvidia if gate is nvidia_gate else gpu.discover_rocm
+        total.merge(entry(host, policy, environ, force=force, cache=cache))
     return total
+
+
+class _SharedLdCache:
+    """The host's ld.so.cache shared by the discoveries of one launch: an
+    hpcimage.host.ldcache.LdCache made on first use, so that a node where every
+    discovery is off (no GPU, no InfiniBand) does not even import the reader."""
+
+    __slots__ = ("_host", "_cache")
+
+    def __init__(self, host):
+        self._host, self._cache = host, None
+
+    def __getattr__(self, name):
+        if self._cache is None:
+            from hpcimage.host.ldcache import LdCache
+            self._cache = LdCache(self._host)
+        return getattr(self._cache, name)

@@ -20,13 +20,16 @@ or nvidia-smi. Standard library only.
 """
 
 from hpcimage.host.root import Contribution
-from hpcimage.host import gpulibs as L
+from hpcimage.host.root import choice, nvidia_gate, rocm_gate  # noqa: F401  (choice: for ib)
+# The tables (hpcimage.host.gpulibs, as L) and the ld.so.cache reader are imported in
+# the functions, past the checks that turn a discovery off: a node without GPUs does
+# not pay for them on every image-exec.
 
 from hpcimage.host.root import LIBS_DIR  # noqa: E402
 BIN_DIR = "/.singularity.d/bin"
 DEFAULT_PATH_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
                      "/sbin", "/bin")
-from hpcimage.config.policy import GPU_MODES, DEVICE_MODES  # noqa: E402
+from hpcimage.config.policy import GPU_MODES, DEVICE_MODES  # noqa: E402,F401
 NONE_VALUES = ("", "none", "void", "nodevfiles")
 
 
@@ -38,18 +41,6 @@ def str_list(policy, key):
         v = [v]
     return [x for x in v if isinstance(x, str) and x]
 
-
-def choice(policy, key, allowed, default, c):
-    v = getattr(policy, key)
-    if v is None:
-        return default
-    if isinstance(v, bool):             # YAML's off/on arrive as booleans
-        v = {False: "off", True: "on"}[v]
-    if v not in allowed:
-        c.warnings.append(f"site policy {key}={v!r} is not one of "
-                          f"{', '.join(allowed)}; using {default!r}")
-        return default
-    return v
 
 
 # ------------------------------------------------------------ visible devices
@@ -109,7 +100,7 @@ def bind_libraries(host, cache, names, c, *, why, tag, essential=(), extra=(),
                    exclude=(), dst_dir=LIBS_DIR):
     """Bind the host libraries whose sonames match names (+ extra - exclude) from the
     host's ld.so.cache into dst_dir. Returns {soname: real path} of those bound."""
-    from hpcimage.host import elf
+    from hpcimage.host import elf, gpulibs as L
     names = tuple(n for n in tuple(names) + tuple(extra) if n not in set(exclude))
     if not names:
         return {}
@@ -202,10 +193,6 @@ def bind_extra_devices(host, policy, c, tag):
             c.bind(host.realpath(p), p, False, f"{tag}: site gpu_extra_devices")
 
 
-def _mode(policy, c):
-    return choice(policy, "gpu", GPU_MODES, "auto", c)
-
-
 # -------------------------------------------------------------------- NVIDIA
 
 def nvidia_gpus(host):
@@ -242,15 +229,10 @@ def discover_nvidia(host, policy, environ, force=False, cache=None):
     when /dev/nvidiactl exists on the host; empty otherwise."""
     c = Contribution()
     tag = "--nv" if force else "gpu (nvidia)"
-    mode = _mode(policy, c)
-    present = host.ischr("/dev/nvidiactl")
-    if not force:
-        if mode not in ("auto", "nvidia"):
-            c.notes.append(f"gpu={mode}: NVIDIA support off (--nv turns it on)")
-            return c
-        if not present:
-            c.notes.append(f"gpu={mode}: no /dev/nvidiactl on the host, NVIDIA support off")
-            return c
+    present = nvidia_gate(host, policy, force, c)
+    if present is None:
+        return c
+    from hpcimage.host import gpulibs as L
     dev_mode = choice(policy, "gpu_devices", DEVICE_MODES, "visible", c)
     why_dev = f"{tag}: device"
     if not present:
@@ -355,15 +337,10 @@ def discover_rocm(host, policy, environ, force=False, cache=None):
     auto|rocm when /dev/kfd exists on the host; empty otherwise."""
     c = Contribution()
     tag = "--rocm" if force else "gpu (rocm)"
-    mode = _mode(policy, c)
-    present = host.ischr("/dev/kfd")
-    if not force:
-        if mode not in ("auto", "rocm"):
-            c.notes.append(f"gpu={mode}: ROCm support off (--rocm turns it on)")
-            return c
-        if not present:
-            c.notes.append(f"gpu={mode}: no /dev/kfd on the host, ROCm support off")
-            return c
+    present = rocm_gate(host, policy, force, c)
+    if present is None:
+        return c
+    from hpcimage.host import gpulibs as L
     dev_mode = choice(policy, "gpu_devices", DEVICE_MODES, "visible", c)
     if not present:
         c.warnings.append(f"{tag}: no AMD GPU on this host (/dev/kfd missing); "

@@ -13,8 +13,8 @@ RLIMIT_MEMLOCK is too low for RDMA: it cannot be raised inside the user namespac
 Pure: reads the host through a HostRoot, returns a Contribution. Standard library only.
 """
 from hpcimage.host.root import Contribution
-from hpcimage.host import gpulibs as L
-from hpcimage.host.gpu import LIBS_DIR, bind_libraries, choice, str_list
+from hpcimage.host.root import ib_gate
+from hpcimage.host.gpu import LIBS_DIR, bind_libraries, choice, str_list  # noqa: F401
 
 from hpcimage.config.policy import IB_MODES, valid_name  # noqa: E402,F401
 from hpcimage.config.policy import MEMLOCK_MIN  # noqa: E402,F401
@@ -49,17 +49,11 @@ def discover_ib(host, policy, environ, force=False, cache=None):
     or infiniband=auto (default) when /dev/infiniband/uverbs* exists."""
     c = Contribution()
     tag = "--ib" if force else "infiniband"
-    mode = choice(policy, "infiniband", IB_MODES, "auto", c)
-    nodes = host.listdir("/dev/infiniband")
+    nodes = ib_gate(host, policy, force, c)
+    if nodes is None:
+        return c
     present = any(n.startswith("uverbs") for n in nodes)
-    if not force:
-        if mode == "off":
-            c.notes.append("infiniband=off: RDMA support off (--ib turns it on)")
-            return c
-        if mode == "auto" and not present:
-            c.notes.append("infiniband=auto: no /dev/infiniband/uverbs* on the host, "
-                           "RDMA support off")
-            return c
+    from hpcimage.host import gpulibs as L     # past the checks: off costs no import
     if present:
         c.bind(host.realpath("/dev/infiniband"), "/dev/infiniband", False,
                f"{tag}: RDMA devices")
@@ -141,7 +135,7 @@ def _providers(host, cache, c, tag, bound):
 def _closure(host, cache, c, tag, bound):
     """Add what the bound libraries need (DT_NEEDED) that glibc/the compiler runtime do
     not provide, transitively (bounded)."""
-    from hpcimage.host import elf
+    from hpcimage.host import elf, gpulibs as L
     todo = list(bound.values())
     have = set(bound)
     done = set()

@@ -1,8 +1,11 @@
-"""The host's filesystem seen from one root (HostRoot), and what a discovery returns
-(Contribution). Standard library only: on the `image-exec` hot path."""
+"""The host's filesystem seen from one root (HostRoot), what a discovery returns
+(Contribution), and the discoveries' gates (is GPU/InfiniBand support on?). Standard
+library only: on the `image-exec` hot path."""
 import errno
 import os
 import stat
+
+from hpcimage.config.policy import GPU_MODES, IB_MODES
 
 _MAX_HOPS = 40
 
@@ -242,3 +245,67 @@ class Contribution:
     def __repr__(self):
         return (f"Contribution(binds={len(self.binds)}, env={self.env}, "
                 f"prepend={self.prepend}, hide={self.hide}, warnings={self.warnings})")
+
+
+def choice(policy, key, allowed, default, c):
+    """policy.KEY when it is one of allowed, else default (with a warning in
+    Contribution c when it is set to something else)."""
+    v = getattr(policy, key)
+    if v is None:
+        return default
+    if isinstance(v, bool):             # YAML's off/on arrive as booleans
+        v = {False: "off", True: "on"}[v]
+    if v not in allowed:
+        c.warnings.append(f"site policy {key}={v!r} is not one of "
+                          f"{', '.join(allowed)}; using {default!r}")
+        return default
+    return v
+
+
+# The gates: whether a discovery is on (force: its flag, --nv/--rocm/--ib), the cheap
+# part of each discovery's entry (gpu.discover_nvidia, gpu.discover_rocm,
+# ib.discover_ib), here so that hpcimage.host.discover runs them without importing
+# those modules. None, with the note saying why, when it is off.
+
+def nvidia_gate(host, policy, force, c):
+    """None when NVIDIA support is off, else whether /dev/nvidiactl is there."""
+    mode = choice(policy, "gpu", GPU_MODES, "auto", c)
+    present = host.ischr("/dev/nvidiactl")
+    if not force:
+        if mode not in ("auto", "nvidia"):
+            c.notes.append(f"gpu={mode}: NVIDIA support off (--nv turns it on)")
+            return None
+        if not present:
+            c.notes.append(f"gpu={mode}: no /dev/nvidiactl on the host, NVIDIA support off")
+            return None
+    return present
+
+
+def rocm_gate(host, policy, force, c):
+    """None when ROCm support is off, else whether /dev/kfd is there."""
+    mode = choice(policy, "gpu", GPU_MODES, "auto", c)
+    present = host.ischr("/dev/kfd")
+    if not force:
+        if mode not in ("auto", "rocm"):
+            c.notes.append(f"gpu={mode}: ROCm support off (--rocm turns it on)")
+            return None
+        if not present:
+            c.notes.append(f"gpu={mode}: no /dev/kfd on the host, ROCm support off")
+            return None
+    return present
+
+
+def ib_gate(host, policy, force, c):
+    """None when InfiniBand support is off, else the names in /dev/infiniband."""
+    mode = choice(policy, "infiniband", IB_MODES, "auto", c)
+    nodes = host.listdir("/dev/infiniband")
+    present = any(n.startswith("uverbs") for n in nodes)
+    if not force:
+        if mode == "off":
+            c.notes.append("infiniband=off: RDMA support off (--ib turns it on)")
+            return None
+        if mode == "auto" and not present:
+            c.notes.append("infiniband=auto: no /dev/infiniband/uverbs* on the host, "
+                           "RDMA support off")
+            return None
+    return nodes
