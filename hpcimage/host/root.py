@@ -267,32 +267,29 @@ def choice(policy, key, allowed, default, c):
 # ib.discover_ib), here so that hpcimage.host.discover runs them without importing
 # those modules. None, with the note saying why, when it is off.
 
-def nvidia_gate(host, policy, force, c):
-    """None when NVIDIA support is off, else whether /dev/nvidiactl is there."""
+def _gpu_gate(host, policy, force, c, vendor, label, ctl, flag):
+    """None when the site's gpu policy (or the absent device node ctl) turns support
+    for vendor off, else whether ctl is there; force (the flag) overrides both."""
     mode = choice(policy, "gpu", GPU_MODES, "auto", c)
-    present = host.ischr("/dev/nvidiactl")
+    present = host.ischr(ctl)
     if not force:
-        if mode not in ("auto", "nvidia"):
-            c.notes.append(f"gpu={mode}: NVIDIA support off (--nv turns it on)")
+        if mode not in ("auto", vendor):
+            c.notes.append(f"gpu={mode}: {label} support off ({flag} turns it on)")
             return None
         if not present:
-            c.notes.append(f"gpu={mode}: no /dev/nvidiactl on the host, NVIDIA support off")
+            c.notes.append(f"gpu={mode}: no {ctl} on the host, {label} support off")
             return None
     return present
+
+
+def nvidia_gate(host, policy, force, c):
+    """None when NVIDIA support is off, else whether /dev/nvidiactl is there."""
+    return _gpu_gate(host, policy, force, c, "nvidia", "NVIDIA", "/dev/nvidiactl", "--nv")
 
 
 def rocm_gate(host, policy, force, c):
     """None when ROCm support is off, else whether /dev/kfd is there."""
-    mode = choice(policy, "gpu", GPU_MODES, "auto", c)
-    present = host.ischr("/dev/kfd")
-    if not force:
-        if mode not in ("auto", "rocm"):
-            c.notes.append(f"gpu={mode}: ROCm support off (--rocm turns it on)")
-            return None
-        if not present:
-            c.notes.append(f"gpu={mode}: no /dev/kfd on the host, ROCm support off")
-            return None
-    return present
+    return _gpu_gate(host, policy, force, c, "rocm", "ROCm", "/dev/kfd", "--rocm")
 
 
 def ib_gate(host, policy, force, c):
