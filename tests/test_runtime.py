@@ -331,7 +331,7 @@ def _words(line):
 
 def test_quote_is_shlex_quote():
     import random
-    from hpcimage.runtime.plan import quote
+    from hpcimage.runtime.ops import quote
     rnd = random.Random(5)
     for _ in range(20000):
         t = "".join(rnd.choice("aZ9 '\"$\\\n\t-=%@,:./_+*?[]~#!&;|()<>{}é") for _ in range(rnd.randrange(8)))

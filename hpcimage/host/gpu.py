@@ -20,7 +20,7 @@ or nvidia-smi. Standard library only.
 """
 
 from hpcimage.host.root import Contribution
-from hpcimage.host.root import choice, nvidia_gate, rocm_gate  # noqa: F401  (choice: for ib)
+from hpcimage.host.root import choice, nvidia_gate, rocm_gate
 # The tables (hpcimage.host.gpulibs, as L) and the ld.so.cache reader are imported in
 # the functions, past the checks that turn a discovery off: a node without GPUs does
 # not pay for them on every image-exec.
@@ -29,7 +29,7 @@ from hpcimage.host.root import LIBS_DIR  # noqa: E402
 BIN_DIR = "/.singularity.d/bin"
 DEFAULT_PATH_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
                      "/sbin", "/bin")
-from hpcimage.config.policy import GPU_MODES, DEVICE_MODES  # noqa: E402,F401
+from hpcimage.config.policy import DEVICE_MODES  # noqa: E402
 NONE_VALUES = ("", "none", "void", "nodevfiles")
 
 

@@ -14,10 +14,10 @@ Pure: reads the host through a HostRoot, returns a Contribution. Standard librar
 """
 from hpcimage.host.root import Contribution
 from hpcimage.host.root import ib_gate
-from hpcimage.host.gpu import LIBS_DIR, bind_libraries, choice, str_list  # noqa: F401
+from hpcimage.host.gpu import LIBS_DIR, bind_libraries, str_list
 
-from hpcimage.config.policy import IB_MODES, valid_name  # noqa: E402,F401
-from hpcimage.config.policy import MEMLOCK_MIN  # noqa: E402,F401
+from hpcimage.config.policy import valid_name  # noqa: E402
+from hpcimage.config.policy import MEMLOCK_MIN  # noqa: E402
 MAX_CLOSURE = 128
 DEVICE_PREFIXES = ("uverbs", "rdma_cm", "umad", "issm")
 

@@ -13,8 +13,7 @@ command exits (PR_SET_PDEATHSIG). Standard library only: this is the hot path.
 import os
 
 from hpcimage.runtime.command import is_rank0, label
-from hpcimage.runtime.ops import quote  # noqa: F401  (for callers)
-from hpcimage.runtime.steps import STEPS, parse_bind  # noqa: F401  (parse_bind: for callers)
+from hpcimage.runtime.steps import STEPS
 
 
 class Plan:

@@ -256,7 +256,7 @@ def main(argv, environ, site):
         # Open MPI 4.1 loses track of exits when it starts 32+ local ranks from threads.
         env.setdefault("OMPI_MCA_odls_base_max_threads", "0")
     if dry:
-        from hpcimage.runtime.plan import quote
+        from hpcimage.runtime.ops import quote
         sys.stdout.write(" ".join(quote(a) for a in argv2) + "\n")
         return 0
     argv2 = prepare(argv2, env, site, mode, ours, program, rest)
