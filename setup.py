@@ -52,6 +52,10 @@ def rules_header(jobenv=JOBENV):
 
 class BuildPy(build_py):
     def run(self):
+        # A checkout's build/ (pip builds in the tree) keeps modules that the sources
+        # no longer have (moved or deleted ones); start the package's copy afresh so
+        # that an install holds exactly the checkout's modules.
+        shutil.rmtree(os.path.join(self.build_lib, "hpcimage"), ignore_errors=True)
         super().run()
         out = os.path.join(self.build_lib, "hpcimage", "runtime", "mpi", EXE)
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
