@@ -8,7 +8,7 @@ from hpcimage.errors import HpcimageError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="hpcimage")
+@click.version_option(package_name="hpcimage", message="%(prog)s version %(version)s")
 def cli():
     """Container images as environment modules, with an unprivileged runtime."""
 
