@@ -117,3 +117,30 @@ def test_run_help_bad_input(user, rich_sqfs, args, msg):
     assert (r.returncode, r.stdout) == (2, "")
     assert r.stderr.startswith("hpcimage: error: " + msg.replace("IMG", rich_sqfs)), r.stderr
     assert r.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------ help, the others
+
+def test_help_command(user):
+    r = hpcimage(user, "help", "inspect")
+    assert r.returncode == 0 and r.stdout.startswith("Usage: hpcimage inspect [OPTIONS] IMAGE")
+    r = hpcimage(user, "help", "test")              # the runtime's own help
+    assert r.returncode == 0 and r.stdout.startswith("usage: hpcimage test [OPTIONS] IMAGE")
+    r = hpcimage(user, "help")
+    assert r.returncode == 0 and "run-help" in r.stdout
+
+
+@pytest.mark.parametrize("argv", [("instance", "start", "x.sif", "i1"), ("oci", "run"),
+                                  ("sign", "x.sif"), ("help", "remote")])
+def test_apptainers_other_commands_are_refused_by_name(user, argv):
+    name = argv[1] if argv[0] == "help" else argv[0]
+    r = hpcimage(user, *argv)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"hpcimage: error: {name} is an Apptainer command that hpcimage "
+                        "does not support (see 'hpcimage --help')\n")
+
+
+def test_unknown_command_stays_unknown(user):
+    r = hpcimage(user, "nope")
+    assert (r.returncode, r.stderr) == (2, "hpcimage: error: no such command: nope "
+                                           "(see 'hpcimage --help')\n")

@@ -7,7 +7,22 @@ import click
 from hpcimage.errors import HpcimageError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Apptainer's commands that hpcimage does not have: refused by name (exit 2), never
+# "no such command" as if they were a typo. A command registered here later wins.
+APPTAINER_ONLY = ("cache", "capability", "checkpoint", "completion", "config", "delete",
+                  "instance", "key", "keyserver", "oci", "overlay", "plugin", "push",
+                  "registry", "remote", "search", "sign", "verify")
+
+
+class _Group(click.Group):
+    def resolve_command(self, ctx, args):
+        if args and args[0] in APPTAINER_ONLY and super().get_command(ctx, args[0]) is None:
+            raise click.UsageError(f"{args[0]} is an Apptainer command that hpcimage does "
+                                   "not support", ctx)
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hpcimage", message="%(prog)s version %(version)s")
 def cli():
     """Container images as environment modules, with an unprivileged runtime."""
@@ -47,6 +62,8 @@ _runtime_command("exec", "Run a command inside IMAGE: exec [OPTIONS] IMAGE COMMA
 _runtime_command("run", "Run IMAGE's runscript: run [OPTIONS] IMAGE [ARGS].")
 _runtime_command("shell", "Start a shell inside IMAGE: shell [OPTIONS] IMAGE [SHELL ARGS].")
 _runtime_command("test", "Run IMAGE's test script (%test): test [OPTIONS] IMAGE [ARGS].")
+
+RUNTIME_HELP = ("exec", "run", "shell", "test")     # their help is the runtime's own
 
 from hpcimage.cli.sifcli import build as _build, sif as _sif  # noqa: E402  (issue 3)
 cli.add_command(_sif)
@@ -111,6 +128,23 @@ def run_help(image, app):
     attrs = data["data"]["attributes"]
     text = attrs.get("helpfile") or attrs.get("apps", {}).get(app, {}).get("helpfile")
     click.echo(text if text else "No help sections were defined for this image")
+
+
+@cli.command("help")
+@click.argument("command", required=False)
+@click.pass_context
+def help_command(ctx, command):
+    """Show the help of COMMAND (or of hpcimage), as apptainer help."""
+    if command in RUNTIME_HELP:
+        from hpcimage.runtime.main import main as runtime_main
+        runtime_main([command, "--help"])
+    top = ctx.parent
+    cmd = top.command.get_command(top, command) if command else top.command
+    if cmd is None:
+        top.command.resolve_command(top, [command])     # Apptainer's, or no such command
+    with click.Context(cmd, info_name=f"hpcimage {command}" if command else "hpcimage",
+                       parent=None) as sub:
+        click.echo(cmd.get_help(sub))
 
 
 @cli.command("version")
