@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import PY, cli_argv
+from conftest import PY, REPO, cli_argv
 from richimage import FOO_HELP, rich, rich_dir, rich_sif, rich_sqfs  # noqa: F401
 
 NO_TEST = "hpcimage: no test script found in container, exiting\n"
@@ -144,3 +144,40 @@ def test_unknown_command_stays_unknown(user):
     r = hpcimage(user, "nope")
     assert (r.returncode, r.stderr) == (2, "hpcimage: error: no such command: nope "
                                            "(see 'hpcimage --help')\n")
+
+
+# ------------------------------------------------------------------ the table
+
+APPTAINER_COMMANDS = {
+    "build", "cache", "capability", "checkpoint", "completion", "config", "delete", "exec",
+    "help", "inspect", "instance", "key", "keyserver", "oci", "overlay", "plugin", "pull",
+    "push", "registry", "remote", "run", "run-help", "search", "shell", "sif", "sign",
+    "test", "verify", "version"}         # apptainer 1.3/1.4 `apptainer help`
+
+
+def commands_table():
+    text = (REPO / "docs" / "apptainer.md").read_text()
+    section = text.split("<!-- section: commands -->", 1)[1].split("<!-- section:", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 3:
+            rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def test_commands_table_matches_the_cli(user):
+    """docs/apptainer.md "Commands" lists every Apptainer command with the status the
+    CLI gives it: a 'not supported' one is refused by name, the others answer help."""
+    rows = commands_table()
+    assert set(rows) == APPTAINER_COMMANDS
+    for name, status in sorted(rows.items()):
+        r = hpcimage(user, "help", name)
+        if status == "not supported":
+            assert (r.returncode, r.stderr) == (2, f"hpcimage: error: {name} is an Apptainer "
+                                                   "command that hpcimage does not support "
+                                                   "(see 'hpcimage --help')\n"), name
+        elif status in ("same", "differs"):
+            assert r.returncode == 0 and r.stdout, (name, r.stderr)
+        else:
+            assert name == "pull" and status == "(pull)", (name, status)   # its owner's
