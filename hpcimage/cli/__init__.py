@@ -15,7 +15,23 @@ def main(argv=None):
     verb = args[0] if args else None
     if verb in RUNTIME_VERBS:
         from hpcimage.runtime.main import main as runtime_main
+        if any("://" in a for a in args):      # docker://, oras://: the slow path
+            args = _from_registry(verb, args)
         runtime_main([verb, *args[1:]])
         return
     from hpcimage.cli.commands import main as click_main
     click_main(args)
+
+
+def _from_registry(verb, args):
+    """`exec|run|shell docker://REF ...`: REF converted once into the cache
+    (hpcimage.imagebuild.pull), then the cached SIF started as any image."""
+    from hpcimage.errors import HpcimageError
+    from hpcimage.imagebuild.pull import runtime_argv
+    try:
+        return [verb, *runtime_argv(verb, args[1:])]
+    except HpcimageError as e:
+        sys.stderr.write(f"hpcimage: error: {e.message}\n")
+        sys.exit(e.status)
+    except KeyboardInterrupt:
+        sys.exit(130)
