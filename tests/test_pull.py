@@ -113,6 +113,16 @@ def test_pull_refuses_to_overwrite(user, userdir, bare_dir, registry):
     r = hrun(user, "pull", "-F", str(out), uri, cwd=userdir, env=env_for(userdir))
     assert r.returncode == 0, r.stderr
     assert leftovers(userdir) == []
+    # a directory is never replaced, --force or not
+    r = hrun(user, "pull", "--force", str(userdir / "cache"), uri, cwd=userdir,
+             env=env_for(userdir))
+    assert r.returncode == 2 and "is a directory" in one_line(r)
+    # a directory the user cannot write: a failed operation, nothing left
+    locked = userdir / "locked"
+    locked.mkdir()
+    r = hrun(user, "pull", str(locked / "t.sif"), uri, cwd=userdir, env=env_for(userdir))
+    assert r.returncode == 1 and "cannot write" in one_line(r)
+    assert list(locked.iterdir()) == []
 
 
 def _on_terminal(user, argv, env, cwd, timeout=300):
@@ -198,6 +208,12 @@ def test_oras_round_trip(user, userdir, demo_sif, registry):
              env=env_for(userdir))
     assert r.returncode == 1 and "no SIF layer" in one_line(r)
     assert not (userdir / "notsif_1.0.sif").exists()
+    # a SIF layer that holds no SIF
+    registry.push_sif("hpc/fake", "1.0", b"not a SIF at all\n" * 10)
+    r = hrun(user, "pull", f"oras://{registry.host}/hpc/fake:1.0", cwd=userdir,
+             env=env_for(userdir))
+    assert r.returncode == 1 and "is not a SIF file" in one_line(r)
+    assert not (userdir / "fake_1.0.sif").exists()
 
 
 # ----------------------------------------------------------------- exec docker://
@@ -270,6 +286,9 @@ def test_cache_dir_apptainer_cachedir(user, userdir, bare_dir, registry):
     (["pull", "docker://127.0.0.1:5000/Bad_Repo:1"], 2, ["bad repository name"]),
     (["pull", "docker://127.0.0.1:5000/repo:bad!tag"], 2, ["bad tag"]),
     (["pull", "a", "b", "docker://x/y"], 2, ["too many arguments"]),
+    (["pull", "docker://127.0.0.1:5000/repo@sha256:zz"], 2, ["bad digest"]),
+    (["pull", "--arch", "vax", "docker://127.0.0.1:5000/repo:1"], 2, ["--arch vax"]),
+    (["pull", "no/such/dir/x.sif", "docker://127.0.0.1:5000/repo:1"], 2, ["does not exist"]),
     (["exec", "library://alice/default/tool:1", "true"], 2, ["library://", "not supported"]),
     (["run", "shub://vsoch/hello-world"], 2, ["shub://", "not supported"]),
     (["exec", "docker://127.0.0.1:5000/Bad_Repo:1", "true"], 2, ["bad repository name"]),
@@ -283,6 +302,20 @@ def test_errors_one_line(user, userdir, args, status, words):
     for w in words:
         assert w in line, line
     assert sorted(p.name for p in userdir.iterdir() if p.name != "cache") == []
+
+
+def test_failed_conversion_leaves_nothing(user, userdir, registry):
+    evil = reg.tar_layer([("bin", "dir", None, 0o755), ("bin/x", "file", b"good\n", 0o644)])
+    registry.push_image("hpc/corrupt", "1.0", [evil], reg.image_config())
+    path = Path(registry.blob_file(reg.digest(evil)))
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 0xFF]))
+    for args in (["pull"], ["exec"]):
+        r = hrun(user, *args, f"docker://{registry.host}/hpc/corrupt:1.0",
+                 *(["true"] if args == ["exec"] else []), cwd=userdir, env=env_for(userdir))
+        assert r.returncode == 1 and "digest mismatch" in one_line(r)
+    assert sorted(p.name for p in userdir.iterdir()) == ["cache"]
+    assert not list((userdir / "cache").glob("sif/sha256/*"))
+    assert not [p for p in (userdir / "cache").rglob("*") if ".tmp" in p.name]
 
 
 def test_missing_image_in_registry(user, userdir, registry):

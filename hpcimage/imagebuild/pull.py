@@ -106,7 +106,7 @@ class Progress:
 
         def update(done, end=False):
             now = time.monotonic()
-            if not end and now - self.last < 0.1:
+            if not end and (now - self.last < 0.1 or done == size):
                 return
             self.last = now
             total = f" / {_size(size)}" if size else ""
@@ -191,6 +191,11 @@ def cached_sif(uri, arch=None, progress=None):
     from hpcimage.image.arch import host
     progress = progress or Progress()
     scheme, ref = reference(uri)
+    if arch is not None:
+        from hpcimage.image.sif import _GOARCH_CODES
+        if arch not in _GOARCH_CODES:
+            raise UsageError(f"--arch {arch}: not an architecture (one of: "
+                             f"{', '.join(sorted(_GOARCH_CODES))})")
     key = f"{scheme}://{ref}|{arch or host()}"
     if ref.digest:                  # by digest: what it names cannot change
         path = _cached_path(scheme, _recall(key)) or _cached_path(scheme, ref.digest)
@@ -266,7 +271,7 @@ def _convert(client, ref, digest, doc, uri, arch, path, progress):
     progress.say(f"converting {uri} ({digest}) to SIF")
     from hpcimage.image.arch import host
     from hpcimage.imagebuild import builder, convert
-    with _quiet(progress.quiet):
+    with _quiet(True):          # its lines (ids, temporary paths) are not the user's
         if arch == host():
             builder.build(path, f"{uri}", force=True, notest=True, text=text)
             return
@@ -286,7 +291,8 @@ def _convert(client, ref, digest, doc, uri, arch, path, progress):
 
 class _quiet:
     """The build's own lines (`hpcimage: build: ...`, on stderr, also from its forked
-    namespace process) go to /dev/null when QUIET."""
+    namespace process) go to /dev/null when QUIET; its errors come back as
+    HpcimageError, said by the caller once stderr is restored."""
 
     def __init__(self, quiet):
         self.quiet, self.saved = quiet, None

@@ -182,9 +182,12 @@ class Client:
         except urllib.error.HTTPError as e:
             raise HpcimageError(f"{self.where}: {self.registry}: token request refused "
                                 f"(HTTP {e.code})") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError) as e:
+            raise Unreachable(f"{self.where}: {self.registry}: token request failed: "
+                              f"{getattr(e, 'reason', e)}") from None
+        except ValueError as e:
             raise HpcimageError(f"{self.where}: {self.registry}: token request failed: "
-                                f"{getattr(e, 'reason', e)}") from None
+                                f"{e}") from None
         token = data.get("token") or data.get("access_token")
         if not token:
             raise HpcimageError(f"{self.where}: {self.registry}: the token service gave no token")
