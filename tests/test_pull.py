@@ -93,6 +93,16 @@ def test_pull_docker_to_sif_then_exec(user, userdir, bare_dir, registry):
     r = hrun(user, "pull", f"docker://{registry.host}/hpc/plain", cwd=userdir,
              env=env_for(userdir))
     assert r.returncode == 0 and (userdir / "plain_latest.sif").is_file(), r.stderr
+    # Apptainer's --dir and --name
+    sub = userdir / "sub"
+    sub.mkdir()
+    os.chown(sub, user.uid, user.gid)
+    r = hrun(user, "pull", "--dir", "sub", f"docker://{registry.host}/hpc/plain",
+             cwd=userdir, env=env_for(userdir))
+    assert r.returncode == 0 and (sub / "plain_latest.sif").is_file(), r.stderr
+    r = hrun(user, "pull", "--dir", "sub", "--name", "n.sif",
+             f"docker://{registry.host}/hpc/plain", cwd=userdir, env=env_for(userdir))
+    assert r.returncode == 0 and (sub / "n.sif").is_file(), r.stderr
     assert leftovers(userdir) == []
 
 
@@ -289,6 +299,9 @@ def test_cache_dir_apptainer_cachedir(user, userdir, bare_dir, registry):
     (["pull", "docker://127.0.0.1:5000/repo@sha256:zz"], 2, ["bad digest"]),
     (["pull", "--arch", "vax", "docker://127.0.0.1:5000/repo:1"], 2, ["--arch vax"]),
     (["pull", "no/such/dir/x.sif", "docker://127.0.0.1:5000/repo:1"], 2, ["does not exist"]),
+    (["pull", "--disable-cache", "docker://127.0.0.1:5000/repo:1"], 2,
+     ["--disable-cache is an Apptainer option that hpcimage pull does not support"]),
+    (["pull", "--library", "https://x", "library://a/b/c"], 2, ["--library is an Apptainer"]),
     (["exec", "library://alice/default/tool:1", "true"], 2, ["library://", "not supported"]),
     (["run", "shub://vsoch/hello-world"], 2, ["shub://", "not supported"]),
     (["exec", "docker://127.0.0.1:5000/Bad_Repo:1", "true"], 2, ["bad repository name"]),
