@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_argv
+from conftest import PY, cli_argv
 import registry as reg
 
 MSG = b"hello from the registry\n"
@@ -336,3 +336,18 @@ def test_missing_image_in_registry(user, userdir, registry):
              env=env_for(userdir))
     assert r.returncode == 1 and "HTTP 404" in one_line(r)
     assert sorted(p.name for p in userdir.iterdir() if p.name != "cache") == []
+
+
+def test_plain_exec_takes_no_slower_path(user, userdir, demo_sqfs):
+    """`hpcimage exec IMAGE` imports what it imported before (no click, no imagebuild),
+    also when a word of the command looks like a URI."""
+    def imported(*args):
+        r = user.run([PY, "-I", "-X", "importtime", "-m", "hpcimage.cli", *args],
+                     cwd=str(userdir))
+        assert r.returncode == 0, r.stderr
+        return {ln.rsplit("|", 1)[1].strip() for ln in r.stderr.splitlines()
+                if ln.startswith("import time:") and "|" in ln}
+    for args in (["exec", "--dry-run", str(demo_sqfs), "true"],
+                 ["exec", "--dry-run", str(demo_sqfs), "echo", "docker://x/y"]):
+        mods = imported(*args)
+        assert not {m for m in mods if m.startswith(("hpcimage.imagebuild", "click"))}, args

@@ -24,12 +24,23 @@ def main(argv=None):
 
 
 def _from_registry(verb, args):
-    """`exec|run|shell docker://REF ...`: REF converted once into the cache
-    (hpcimage.imagebuild.pull), then the cached SIF started as any image."""
+    """`exec|run|shell [OPTIONS] docker://REF ...`: REF converted once into the cache
+    (hpcimage.imagebuild.pull), then the cached SIF started as any image. ARGS as they
+    are when the image is no URI (a URI among the command's own words) or when the
+    options do not parse (the runtime then says why)."""
     from hpcimage.errors import HpcimageError
-    from hpcimage.imagebuild.pull import runtime_argv
+    from hpcimage.runtime import options
     try:
-        return [verb, *runtime_argv(verb, args[1:])]
+        opts = options.parse(args)
+    except HpcimageError:
+        return args
+    image = opts.image or ""
+    i = len(args) - len(opts.args) - 1
+    if "://" not in image or opts.args == ["--help"] or i < 1 or args[i] != image:
+        return args
+    try:
+        from hpcimage.imagebuild.pull import cached_sif
+        return [*args[:i], cached_sif(image), *args[i + 1:]]
     except HpcimageError as e:
         sys.stderr.write(f"hpcimage: error: {e.message}\n")
         sys.exit(e.status)

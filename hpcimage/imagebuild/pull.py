@@ -343,21 +343,3 @@ def pull(out, uri, force=False, arch=None, quiet=None):
         raise HpcimageError(f"{out}: cannot write: {e.strerror}") from None
     progress.say(f"pulled {uri} to {out}")
     return out
-
-
-def runtime_argv(verb, args):
-    """For `hpcimage exec|run|shell [OPTIONS] URI ...`: ARGS with URI replaced by the
-    cached SIF it names (converted first when needed); ARGS unchanged when the image
-    is not a URI or the options do not parse (the runtime then says why)."""
-    from hpcimage.runtime import options
-    try:
-        opts = options.parse([verb, *args])
-    except HpcimageError:
-        return args
-    image = opts.image or ""
-    if "://" not in image or opts.args == ["--help"]:
-        return args
-    i = len(args) - len(opts.args) - 1
-    if i < 0 or args[i] != image:
-        return args
-    return [*args[:i], cached_sif(image), *args[i + 1:]]
