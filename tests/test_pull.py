@@ -211,6 +211,12 @@ def test_oras_round_trip(user, userdir, demo_sif, registry):
     r = hrun(user, "exec", uri, "cat", "/etc/os-release", env=env_for(userdir))
     want = hrun(user, "exec", demo_sif, "cat", "/etc/os-release")
     assert r.returncode == 0 and r.stdout == want.stdout, r.stderr
+    # the registry gone: the cached SIF, with a warning
+    registry.stop()
+    r = hrun(user, "exec", uri, "cat", "/etc/os-release", env=env_for(userdir))
+    assert r.returncode == 0 and r.stdout == want.stdout, r.stderr
+    assert "warning" in r.stderr and "cannot reach registry" in r.stderr
+    registry.start()
     # an image that is not an ORAS SIF, pulled as one
     registry.push_image("hpc/notsif", "1.0", [reg.tar_layer([("x", "file", b"x", 0o644)])],
                         reg.image_config())
@@ -264,6 +270,20 @@ def test_exec_docker_converts_once_into_the_cache(user, userdir, bare_dir, regis
     r = hrun(user, "exec", f"docker://{registry.host}/hpc/other:1.0", "true", env=env)
     assert r.returncode == 1 and "cannot reach registry" in one_line(r)
     assert "no cached copy" in r.stderr
+
+
+def test_concurrent_first_runs_convert_once(user, userdir, bare_dir, registry):
+    push_tool(registry, bare_dir)
+    uri = f"docker://{registry.host}/hpc/tool:1.0"
+    procs = [user.popen(cli_argv("exec", uri, "cat", "/etc/msg"), env=env_for(userdir),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out == MSG.decode(), err
+    sifs = list((userdir / "cache/sif/sha256").iterdir())
+    assert len([s for s in sifs if s.suffix == ".sif"]) == 1
+    assert not [s for s in sifs if ".tmp" in s.name]
 
 
 def test_exec_by_digest_needs_no_registry(user, userdir, bare_dir, registry):
@@ -327,7 +347,7 @@ def test_failed_conversion_leaves_nothing(user, userdir, registry):
                  *(["true"] if args == ["exec"] else []), cwd=userdir, env=env_for(userdir))
         assert r.returncode == 1 and "digest mismatch" in one_line(r)
     assert sorted(p.name for p in userdir.iterdir()) == ["cache"]
-    assert not list((userdir / "cache").glob("sif/sha256/*"))
+    assert not list((userdir / "cache").glob("sif/sha256/*.sif"))
     assert not [p for p in (userdir / "cache").rglob("*") if ".tmp" in p.name]
 
 

@@ -217,7 +217,10 @@ def cached_sif(uri, arch=None, progress=None):
     else:
         path = _sif_path(digest)
         if not _is_sif(path):
-            _convert(client, ref, digest, doc, uri, arch or host(), path, progress)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with _Lock(path + ".lock"):     # the ranks of a job convert it once
+                if not _is_sif(path):
+                    _convert(client, ref, digest, doc, uri, arch or host(), path, progress)
     _remember(key, digest)
     return path
 
@@ -287,6 +290,22 @@ def _convert(client, ref, digest, doc, uri, arch, path, progress):
                 os.unlink(sqfs)
             except FileNotFoundError:
                 pass
+
+
+class _Lock:
+    """An exclusive flock(2) on PATH (created, left in place: an empty file)."""
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        import fcntl
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        return False
 
 
 class _quiet:
