@@ -217,6 +217,11 @@ def test_oras_round_trip(user, userdir, demo_sif, registry):
     assert r.returncode == 0 and r.stdout == want.stdout, r.stderr
     assert "warning" in r.stderr and "cannot reach registry" in r.stderr
     registry.start()
+    # an ORAS SIF pulled as a container image: the right transport named
+    r = hrun(user, "pull", "x.sif", f"docker://{registry.host}/hpc/demo-sif:1.0",
+             cwd=userdir, env=env_for(userdir))
+    assert r.returncode == 2 and f"use oras://{registry.host}/hpc/demo-sif:1.0" in one_line(r)
+    assert not (userdir / "x.sif").exists()
     # an image that is not an ORAS SIF, pulled as one
     registry.push_image("hpc/notsif", "1.0", [reg.tar_layer([("x", "file", b"x", 0o644)])],
                         reg.image_config())
@@ -313,6 +318,7 @@ def test_cache_dir_apptainer_cachedir(user, userdir, bare_dir, registry):
     (["pull", "ftp://example.org/x"], 2, ["unsupported transport ftp://"]),
     (["pull", "x.sif", "alpine:3"], 2, ["not a registry reference"]),
     (["pull", "docker://"], 2, ["no image named"]),
+    (["pull", "oras://hpc/demo:1"], 2, ["name the registry"]),
     (["pull", "docker://127.0.0.1:5000/Bad_Repo:1"], 2, ["bad repository name"]),
     (["pull", "docker://127.0.0.1:5000/repo:bad!tag"], 2, ["bad tag"]),
     (["pull", "a", "b", "docker://x/y"], 2, ["too many arguments"]),

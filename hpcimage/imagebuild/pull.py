@@ -263,6 +263,9 @@ def _oras_sif(client, ref, mdigest, doc, uri, progress):
 
 def _convert(client, ref, digest, doc, uri, arch, path, progress):
     """Download the blobs of DOC (with progress), then build the SIF at PATH."""
+    if any(ld.get("mediaType") == registry.SIF_LAYER for ld in doc.get("layers") or []):
+        raise UsageError(f"{uri}: a SIF stored as an ORAS artifact, not a container "
+                         f"image: use oras://{uri.partition('://')[2]}")
     cfg = doc.get("config") or {}
     client.blob(ref.repository, cfg.get("digest"), cfg.get("size"))
     for ld in doc.get("layers") or []:
