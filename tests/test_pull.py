@@ -103,6 +103,10 @@ def test_pull_docker_to_sif_then_exec(user, userdir, bare_dir, registry):
     r = hrun(user, "pull", "--dir", "sub", "--name", "n.sif",
              f"docker://{registry.host}/hpc/plain", cwd=userdir, env=env_for(userdir))
     assert r.returncode == 0 and (sub / "n.sif").is_file(), r.stderr
+    # and their variables
+    r = hrun(user, "pull", f"docker://{registry.host}/hpc/plain", cwd=userdir,
+             env=env_for(userdir, APPTAINER_PULLDIR="sub", APPTAINER_PULL_NAME="v.sif"))
+    assert r.returncode == 0 and (sub / "v.sif").is_file(), r.stderr
     assert leftovers(userdir) == []
 
 
@@ -121,6 +125,9 @@ def test_pull_refuses_to_overwrite(user, userdir, bare_dir, registry):
     assert r.returncode == 0, r.stderr
     assert hrun(user, "exec", str(out), "cat", "/etc/msg").stdout == MSG.decode()
     r = hrun(user, "pull", "-F", str(out), uri, cwd=userdir, env=env_for(userdir))
+    assert r.returncode == 0, r.stderr
+    r = hrun(user, "pull", str(out), uri, cwd=userdir,
+             env=env_for(userdir, SINGULARITY_FORCE="true"))
     assert r.returncode == 0, r.stderr
     assert leftovers(userdir) == []
     # a directory is never replaced, --force or not

@@ -11,6 +11,11 @@ UNSUPPORTED = {"--disable-cache": False, "--sandbox": False, "--library": True,
                "--nocleanup": False}
 
 
+def _env(*names):
+    """Apptainer's variables for an option (APPTAINER_X, then SINGULARITY_X)."""
+    return [f"{p}_{n}" for n in names for p in ("APPTAINER", "SINGULARITY")]
+
+
 def _refuse(ctx, param, value):
     if value:
         raise UsageError(f"{param.opts[0]} is an Apptainer option that hpcimage pull does "
@@ -25,13 +30,16 @@ def _unsupported(f):
 
 
 @click.command("pull")
-@click.option("--force", "-F", is_flag=True, help="Overwrite OUTPUT if it exists.")
-@click.option("--arch", metavar="ARCH",
+@click.option("--force", "-F", is_flag=True, envvar=_env("FORCE"),
+              help="Overwrite OUTPUT if it exists.")
+@click.option("--arch", metavar="ARCH", envvar=_env("PULL_ARCH"),
               help="The architecture to pull (Go's name: amd64, arm64, ...; default: "
                    "this node's).")
-@click.option("--name", metavar="FILE", help="The file to write (instead of OUTPUT).")
-@click.option("--dir", "directory", metavar="DIR", help="Write OUTPUT in DIR.")
-@click.option("--no-https", "no_https", is_flag=True,
+@click.option("--name", metavar="FILE", envvar=_env("PULL_NAME"),
+              help="The file to write (instead of OUTPUT).")
+@click.option("--dir", "directory", metavar="DIR", envvar=_env("PULLDIR", "PULLFOLDER"),
+              help="Write OUTPUT in DIR.")
+@click.option("--no-https", "--nohttps", "no_https", is_flag=True,
               help="Speak plain HTTP to the registry (always so for localhost).")
 @click.option("--tmpdir", metavar="DIR",
               help="Where the conversion unpacks the image (default: $HPCIMAGE_TMPDIR, "
