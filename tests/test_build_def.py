@@ -100,7 +100,7 @@ def test_outputs_sif_sandbox_force(user, userdir):
     build(user, userdir, sif, IMAGES / "Demo.def", "--notest")
     r = hrun(user, "sif", "list", str(sif))
     assert "Def.FILE" in r.stdout and "JSON.Labels" in r.stdout and "FS (Squashfs" in r.stdout, r.stdout
-    r = hrun(user, "inspect", str(sif))
+    r = hrun(user, "inspect", "--deffile", str(sif))
     assert "Bootstrap: busybox" in r.stdout
     assert hrun(user, "run", str(sif)).stdout.startswith("Hello from hpcimage Demo")
     # refused without --force, kept intact; --force replaces it

@@ -422,7 +422,10 @@ def test_policy_knows_every_key_generate_writes(tmp_path):
     data = {"_comment": "generated", **s.policy()}
     p = Policy.from_json(data)
     for key, value in data.items():
-        if key != "_comment":
+        if key == "lmod":          # typed: config.policy.LmodInImage
+            assert (p.lmod.prefix, list(p.lmod.modulepath)) == (
+                value["prefix"], value["modulepath"]) == ("/opt/lmod", ["../modulefiles"])
+        elif key != "_comment":
             assert getattr(p, key) == value, key
 
 

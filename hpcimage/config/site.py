@@ -29,6 +29,10 @@ POLICY_VERSION = 1                       # the format of site.json; hpcimage doc
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 RESERVED_VERSIONS = ("default", "latest")
+# Characters of NAME_RE that a module system cannot load in a module's name or version:
+# Environment Modules 5 reads `module load A/1.0+cuda` as A/1.0 with the variant cuda
+# (its advanced version specifiers; @ ~ : , = and spaces, also theirs, NAME_RE refuses).
+MODULE_SYNTAX = {"+": "variant syntax in Environment Modules 5"}
 BIND_MODES = ("ro", "rw")
 # C0 controls and DEL: never allowed in paths, names or one-line values.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -552,6 +556,7 @@ def _build(ctx, root, values):
                             f"duplicate image {raw['name']}/{raw['version']} "
                             f"(first at line {first[ident]})")
         first[ident] = raw["line"]
+        _loadable(ctx, inode, keypath, raw["name"], raw["version"])
         if raw["default"]:
             if raw["name"] in defaults:
                 other, line = defaults[raw["name"]]
@@ -598,6 +603,18 @@ def _build(ctx, root, values):
         local=values["local"], keep=values["keep"],
         extra_wrappers=tuple(values["extra_wrappers"]),
         lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"])
+
+
+def _loadable(ctx, inode, keypath, name, version):
+    """A module Lmod and Environment Modules can both load by `module load NAME/VERSION`."""
+    for key, value in (("name", name), ("version", version)):
+        for ch, why in MODULE_SYNTAX.items():
+            if ch in value:
+                raise ctx.error(
+                    _key_node(inode, key) or inode, f"{keypath}.{key}",
+                    f"image {name}/{version}: {ch!r} in a module's {key} is {why} "
+                    f"('module load {name}/{version}' would not find it there); use "
+                    "'-', '_' or '.' instead")
 
 
 def _nested(a, b):

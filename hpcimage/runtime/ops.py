@@ -22,7 +22,7 @@ Standard library only: the hot path.
 import os
 
 from hpcimage.linux import syscalls as sc
-from hpcimage.runtime.command import RUNSCRIPT, enter_workdir, exec_command, app_dir
+from hpcimage.runtime.command import RUNSCRIPT, TESTSCRIPT, enter_workdir, exec_command, app_dir
 from hpcimage.runtime.rootfs import build_root, write_identity_files, make_target, map_ids, remount_ro
 
 
@@ -304,6 +304,8 @@ class Exec(Op):
             f", then {app_dir(app)}/env/*.sh" if app else "")
         if verb == "run":
             argv = [(app_dir(app) + "/runscript") if app else RUNSCRIPT] + list(argv)
+        elif verb == "test":
+            argv = [(app_dir(app) + "/test") if app else TESTSCRIPT] + list(argv)
         elif verb == "shell":
             sh = env.get("APPTAINER_SHELL") or env.get("SINGULARITY_SHELL")
             opt = ["--rcfile", rc] if rc else ["--norc"]

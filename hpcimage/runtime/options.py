@@ -8,7 +8,7 @@ import os
 
 from hpcimage.errors import UsageError
 
-VERBS = ("exec", "run", "shell")
+VERBS = ("exec", "run", "shell", "test")
 WRAPPER_VERBS = {"image-exec": "exec", "image-run": "run", "image-shell": "shell",
                  "image-mpi-rank": "exec"}
 MPI_MODES = ("hybrid", "bind")
@@ -119,7 +119,7 @@ def parse(argv, environ=None):
     elif verb in VERBS:
         prog = f"hpcimage {verb}"
     else:
-        raise UsageError(f"unknown verb {verb!r} (exec, run, shell)")
+        raise UsageError(f"unknown verb {verb!r} (exec, run, shell, test)")
     # image-mpi-rank: the ranks of image-mpi, which speaks for them
     o = Options(verb, "image-mpi" if prog == "image-mpi-rank" else prog)
     rest = argv[1:]
@@ -184,6 +184,7 @@ def parse(argv, environ=None):
 
 
 def usage(o):
-    what = {"exec": "COMMAND [ARGS...]", "run": "[ARGS...]", "shell": "[SHELL ARGS...]"}
+    what = {"exec": "COMMAND [ARGS...]", "run": "[ARGS...]", "shell": "[SHELL ARGS...]",
+            "test": "[ARGS...]"}
     image = "" if o.prog.startswith("image-") else "IMAGE "
     return HELP.format(prog=o.prog, image=image, what=what[o.verb])

@@ -88,7 +88,7 @@ def lmod_inside(r, p):
     """site.json "lmod" (site.yaml lmod_in_image): the host's Lmod, its Lua and the
     MODULEPATH (imported only here: the plain image-exec path stays light). Its binds
     already covered by a bind at the same path are left out (skip_covered)."""
-    if not isinstance(r.site.lmod, dict):
+    if r.site.lmod is None:
         return
     from hpcimage.host import lmod
     config = r.environ.get("HPCIMAGE_SITE_CONFIG")
