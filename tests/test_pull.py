@@ -263,6 +263,8 @@ def test_exec_docker_converts_once_into_the_cache(user, userdir, bare_dir, regis
     assert r.stdout == "cmd: hi there\n", r.stderr
     r = hrun(user, "shell", uri, "-c", "cat /etc/msg", env=env)
     assert r.stdout == MSG.decode(), r.stderr
+    r = hrun(user, "test", uri, env=env)                # no %test: says so, status 0
+    assert r.returncode == 0 and "no test script found" in r.stderr, r.stderr
     assert cached[0].stat().st_mtime_ns == first.st_mtime_ns    # converted once
     # a new image under the same tag: converted again, by its new digest
     dig2 = push_tool(registry, bare_dir, msg=b"second\n")

@@ -24,7 +24,7 @@ def main(argv=None):
 
 
 def _from_registry(verb, args):
-    """`exec|run|shell [OPTIONS] docker://REF ...`: REF converted once into the cache
+    """`exec|run|shell|test [OPTIONS] docker://REF ...`: REF converted once into the cache
     (hpcimage.imagebuild.pull), then the cached SIF started as any image. ARGS as they
     are when the image is no URI (a URI among the command's own words) or when the
     options do not parse (the runtime then says why)."""
