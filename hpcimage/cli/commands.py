@@ -68,6 +68,8 @@ RUNTIME_HELP = ("exec", "run", "shell", "test")     # their help is the runtime'
 from hpcimage.cli.sifcli import build as _build, sif as _sif  # noqa: E402  (issue 3)
 cli.add_command(_sif)
 cli.add_command(_build)
+from hpcimage.cli.pull import pull as _pull  # noqa: E402  (issue 14)
+cli.add_command(_pull)
 
 
 @cli.command()
