@@ -352,10 +352,30 @@ def test_help_is_stored_verbatim():
      "#!/usr/bin/awk -f\n\nBEGIN { print 1 }\n"),
     ("test", "", "  #!/bin/bash\necho $0\n", "#!/bin/bash\n\necho $0\n"),
     ("startscript", "-e # comment", "true\n", "#!/bin/sh -e\n\ntrue\n"),
+    ("apprun", "foo", "  echo foo\n", "#!/bin/sh\n\n  echo foo\n"),
+    ("apptest", "foo", "#!/bin/bash\ntrue\n", "#!/bin/bash\n\ntrue\n"),
 ])
 def test_shebang_script(section, args, body, want):
     d = deffile.parse(f"Bootstrap: busybox\n%{section} {args}\n{body}", "t.def")
-    assert deffile.shebang_script(d.final.sections[section]) == want
+    st = d.final
+    sec = st.apps["foo"].sections[section[3:]] if section.startswith("app") else \
+        st.sections[section]
+    assert deffile.shebang_script(sec) == want
+
+
+def test_files_words_as_apptainer_splits_them():
+    d = parse("""
+        Bootstrap: busybox
+        %files
+            "a b" 'c d'
+            src dst ignored words
+            {{ D }}/x
+            'single quoted'
+        %arguments
+            D=/data
+        """)
+    assert [(e.src, e.dst) for e in d.final.files[0][1]] == [
+        ("a b", "c d"), ("src", "dst"), ("/data/x", None), ("single quoted", None)]
 
 
 def test_site_images_parse():

@@ -119,7 +119,9 @@ COMMENT_RE = re.compile(r"#[^!]")                                 # commentLineR
 SECTION_RE = re.compile(r"\s*%+(\S*)(?:\s+(.*?))?\s*\Z", re.S)   # first word starts with %
 HEADER_RE = re.compile(r"\s*([^:]*?)\s*:\s*(.*?)\s*\Z", re.S)    # doHeader: key, value
 OTHERURL_RE = re.compile(r"otherurl[0-9]+\Z")                     # "otherurl&n"
-FILES_RE = re.compile(r"""([^\s"']*{{\s*\w+\s*}}*[^\s{}"']*)+|([^\s"']+|"([^"]*)"|'([^']*))""")
+FILES_RE = re.compile(r"""([^\s"']*{{\s*\w+\s*}}*[^\s{}"']*)+|([^\s"']+|"([^"]*)"|'([^']*)')""")
+# (fileSplitter, but a single-quoted word ends at its closing quote: Apptainer's
+# `'([^']*)` leaves it out and splits 'a b' into "'a b" and "'")
 
 
 def valid_name(s):
@@ -547,13 +549,14 @@ def script_argv(section, script_path):
 def shebang_script(section):
     """The file Apptainer writes for a %runscript, %startscript or %test section (its
     handleShebangScript): the section's own `#!` line as the interpreter when its text
-    starts with one, else `#!/bin/sh`; the section's arguments after it."""
+    starts with one, else `#!/bin/sh`; the section's arguments after it (an app
+    section's argument is its app's name: none)."""
     body = section.body
     shebang = "#!/bin/sh"
     if body.strip().startswith("#!"):
         first, _, body = body.lstrip().partition("\n")
         shebang = first.strip()
-    args = section.args.split("#")[0].strip()
+    args = "" if section.name in APP_SECTIONS else section.args.split("#")[0].strip()
     if args:
         shebang += " " + args
     return f"{shebang}\n\n{body}"
@@ -571,11 +574,17 @@ def _file_entries(body_lines, first, display, name):
             words = s.split("#")[0].strip().split(" ", 1)
             words = [w.strip() for w in words]
         else:
-            words = [m[0].strip().strip('"') for m in FILES_RE.finditer(s)]
+            words = [_unquote(m[0].strip()) for m in FILES_RE.finditer(s)]
         if not words or not words[0]:
             continue
         out.append(FileEntry(words[0], words[1] if len(words) > 1 and words[1] else None, n))
     return out
+
+
+def _unquote(w):
+    if len(w) >= 2 and w[0] == w[-1] == "'":
+        return w[1:-1]
+    return w.strip('"')
 
 
 def _labels(body_lines, first, display):

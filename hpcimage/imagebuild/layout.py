@@ -123,10 +123,10 @@ if [ -n "${APPTAINER_APPNAME:-}" ]; then
             PATH="/scif/apps/singularity/bin:$PATH"
         fi
         if [ -d "$SCIF_APPROOT/lib" ]; then
-            LD_LIBRARY_PATH="$SCIF_APPROOT/lib:${LD_LIBRARY_PATH:-}"
+            LD_LIBRARY_PATH="$SCIF_APPROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
             export LD_LIBRARY_PATH
         elif [ -d /scif/apps/singularity/lib ]; then
-            LD_LIBRARY_PATH="/scif/apps/singularity/lib:${LD_LIBRARY_PATH:-}"
+            LD_LIBRARY_PATH="/scif/apps/singularity/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
             export LD_LIBRARY_PATH
         fi
         for __f in 01-base.sh 90-environment.sh; do
