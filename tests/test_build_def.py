@@ -388,6 +388,7 @@ def test_apps(user, every_image):
     ("%test\n    sleep 1\n    exit 4\n", 1, "t.def:3: %test failed (exit 4)"),
     ("%files\n    no-such-file /x\n", 2, "t.def:4: %files: no-such-file: no such file"),
     ("%setup\n    exit 3\n", 1, "t.def:3: %setup failed (exit 3)"),
+    ("%pre\n    exit 5\n", 1, "t.def:3: %pre failed (exit 5)"),
 ])
 def test_failure_leaves_nothing(user, userdir, section, status, what):
     tmp = userdir / "tmp"
@@ -880,3 +881,19 @@ def test_apptainer_e2e_image(user, userdir):
     r = hrun(user, "exec", str(out), "env", "-i", "APPTAINER_APPNAME=foo", "/bin/sh",
              "/.singularity.d/actions/run")
     assert r.stdout == "RUNNING FOO\n", r.stderr
+
+
+def test_unused_build_arg_and_headerless_file(user, userdir):
+    d = write(userdir / "t.def", "Bootstrap: busybox  # comment\n%post\n    true\n", user)
+    r = build(user, userdir, userdir / "o.sqfs", d, "--build-arg", "NOPE=1", ok=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"hpcimage: error: --build-arg NOPE: not used by {d} "
+        "(--warn-unused-build-args makes this a warning)")
+    assert not (userdir / "o.sqfs").exists()
+    r = build(user, userdir, userdir / "o.sqfs", d, "--build-arg", "NOPE=1",
+              "--warn-unused-build-args")
+    assert f"hpcimage: warning: --build-arg NOPE: not used by {d}" in r.stderr
+    d = write(userdir / "h.def", "%post\n    true\n", user)
+    r = build(user, userdir, userdir / "h.sqfs", d, ok=False)
+    assert r.returncode == 2 and f"{d}:1: no 'Bootstrap: AGENT' header" in r.stderr
