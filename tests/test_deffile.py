@@ -301,6 +301,13 @@ def test_build_arguments_belong_to_their_stage():
     assert "#!1 is no comment" in post
 
 
+def test_arguments_line_without_value_warns(capsys):
+    d = deffile.parse("Bootstrap: busybox\n%arguments\n  A=1\n  not an assignment\n", "t.def")
+    assert d.final.arguments == {"A": "1"}
+    assert "warning: t.def:4: %arguments: 'not an assignment' is not NAME=VALUE" in \
+        capsys.readouterr().err
+
+
 def test_unused_build_arg(capsys):
     text = "Bootstrap: busybox\n%post\n  true\n"
     with pytest.raises(UsageError, match=r"--build-arg X, Y: not used by t.def "

@@ -493,11 +493,16 @@ def _add_section(stage, name, args, line, body_lines, display):
     if name == "arguments":
         for n, ln in enumerate(body_lines, first):
             s = ln.strip()
-            if s and not s.startswith("#") and "=" in s:
-                k, _, v = s.partition("=")
-                if not k.strip():
-                    raise _err(display, n, f"%arguments: want NAME=VALUE, got {s!r}")
-                stage.arguments[k.strip()] = v.strip()
+            if not s or s.startswith("#"):
+                continue
+            k, eq, v = s.partition("=")
+            if not eq:                  # Apptainer's ReadDefaults: a warning, skipped
+                print(f"hpcimage: warning: {display}:{n}: %arguments: {s!r} is not "
+                      "NAME=VALUE: skipped", file=sys.stderr)
+                continue
+            if not k.strip():
+                raise _err(display, n, f"%arguments: want NAME=VALUE, got {s!r}")
+            stage.arguments[k.strip()] = v.strip()
         return
     if name == "files":
         frm = None
