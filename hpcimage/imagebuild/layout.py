@@ -7,6 +7,7 @@ import stat
 import time
 
 from hpcimage.linux.paths import resolve_in
+from hpcimage.imagebuild.deffile import shebang_script
 
 META = ".singularity.d"
 
@@ -14,7 +15,7 @@ META = ".singularity.d"
 def write_file(path, text, mode=0o644):
     if os.path.islink(path):
         os.unlink(path)
-    with open(path, "w") as f:
+    with open(path, "w", errors="surrogateescape") as f:
         f.write(text)
     os.chmod(path, mode)
 
@@ -33,9 +34,136 @@ def has_sh(root):
         os.path.realpath(p).startswith(root)
 
 
+# What Apptainer's build writes into every image (its makeBaseEnv), in our own words:
+# the same file names, the same behaviour, so that Apptainer's starter runs an image
+# built here and hpcimage runs one built there.
+_SOURCE_ENV = """for __script in /.singularity.d/env/*.sh; do
+    if [ -f "$__script" ]; then
+        . "$__script"
+    fi
+done
+unset __script
+"""
+ACTIONS = {
+    "exec": "#!/bin/sh\n\n" + _SOURCE_ENV + '\nexec "$@"\n',
+    "run": "#!/bin/sh\n\n" + _SOURCE_ENV + """
+if [ -n "${APPTAINER_APPNAME:-}" ]; then
+    for __d in "/scif/apps/${APPTAINER_APPNAME}" /scif/apps/singularity; do
+        if [ -x "$__d/scif/runscript" ]; then
+            exec "$__d/scif/runscript" "$@"
+        fi
+    done
+    echo "No Apptainer runscript for contained app: ${APPTAINER_APPNAME}"
+    exit 1
+elif [ -x /.singularity.d/runscript ]; then
+    exec /.singularity.d/runscript "$@"
+fi
+echo "No Apptainer runscript found, executing /bin/sh"
+exec /bin/sh "$@"
+""",
+    "shell": "#!/bin/sh\n\n" + _SOURCE_ENV + """
+if [ -n "${APPTAINER_SHELL:-}" ] && [ -x "$APPTAINER_SHELL" ]; then
+    exec $APPTAINER_SHELL "$@"
+    echo "ERROR: Failed running shell as defined by '\\$APPTAINER_SHELL'" 1>&2
+    exit 1
+elif [ -x /bin/bash ]; then
+    SHELL=/bin/bash
+    PS1="Apptainer ${APPTAINER_NAME:-}:\\\\w> "
+    export SHELL PS1
+    exec /bin/bash --norc "$@"
+elif [ -x /bin/sh ]; then
+    SHELL=/bin/sh
+    export SHELL
+    exec /bin/sh "$@"
+fi
+echo "ERROR: /bin/sh does not exist in container" 1>&2
+exit 1
+""",
+    "start": """#!/bin/sh
+
+# tell the instance's PID 1 to go on (Apptainer's starter waits for it)
+kill -CONT 1
+
+""" + _SOURCE_ENV + """
+if [ -x /.singularity.d/startscript ]; then
+    exec /.singularity.d/startscript
+fi
+""",
+    "test": "#!/bin/sh\n\n" + _SOURCE_ENV + """
+if [ -n "${APPTAINER_APPNAME:-}" ]; then
+    for __d in "/scif/apps/${APPTAINER_APPNAME}" /scif/apps/singularity; do
+        if [ -x "$__d/scif/test" ]; then
+            exec "$__d/scif/test" "$@"
+        fi
+    done
+    echo "No tests for contained app: ${APPTAINER_APPNAME}"
+    exit 1
+elif [ -x /.singularity.d/test ]; then
+    exec /.singularity.d/test "$@"
+fi
+echo "No test found in container, executing /bin/sh -c true"
+exec /bin/sh -c true
+""",
+}
+ENV_FILES = {
+    "01-base.sh": "#!/bin/sh\n# The image's base environment (Apptainer's 01-base.sh): "
+                  "nothing to set.\n",
+    "95-apps.sh": """#!/bin/sh
+# The active SCI-F app (APPTAINER_APPNAME): its bin and lib first, its environment.
+if [ -n "${APPTAINER_APPNAME:-}" ]; then
+    export APPTAINER_APPNAME
+    if [ -d "/scif/apps/${APPTAINER_APPNAME}/" ]; then
+        SCIF_APPS=/scif/apps
+        SCIF_APPROOT="/scif/apps/${APPTAINER_APPNAME}"
+        export SCIF_APPROOT SCIF_APPS
+        PATH="/scif/apps/${APPTAINER_APPNAME}:/scif/apps/singularity:$PATH"
+        if [ -d "$SCIF_APPROOT/bin" ]; then
+            PATH="$SCIF_APPROOT/bin:$PATH"
+        elif [ -d /scif/apps/singularity/bin ]; then
+            PATH="/scif/apps/singularity/bin:$PATH"
+        fi
+        if [ -d "$SCIF_APPROOT/lib" ]; then
+            LD_LIBRARY_PATH="$SCIF_APPROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            export LD_LIBRARY_PATH
+        elif [ -d /scif/apps/singularity/lib ]; then
+            LD_LIBRARY_PATH="/scif/apps/singularity/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            export LD_LIBRARY_PATH
+        fi
+        for __f in 01-base.sh 90-environment.sh; do
+            if [ -f "$SCIF_APPROOT/scif/env/$__f" ]; then
+                . "$SCIF_APPROOT/scif/env/$__f"
+            elif [ -f "/scif/apps/singularity/scif/env/$__f" ]; then
+                . "/scif/apps/singularity/scif/env/$__f"
+            fi
+        done
+        unset __f
+        export PATH
+    else
+        echo "Could not locate the container application: ${APPTAINER_APPNAME}"
+        exit 1
+    fi
+fi
+""",
+    "99-base.sh": """#!/bin/sh
+# Libraries bound in by the runtime (GPU, MPI, ...) come after the image's own.
+if [ -z "${LD_LIBRARY_PATH:-}" ]; then
+    LD_LIBRARY_PATH=/.singularity.d/libs
+else
+    LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/.singularity.d/libs"
+fi
+PS1="Apptainer> "
+export LD_LIBRARY_PATH PS1
+""",
+}
+ENVIRONMENT_HEAD = "#!/bin/sh\n# Custom environment shell code should follow\n\n"
+
+
 def base_layout(root):
     """What every image has (Apptainer's base environment): the mount points, /tmp,
-    /etc/hosts and /etc/resolv.conf, /.singularity.d with env/, actions/, libs/."""
+    /etc/hosts and /etc/resolv.conf, /.singularity.d with env/ (01-base.sh,
+    90-environment.sh, 95-apps.sh, 99-base.sh), actions/ (exec, run, shell, start,
+    test) and libs/, and the links /singularity, /environment, /.exec, /.run, /.shell,
+    /.test."""
     def mkdir(rel, mode=0o755):
         p = os.path.join(root, resolve_in(root, rel))
         if not os.path.lexists(p):
@@ -58,8 +186,18 @@ def base_layout(root):
             write_file(p, text)
     for d in (META, META + "/env", META + "/actions", META + "/libs"):
         mkdir(d)
+    meta = os.path.join(root, resolve_in(root, META))
+    for name, text in ACTIONS.items():
+        write_file(os.path.join(meta, "actions", name), text, 0o755)
+    for name, text in ENV_FILES.items():
+        write_file(os.path.join(meta, "env", name), text, 0o755)
+    env90 = os.path.join(meta, "env", "90-environment.sh")
+    if not os.path.lexists(env90):
+        write_file(env90, ENVIRONMENT_HEAD, 0o755)
     for name, target in (("singularity", META + "/runscript"),
-                         ("environment", META + "/env/90-environment.sh")):
+                         ("environment", META + "/env/90-environment.sh"),
+                         (".exec", META + "/actions/exec"), (".run", META + "/actions/run"),
+                         (".shell", META + "/actions/shell"), (".test", META + "/actions/test")):
         p = os.path.join(root, name)
         if not os.path.lexists(p):
             os.symlink(target, p)
@@ -83,10 +221,9 @@ def app_layout(root, app):
            "SCIF_APPROOT SCIF_APPMETA SCIF_APPINPUT SCIF_APPOUTPUT SCIF_DATA\n", 0o755)
     if app.script("env") is not None:
         write_file(os.path.join(meta, "env/90-environment.sh"), app.script("env"), 0o755)
-    if app.script("run") is not None:
-        write_file(os.path.join(meta, "runscript"), "#!/bin/sh\n\n" + app.script("run"), 0o755)
-    if app.script("test") is not None:
-        write_file(os.path.join(meta, "test"), "#!/bin/sh\n\n" + app.script("test"), 0o755)
+    for short, name in (("run", "runscript"), ("test", "test"), ("start", "startscript")):
+        if short in app.sections:       # %apprun, %apptest, %appstart (for instances)
+            write_file(os.path.join(meta, name), shebang_script(app.sections[short]), 0o755)
     if app.script("help") is not None:
         write_file(os.path.join(meta, "runscript.help"), app.script("help"))
     labels = {"SCIF_APP_NAME": n}
@@ -108,12 +245,18 @@ def read_json(path):
 def write_metadata(st, root, d):
     meta = os.path.join(root, META)
     if st.script("environment") is not None:
-        write_file(os.path.join(meta, "env/90-environment.sh"),
-               "#!/bin/sh\n# Custom environment shell code should follow\n\n"
-               + st.script("environment"), 0o755)
+        # appended to the base's 90-environment.sh (base_layout's head when it had
+        # none), as Apptainer's insertEnvScript does
+        env90 = os.path.join(meta, "env/90-environment.sh")
+        old = ENVIRONMENT_HEAD
+        if os.path.isfile(env90) and not os.path.islink(env90):
+            with open(env90, errors="surrogateescape") as f:
+                old = f.read()
+        write_file(env90, old + ("\n" if old != ENVIRONMENT_HEAD else "")
+                   + st.script("environment"), 0o755)
     for name in ("runscript", "startscript", "test"):
-        if st.script(name) is not None:
-            write_file(os.path.join(meta, name), "#!/bin/sh\n\n" + st.script(name), 0o755)
+        if name in st.sections:
+            write_file(os.path.join(meta, name), shebang_script(st.sections[name]), 0o755)
     if st.script("help") is not None:
         write_file(os.path.join(meta, "runscript.help"), st.script("help"))
     if st.apps:
