@@ -400,10 +400,9 @@ def test_hot_path_imports_only_stdlib_and_runtime(user, demo_dir, userdir, kind)
     mods = [ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if "|" in ln]
     ours = {m for m in mods if m.startswith("hpcimage")}
     # the runtime's rooms and those below it (DESIGN.md), of config only the site.json
-    # reader and the bind-spec grammar (site.yaml's parser needs yaml)
+    # reader (site.yaml's parser needs yaml; the bind-spec grammar comes with a bind)
     assert ours and all(m.split(".")[1] in ("runtime", "image", "host", "errors", "linux")
-                        or m in ("hpcimage.config", "hpcimage.config.policy",
-                                 "hpcimage.config.bindspec")
+                        or m in ("hpcimage.config", "hpcimage.config.policy")
                         for m in ours if "." in m), ours
     assert ("hpcimage.image.squashfs" in ours) == (kind == "sqfs")
     for banned in ("click", "jinja2", "yaml", "psutil", "pkg_resources", "subprocess",

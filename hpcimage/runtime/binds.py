@@ -9,13 +9,20 @@ absolute destination of a default or site bind). Standard library only: hot path
 """
 import os
 
-from hpcimage.config.bindspec import parse as parse_spec, split_list
 from hpcimage.errors import UsageError
 from hpcimage.runtime.ops import Bind, MountData
 
 NO_MOUNT = ("proc", "sys", "dev", "devpts", "home", "tmp", "hostfs", "cwd", "bind-paths")
 
 __all__ = ("NO_MOUNT", "no_mount", "split_list", "spec_bind", "add_spec", "skipped")
+
+
+def split_list(text):
+    """config.bindspec.split_list (imported only where there is a spec to read)."""
+    if not text:
+        return []
+    from hpcimage.config.bindspec import split_list as split
+    return split(text)
 
 
 def no_mount(opts):
@@ -49,6 +56,7 @@ def spec_bind(spec, what, cwd, data_at):
     """(MountData op or None, Bind) of one spec (UsageError for a bad one). cwd: the
     caller's directory (None when deleted), for a relative source; data_at: where an
     image bind's file system is mounted (below the session directory)."""
+    from hpcimage.config.bindspec import parse as parse_spec
     try:
         s = parse_spec(spec)
     except ValueError as e:

@@ -6,7 +6,6 @@ so everything after it reaches the container verbatim. Standard library only.
 """
 import os
 
-from hpcimage.config.bindspec import split_list
 from hpcimage.errors import UsageError
 
 VERBS = ("exec", "run", "shell")
@@ -157,6 +156,7 @@ def parse(argv, environ=None):
                     i += 1
             key = _VALUED[name]
             if key == "bind":
+                from hpcimage.config.bindspec import split_list
                 o.binds.extend(split_list(val))
             elif key == "no_mount":
                 o.no_mount.extend(v for v in val.split(",") if v)
