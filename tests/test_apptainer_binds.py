@@ -239,6 +239,24 @@ def test_image_src_ext3(user, demo_sqfs, data_images, how):
     assert out == "data\nwrote\nr\n"
 
 
+@needs_fuse2fs
+def test_image_bind_mount_failures(user, demo_sqfs, data_images, userdir):
+    """A file that looks like ext3 but is not one, and no fuse2fs on the node: one
+    line, exit 1 (a failed operation), nothing left running."""
+    broken = userdir / "broken.ext3"
+    raw = bytearray(4096)
+    raw[1080:1082] = b"\x53\xef"
+    broken.write_bytes(bytes(raw))
+    os.chown(broken, user.uid, user.gid)
+    bad(run(user, "image-exec", demo_sqfs, "true", opts=("-B", f"{broken}:/x:image-src=/")),
+        f"{broken}: cannot mount ext3 image with fuse2fs", status=1)
+    empty = userdir / "nofuse2fs"
+    empty.mkdir()
+    bad(run(user, "image-exec", demo_sqfs, "true",
+            opts=("-B", f"{data_images['ext3']}:/x:image-src=/"), env={"PATH": str(empty)}),
+        "fuse2fs not found: install fuse2fs to bind from ext3 images", status=1)
+
+
 def test_id_selects_a_sif_partition(user, demo_sqfs, data_images, userdir):
     """id=N: the SIF partition with object id N (here the primary one, a SquashFS);
     without id a SIF binds its first data partition, and this one has none."""
