@@ -23,6 +23,7 @@ import yaml
 from hpcimage.errors import UsageError
 
 DEFAULT_PYTHON = "/opt/hpcimage/venv/bin/python3"
+from hpcimage.config import bindspec  # noqa: E402
 from hpcimage.config.policy import DEFAULT_LOCAL, MPI_DEFAULTS  # noqa: E402
 DEFAULT_KEEP = 2                         # previous versions publish keeps in the store
 POLICY_VERSION = 1                       # the format of site.json; hpcimage doctor compares it
@@ -281,24 +282,25 @@ def parse_file(ctx, node, keypath):
 
 
 def parse_bind(ctx, node, keypath):
+    """One bind spec, Apptainer's grammar (config.bindspec): `src[:dst[:OPTIONS]]`,
+    absolute paths, `\\,` and `\\:` for a literal ',' and ':'; one bind per entry."""
     spec = _expect_str(ctx, node, keypath, "a bind spec 'src[:dst[:ro|rw]]'")
     _no_control(ctx, node, keypath, spec)
-    if "," in spec:
-        raise ctx.error(node, keypath, f"one bind per entry, got {spec!r} (no ',')")
-    parts = spec.split(":")
-    if len(parts) > 3:
-        raise ctx.error(node, keypath, f"expected 'src[:dst[:ro|rw]]', got {spec!r}")
-    src = parts[0]
-    dst = parts[1] if len(parts) > 1 else src
-    mode = parts[2] if len(parts) > 2 else "rw"
-    for label, p in (("source", src), ("destination", dst)):
+    specs = bindspec.split_list(spec)
+    if len(specs) != 1:
+        raise ctx.error(node, keypath, f"one bind per entry, got {spec!r} (a ',' in a "
+                        "path is written '\\,')")
+    try:
+        b = bindspec.parse(specs[0])
+    except ValueError as e:
+        raise ctx.error(node, keypath, str(e)) from None
+    dst = b.dst or b.src
+    for label, p in (("source", b.src), ("destination", dst)):
         if not p.startswith("/"):
             raise ctx.error(node, keypath,
                             f"{label} of bind {spec!r} must be an absolute path")
-    if mode not in BIND_MODES:
-        raise ctx.error(node, keypath,
-                        f"mode of bind {spec!r} must be 'ro' or 'rw', got {mode!r}")
-    return Bind(spec=spec, src=posixpath.normpath(src), dst=posixpath.normpath(dst), mode=mode)
+    return Bind(spec=spec, src=posixpath.normpath(b.src), dst=posixpath.normpath(dst),
+                mode="ro" if b.ro else "rw")
 
 
 def parse_local_dir(ctx, node, keypath):

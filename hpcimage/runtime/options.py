@@ -17,11 +17,14 @@ HELP = """\
 usage: {prog} [OPTIONS] {image}{what}
 
 options (as Apptainer's where they mean the same):
-  -B, --bind SRC[:DST[:ro|rw]]  bind a host path into the container (repeatable,
-                                comma-separated lists allowed)
+  -B, --bind SRC[:DST[:OPTS]]   bind a host path into the container (repeatable,
+                                comma-separated lists; OPTS: ro, rw, image-src=PATH,
+                                id=N; '\\,' and '\\:' are a literal ',' and ':')
   -e, --cleanenv                start from a minimal environment (see README)
   -C, --contain                 no host home, cwd or /tmp: fresh empty ones instead
       --no-home                 do not bind the home directory
+      --no-mount LIST           leave out default mounts: proc, sys, dev, devpts, home,
+                                tmp, hostfs, cwd, bind-paths, or a bind's path
       --pwd DIR                 working directory inside the container
       --env K=V                 set K inside the container (repeatable)
       --app NAME                the SCI-F app NAME: its runscript (run), its environment
@@ -40,7 +43,8 @@ def valid_name(k):
 
 class Options:
     __slots__ = ("verb", "prog", "image", "args", "binds", "cleanenv", "contain",
-                 "no_home", "pwd", "env", "dry_run", "app", "nv", "rocm", "ib", "mpi_mode")
+                 "no_home", "pwd", "env", "dry_run", "app", "nv", "rocm", "ib", "mpi_mode",
+                 "no_mount")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -59,6 +63,7 @@ class Options:
         self.rocm = False
         self.ib = False
         self.mpi_mode = None
+        self.no_mount = []
 
 
 # The options: one table, read by parse() below, by image-mpi's split of its own options
@@ -78,6 +83,7 @@ FLAGS = (
     ("-C", "contain", False, "launcher"),
     ("--contain", "contain", False, "ranks"),
     ("--no-home", "no_home", False, "ranks"),
+    ("--no-mount", "no_mount", True, "ranks"),
     ("--pwd", "pwd", True, "ranks"),
     ("--env", "env", True, "ranks"),
     ("--app", "app", True, "launcher"),
@@ -150,7 +156,10 @@ def parse(argv, environ=None):
                     i += 1
             key = _VALUED[name]
             if key == "bind":
-                o.binds.extend(v for v in val.split(",") if v)
+                from hpcimage.config.bindspec import split_list
+                o.binds.extend(split_list(val))
+            elif key == "no_mount":
+                o.no_mount.extend(v for v in val.split(",") if v)
             elif key == "env":
                 k, has, v = val.partition("=")
                 if not has or not valid_name(k):
