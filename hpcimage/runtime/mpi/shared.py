@@ -4,6 +4,7 @@ import fcntl
 import os
 
 from hpcimage.errors import HpcimageError
+from hpcimage.image.baseenv import ENV_FILES     # read in the container (after pivot_root)
 from hpcimage.linux import syscalls as sc
 from hpcimage.linux import procstate
 from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES
@@ -125,11 +126,14 @@ INDIRECT = {".", "source", "eval", "printenv", "env", "set", "declare", "typeset
             "-p"}   # -p: export -p
 
 
-def _scripts_look_static(varies):
+def _scripts_look_static(varies, shell_env=None):
     """The image's env scripts name no per-rank variable (the planning environment may
     lack those, so the probe alone cannot see them being read) and read none
-    indirectly. Comment lines are skipped."""
+    indirectly. Comment lines are skipped. The base environment an hpcimage build
+    writes (image.baseenv) is known: its 95-apps.sh sources an app's scripts only for
+    an active app (APPTAINER_APPNAME in shell_env)."""
     names = FORWARD_PREFIXES + ("HFI_", "IPATH_")
+    app = bool((shell_env or {}).get("APPTAINER_APPNAME"))
     try:
         files = sorted(f for f in os.listdir(ENV_DIR) if f.endswith(".sh"))
     except OSError:
@@ -137,10 +141,12 @@ def _scripts_look_static(varies):
     for f in files:
         try:
             with open(os.path.join(ENV_DIR, f), errors="replace") as fh:
-                text = "\n".join(ln for ln in fh.read().splitlines()
-                                 if not ln.lstrip().startswith("#"))
+                raw = fh.read()
         except OSError:
             return False
+        if raw == ENV_FILES.get(f) and not (app and f == "95-apps.sh"):
+            continue
+        text = "\n".join(ln for ln in raw.splitlines() if not ln.lstrip().startswith("#"))
         for c in ";&|()`\n\t":
             text = text.replace(c, " ")
         if any(n in text for n in names) or INDIRECT.intersection(text.split(" ")):
@@ -159,7 +165,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     `_`) serves every rank: hpcimage-join then execs the program without /bin/sh.
     Returns it as a dict, or None (scripts that read per-rank values, no env -0, ...)."""
     from hpcimage.runtime.command import enter_workdir
-    if not os.access("/bin/sh", os.X_OK) or not _scripts_look_static(varies):
+    if not os.access("/bin/sh", os.X_OK) or not _scripts_look_static(varies, shell_env):
         return None
 
     def run(env):
