@@ -147,24 +147,26 @@ FLAGS = (
 
 # Apptainer 1.3/1.4 action options (exec, run, shell) that hpcimage does not have:
 # name -> Apptainer's variable names (the *_NAME that warns). "yet": coming with the
-# overlay/writable/fakeroot issue. Short forms: UNSUPPORTED_SHORT.
+# overlay/writable/fakeroot issue. Short forms: UNSUPPORTED_SHORT. The registry
+# options' variables (APPTAINER_DOCKER_USERNAME, _AUTHFILE, _NO_HTTPS, _DISABLE_CACHE)
+# do not warn: users export them for `pull` and `build`, which are not launches.
 UNSUPPORTED = {
     "--add-caps": ("ADD_CAPS",), "--allow-setuid": ("ALLOW_SETUID",),
-    "--apply-cgroups": ("APPLY_CGROUPS",), "--authfile": ("AUTHFILE",),
+    "--apply-cgroups": ("APPLY_CGROUPS",), "--authfile": (),
     "--blkio-weight": ("BLKIO_WEIGHT",), "--blkio-weight-device": ("BLKIO_WEIGHT_DEVICE",),
     "--boot": ("BOOT",), "--containlibs": ("CONTAINLIBS",), "--cpu-shares": ("CPU_SHARES",),
     "--cpus": (), "--cpuset-cpus": ("CPUSET_CPUS",), "--cpuset-mems": ("CPUSET_MEMS",),
-    "--disable-cache": ("DISABLE_CACHE",), "--dmtcp-launch": ("DMTCP_LAUNCH",),
+    "--disable-cache": (), "--dmtcp-launch": ("DMTCP_LAUNCH",),
     "--dmtcp-restart": ("DMTCP_RESTART",), "--dns": ("DNS",),
-    "--docker-host": ("DOCKER_HOST",), "--docker-login": ("DOCKER_LOGIN",),
-    "--docker-password": ("DOCKER_PASSWORD",), "--docker-username": ("DOCKER_USERNAME",),
+    "--docker-host": (), "--docker-login": (),
+    "--docker-password": (), "--docker-username": (),
     "--drop-caps": ("DROP_CAPS",), "--fakeroot": ("FAKEROOT",),
     "--fusemount": ("FUSESPEC",), "--ignore-fakeroot-command": ("IGNORE_FAKEROOT_COMMAND",),
     "--ignore-subuid": ("IGNORE_SUBUID",), "--ignore-userns": ("IGNORE_USERNS",),
     "--keep-privs": ("KEEP_PRIVS",), "--memory": ("MEMORY",),
     "--memory-reservation": ("MEMORY_RESERVATION",), "--memory-swap": ("MEMORY_SWAP",),
     "--mount": ("MOUNT",), "--net": ("NET", "UNSHARE_NET"), "--network": ("NETWORK",),
-    "--network-args": ("NETWORK_ARGS",), "--no-https": ("NO_HTTPS",), "--nohttps": (),
+    "--network-args": ("NETWORK_ARGS",), "--no-https": (), "--nohttps": (),
     "--no-nv": ("NV_OFF", "NO_NV"), "--no-privs": ("NO_PRIVS",),
     "--no-rocm": ("ROCM_OFF", "NO_ROCM"), "--nvccli": ("NVCCLI",),
     "--oom-kill-disable": ("OOM_KILL_DISABLE",), "--overlay": ("OVERLAY", "OVERLAYIMAGE"),
