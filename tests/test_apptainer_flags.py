@@ -72,6 +72,11 @@ def test_combined_short_flags(user, demo_dir, userdir):
                    "image-exec: error: -n (--net) is an Apptainer option that hpcimage "
                    "does not support")
     one_line_error(wrap(user, demo_dir, "true", opts=("-eZ",)), 2, "no such option: -Z")
+    one_line_error(user.run(runtime_argv("image-exec", "-eB"),
+                            env={"HPCIMAGE_IMAGE": str(demo_dir)}), 2,
+                   "option -B needs a value")
+    one_line_error(wrap(user, demo_dir, "true", opts=("--hostname", "")), 2,
+                   "option --hostname needs a value")
 
 
 def test_pid_namespace_init_and_no_init(user, demo_dir):
