@@ -272,6 +272,8 @@ def test_variable_precedence(user, demo_dir, userdir):
                         "different values, using APPTAINER_PWD\n")
     r = wrap(user, demo_dir, "pwd", env={"APPTAINER_PWD": "/etc", "SINGULARITY_PWD": "/etc"})
     assert r.stdout == "/etc\n" and r.stderr == ""
+    r = wrap(user, demo_dir, "pwd", env={"APPTAINER_PWD": "", "SINGULARITY_PWD": "/etc"})
+    assert r.stdout == "/etc\n" and r.stderr == ""     # an empty APPTAINER_X is unset
     # bind variables add to -B (both apply)
     (userdir / "f").write_text("bound\n")
     r = wrap(user, demo_dir, "sh", "-c", "cat /a/f /b/f", opts=("-B", f"{userdir}:/b"),
@@ -303,6 +305,13 @@ def test_reading_variables_costs_one_pass():
     o = options.Options("exec", "image-exec")
     options.from_environ(o, {"PATH": "/bin", "HOME": "/h"})
     assert o.binds == [] and o.warnings == []
+    # an option's first variable in Apptainer's order wins, whatever the environment's
+    o = options.parse(["exec", "img", "x"], {"APPTAINER_TARGET_PWD": "/b",
+                                             "APPTAINER_PWD": "/a"})
+    assert o.pwd == "/a"
+    o = options.parse(["exec", "img", "x"], {"SINGULARITY_SCRATCHDIR": "/b",
+                                             "SINGULARITY_SCRATCH": "/a"})
+    assert o.scratch == ["/a"]
 
 
 # ---------------------------------------------------------------------- image-mpi

@@ -366,10 +366,11 @@ def _short_group(o, a, rest, i, seen, theirs):
 
 def from_environ(o, environ, seen=()):
     """The APPTAINER_*/SINGULARITY_* variables of Apptainer's options (ENV_KEYS): each
-    sets what the command line left unset (the *_BIND ones add to -B, as Apptainer's);
-    APPTAINER_X wins over SINGULARITY_X (a warning where they differ). A variable of an
-    option hpcimage lacks warns once. One pass over the names, nothing when none is
-    set."""
+    sets what the command line left unset, the first of an option's names in
+    Apptainer's order winning (PWD before TARGET_PWD); the *_BIND ones add to -B, as
+    Apptainer's. APPTAINER_X wins over SINGULARITY_X (a warning where they differ). A
+    variable of an option hpcimage lacks warns once. One pass over the names, nothing
+    more when none is set."""
     found = {}
     for k in environ:
         if k[:10] == "APPTAINER_" or k[:12] == "SINGULARITY_":
@@ -377,47 +378,49 @@ def from_environ(o, environ, seen=()):
     bind = environ.get(HPCIMAGE_BIND)
     if not found and not bind:
         return
+    seen = set(seen)
     env_binds = []
-    for k in sorted(found, key=lambda k: k[0] != "A"):   # APPTAINER_ first
-        key = k[10:] if k[0] == "A" else k[12:]
-        if key in ENV_KEYS:
-            attr, valued, name = ENV_KEYS[key]
-            val = found[k]
-            if k[0] == "S":
-                twin = "APPTAINER_" + key
-                if twin in found:
-                    if found[twin].strip() and found[twin] != val:
-                        o.warnings.append(f"{k} and {twin} have different values, "
-                                          f"using {twin}")
-                    continue
-            if not val.strip():
+    for key, (attr, valued, name) in ENV_KEYS.items():
+        k, val = _variable(o, found, key)
+        if k is None:
+            continue
+        if attr == "bind":
+            env_binds += split_binds(val)
+            continue
+        if attr in seen:
+            continue
+        seen.add(attr)
+        if not valued:
+            word = val.strip()
+            if word in FALSE_WORDS:
                 continue
-            if attr == "bind":
-                env_binds += split_binds(val)
-                continue
-            if attr in seen:
-                continue
-            if not valued:
-                if val.strip() in TRUE_WORDS:
-                    val = True
-                elif val.strip() in FALSE_WORDS:
-                    continue
-                else:
-                    raise UsageError(f"{k}={val}: want true or false (as {name})")
-                setattr(o, attr, True)
-            elif attr in LISTS:
-                _set(o, name, attr, val)
-            else:
-                _set(o, name, attr, val)
-            if attr == "pwd":
-                seen = set(seen) | {"pwd"}     # PWD before TARGET_PWD, CWD...: the first
-        elif key in ENV_UNSUPPORTED:
-            o.warnings.append(f"{k} is set: {ENV_UNSUPPORTED[key]} is an Apptainer option "
-                              "that hpcimage does not support (ignored)")
+            if word not in TRUE_WORDS:
+                raise UsageError(f"{k}={val}: want true or false (as {name})")
+            val = None
+        _set(o, name, attr, val)
+    for key, name in ENV_UNSUPPORTED.items():
+        k, val = _variable(o, found, key)
+        if k is not None:
+            o.warnings.append(f"{k} is set: {name} is an Apptainer option that hpcimage "
+                              "does not support (ignored)")
     if bind:
         env_binds += split_binds(bind)
     if env_binds:
         o.binds[:0] = env_binds
+
+
+def _variable(o, found, key):
+    """(APPTAINER_KEY or SINGULARITY_KEY, its value), or (None, None) when neither is
+    set to something (an empty value is unset); a warning where both are, differently."""
+    a, s = found.get("APPTAINER_" + key, ""), found.get("SINGULARITY_" + key, "")
+    if a.strip():
+        if s.strip() and s != a:
+            o.warnings.append(f"SINGULARITY_{key} and APPTAINER_{key} have different "
+                              f"values, using APPTAINER_{key}")
+        return "APPTAINER_" + key, a
+    if s.strip():
+        return "SINGULARITY_" + key, s
+    return None, None
 
 
 def settle(o):
