@@ -207,8 +207,6 @@ ENV_UNSUPPORTED = {key: name for name, keys in UNSUPPORTED.items() for key in ke
 ENV_PREFIXES = ("APPTAINER_", "SINGULARITY_")
 # hpcimage's own bind variable, read after Apptainer's (as -B)
 HPCIMAGE_BIND = "HPCIMAGE_BIND"
-# Apptainer's list options (values add up, comma lists split)
-LISTS = ("bind", "no_mount", "scratch")
 # What --compat and --containall stand for (Apptainer's actionCompatFlag and
 # actionContainAllFlag); --compat's --writable-tmpfs comes with the overlay issue.
 COMPAT = ("containall", "no_init", "no_umask", "no_eval")
@@ -338,7 +336,7 @@ def _short_group(o, a, rest, i, seen, theirs):
     ours (image-run/image-shell: the runscript's or the shell's)."""
     letters = a[1:]
     # all of it ours, or none (image-shell -cl: the shell's)
-    for j, c in enumerate(letters):
+    for c in letters:
         n = "-" + c
         if theirs and n not in WRAPPER_SHORTS:
             return None
