@@ -212,7 +212,7 @@ def test_one_flag_table_reaches_the_parser_image_mpi_and_the_joiner():
     from hpcimage.runtime.mpi import recipe
     table = {name for name, *_ in options.FLAGS}
     assert set(options._FLAGS) | set(options._VALUED) == table
-    for name, attr, valued, where in options.FLAGS:
+    for name, attr, valued, where, *_ in options.FLAGS:
         assert where in ("ranks", "image-mpi", "launcher")
         assert (name in mpi.OUR_LONG) != (name in options.LAUNCHERS), name
         if name in mpi.OUR_LONG:

@@ -327,3 +327,25 @@ def test_describe_lines():
         "  env K='v w'\n"
         "  env F=1  # forced, after the env scripts\n"
         "  prepend PATH /p  # after the env scripts\n")
+
+
+def test_containall_plans_namespaces_and_the_pid_init(sess, demo_dir):
+    """-C: --contain's binds, the IPC namespace, --cleanenv, and the Process op (PID
+    namespace with its init) right before the exec; --no-umask alone: Process with a
+    umask, no PID namespace. Without them the plan has no Process op."""
+    from hpcimage.runtime.ops import Process
+    base, home, proj = sess
+    p = make(["exec", "-C", str(demo_dir), "true"], host_env(home, SECRET="x"), sess)
+    assert of(p, UserNs)[0].ipc and not of(p, UserNs)[0].uts
+    assert type(p.ops[-2]) is Process and type(p.ops[-3]) is Chdir
+    assert (p.ops[-2].pid, p.ops[-2].init, p.ops[-2].umask) == (True, True, None)
+    assert "SECRET" not in of(p, Exec)[0].env
+    assert binds(p)[home].what == "--contain: empty home"
+    p = make(["exec", "--no-umask", "--hostname", "h", str(demo_dir), "true"],
+             host_env(home), sess)
+    assert (p.ops[-2].pid, p.ops[-2].umask) == (False, 0o022)
+    u = of(p, UserNs)[0]
+    assert (u.ipc, u.uts, u.hostname) == (False, True, "h")
+    assert "userns %d %d uts  # hostname h" % (UID, GID) in p.describe()
+    p = make(["exec", str(demo_dir), "true"], host_env(home), sess)
+    assert not of(p, Process) and of(p, UserNs)[0].describe() == [f"userns {UID} {GID}"]

@@ -11,6 +11,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUTS = 0x04000000
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -73,6 +75,11 @@ def pivot_root(new_root, put_old):
     if nr is None:
         raise OSError(38, "pivot_root: unsupported architecture")
     _check(_libc.syscall(nr, _b(new_root), _b(put_old)), "pivot_root", new_root)
+
+
+def sethostname(name):
+    b = _b(name)
+    _check(_libc.sethostname(b, len(b)), "sethostname")
 
 
 def prctl(option, arg2=0):

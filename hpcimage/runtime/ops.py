@@ -3,7 +3,9 @@
 not the loop's variables), each with `describe()` (its `--dry-run` lines, words quoted
 as sh would need them) and `run(state)` (what `execute` does for it).
 
-    UserNs        unshare(user, mount) and map the caller's uid/gid onto themselves
+    HostDirs      create the host directories behind -W/--workdir (mkdir -p)
+    UserNs        unshare(user, mount; ipc, uts where asked) and map the caller's
+                  uid/gid onto themselves; the hostname (--hostname)
     Private       make every mount private (nothing propagates to the host)
     Session       a tmpfs at the session directory: mount points and generated files
     MountImage    mount the image there (squashfuse) or bind the directory, read-only
@@ -15,6 +17,8 @@ as sh would need them) and `run(state)` (what `execute` does for it).
     Remount       the root mount read-only
     Pivot         pivot_root into the root and drop the host's tree
     Chdir         the working directory (else $HOME, else /, with a warning)
+    Process       the command's umask (--no-umask) and PID namespace (--pid: a small
+                  init is PID 1, or with --no-init the command)
     Exec          replace this process by the command (env scripts first via /bin/sh)
 
 `name` is the step's word in `--dry-run` and in "launch step 'NAME' failed".
@@ -78,22 +82,50 @@ class Op:
     __hash__ = None
 
 
-class UserNs(Op):
-    __slots__ = ("uid", "gid")
-    name = "userns"
+class HostDirs(Op):
+    """Host directories created (mkdir -p, mode 0750; tmp ones 01777) before the launch:
+    what -W/--workdir holds (scratch, tmp, var_tmp, home)."""
+    __slots__ = ("dirs", "tmp")
+    name = "workdir"
 
-    def __init__(self, uid, gid):
-        self.uid, self.gid = uid, gid
+    def __init__(self, dirs, tmp=()):
+        self.dirs, self.tmp = list(dirs), list(tmp)
 
     def describe(self):
-        return [f"userns {self.uid} {self.gid}"]
+        return [f"workdir {' '.join(quote(d) for d in self.dirs + self.tmp)}  # mkdir -p"]
 
     def run(self, state):
+        for d in self.dirs + self.tmp:
+            os.makedirs(d, 0o750, exist_ok=True)
+        for d in self.tmp:
+            os.chmod(d, 0o1777)
+
+
+class UserNs(Op):
+    """The user and mount namespaces (root: the mount namespace only), with ipc and
+    uts (bools) new IPC and UTS namespaces, hostname (or None) set in the latter."""
+    __slots__ = ("uid", "gid", "ipc", "uts", "hostname")
+    name = "userns"
+
+    def __init__(self, uid, gid, ipc=False, uts=False, hostname=None):
+        self.uid, self.gid = uid, gid
+        self.ipc, self.uts, self.hostname = ipc, uts or bool(hostname), hostname
+
+    def describe(self):
+        more = (" ipc" if self.ipc else "") + (" uts" if self.uts else "")
+        if self.hostname:
+            more += f"  # hostname {quote(self.hostname)}"
+        return [f"userns {self.uid} {self.gid}{more}"]
+
+    def run(self, state):
+        more = (sc.CLONE_NEWIPC if self.ipc else 0) | (sc.CLONE_NEWUTS if self.uts else 0)
         if self.uid == 0:
-            sc.unshare(sc.CLONE_NEWNS)
+            sc.unshare(sc.CLONE_NEWNS | more)
         else:
-            sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
+            sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS | more)
             map_ids(self.uid, self.gid)
+        if self.hostname:
+            sc.sethostname(self.hostname)
 
 
 class Private(Op):
@@ -111,14 +143,17 @@ SESSION_SUBDIRS = ("image", "home", "tmp", "vartmp", "dev")
 
 
 class Session(Op):
-    __slots__ = ("base",)
+    """The session tmpfs at base, its directories; scratch: how many empty scratch
+    directories (scratch/0, scratch/1, ...: -S without -W)."""
+    __slots__ = ("base", "scratch")
     name = "session"
 
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, base, scratch=0):
+        self.base, self.scratch = base, scratch
 
     def describe(self):
-        return [f"session {quote(self.base)}"]
+        return [f"session {quote(self.base)}"
+                + (f"  # {self.scratch} scratch directories" if self.scratch else "")]
 
     def run(self, state):
         base = self.base
@@ -131,6 +166,10 @@ class Session(Op):
         os.mkdir(f"{base}/dev/shm", 0o1777)
         os.chmod(f"{base}/dev/shm", 0o1777)
         os.mkdir(f"{base}/dev/pts")
+        if self.scratch:
+            os.mkdir(f"{base}/scratch", 0o755)
+            for n in range(self.scratch):
+                os.mkdir(f"{base}/scratch/{n}", 0o700)
 
 
 class MountImage(Op):
@@ -316,6 +355,39 @@ class Chdir(Op):
         enter_workdir(self.workdir, self.home, self.explicit, self.note, prog=self.prog)
 
 
+class Process(Op):
+    """What the command's process gets besides its environment: umask (--no-umask:
+    0o022; None: the caller's); pid (--pid): a new PID namespace, /proc its own, with a
+    small init as PID 1 that forwards signals and reaps (init; --no-init: the command is
+    PID 1). The launcher stays outside, forwarding signals and giving the exit status
+    (128+N for a signal)."""
+    __slots__ = ("umask", "pid", "init")
+    name = "process"
+
+    def __init__(self, umask=None, pid=False, init=True):
+        self.umask, self.pid, self.init = umask, pid, init
+        if pid:     # now: run() is after the pivot, where the package is out of reach
+            from hpcimage.runtime import pidns  # noqa: F401
+
+    def describe(self):
+        words = []
+        if self.umask is not None:
+            words.append(f"umask {self.umask:04o}")
+        if self.pid:
+            words.append("pidns " + ("init" if self.init else "no-init")
+                         + "  # fresh /proc; PID 1: "
+                         + ("a small init, the command below it" if self.init
+                            else "the command"))
+        return ["process " + "; ".join(words)]
+
+    def run(self, state):
+        if self.umask is not None:
+            os.umask(self.umask)
+        if self.pid:
+            from hpcimage.runtime import pidns
+            pidns.enter(self.init)
+
+
 class Exec(Op):
     """verb (exec, run, shell) with argv; env: the container's environment before the
     env scripts; forced, prepend, append: what is set after them; app: the SCI-F app
@@ -364,7 +436,7 @@ class Exec(Op):
 
 # The session directory's own names: sources there are the launch's, not the user's.
 SESSION_NAMES = ("image", "home", "tmp", "vartmp", "dev", "passwd", "group", "root",
-                 "image.log", "data-images")
+                 "image.log", "data-images", "scratch")
 
 
 def pin_sources(ops):

@@ -1,8 +1,11 @@
 """Command line of the runtime (`image-exec`, `hpcimage exec`, ...), parsed by hand.
 
-Flags follow Apptainer's where they mean the same thing. Options stop at the first
-argument that is not an option (the image, or with image-* wrappers the command),
-so everything after it reaches the container verbatim. Standard library only.
+Flags follow Apptainer's where they mean the same thing (docs/apptainer.md, section
+flags). Options stop at the first argument that is not an option (the image, or with
+image-* wrappers the command), so everything after it reaches the container verbatim.
+Short switches combine (-eC). Each option's APPTAINER_*/SINGULARITY_* variable applies
+where the command line leaves it unset (`from_environ`). An Apptainer option hpcimage
+lacks is refused by name (UNSUPPORTED), never "unknown". Standard library only.
 """
 import os
 
@@ -13,27 +16,6 @@ WRAPPER_VERBS = {"image-exec": "exec", "image-run": "run", "image-shell": "shell
                  "image-mpi-rank": "exec"}
 MPI_MODES = ("hybrid", "bind")
 
-HELP = """\
-usage: {prog} [OPTIONS] {image}{what}
-
-options (as Apptainer's where they mean the same):
-  -B, --bind SRC[:DST[:OPTS]]   bind a host path into the container (repeatable,
-                                comma-separated lists; OPTS: ro, rw, image-src=PATH,
-                                id=N; '\\,' and '\\:' are a literal ',' and ':')
-  -e, --cleanenv                start from a minimal environment (see README)
-  -C, --contain                 no host home, cwd or /tmp: fresh empty ones instead
-      --no-home                 do not bind the home directory
-      --no-mount LIST           leave out default mounts: proc, sys, dev, devpts, home,
-                                tmp, hostfs, cwd, bind-paths, or a bind's path
-      --pwd DIR                 working directory inside the container
-      --env K=V                 set K inside the container (repeatable)
-      --app NAME                the SCI-F app NAME: its runscript (run), its environment
-      --nv, --rocm              NVIDIA / AMD GPUs: device nodes and driver libraries
-      --ib                      InfiniBand/RDMA devices and verbs libraries
-      --dry-run                 print the launch plan and exit
-  -h, --help                    this help
-"""
-
 
 def valid_name(k):
     """An environment variable name: [A-Za-z_][A-Za-z0-9_]* (no re: hot path)."""
@@ -43,74 +25,239 @@ def valid_name(k):
 
 class Options:
     __slots__ = ("verb", "prog", "image", "args", "binds", "cleanenv", "contain",
-                 "no_home", "pwd", "env", "dry_run", "app", "nv", "rocm", "ib", "mpi_mode",
-                 "no_mount")
+                 "containall", "no_home", "home", "pwd", "env", "env_file", "no_eval",
+                 "no_mount", "no_umask", "scratch", "workdir", "pid", "ipc", "uts",
+                 "hostname", "no_init", "compat", "dry_run", "app", "nv", "rocm", "ib",
+                 "mpi_mode", "warnings")
 
     def __init__(self, verb, prog):
         self.verb = verb
         self.prog = prog
         self.image = None
         self.args = []
-        self.binds = []
+        self.binds = []          # raw bind specs (-B, then the *_BIND variables)
         self.cleanenv = False
         self.contain = False
+        self.containall = False
         self.no_home = False
+        self.home = None         # -H SRC[:DST] as given
         self.pwd = None
         self.env = []
+        self.env_file = None
+        self.no_eval = False
+        self.no_mount = []       # names as given, comma lists split
+        self.no_umask = False
+        self.scratch = []
+        self.workdir = None
+        self.pid = False
+        self.ipc = False
+        self.uts = False
+        self.hostname = None
+        self.no_init = False
+        self.compat = False
         self.dry_run = False
         self.app = None
         self.nv = False
         self.rocm = False
         self.ib = False
         self.mpi_mode = None
-        self.no_mount = []
+        self.warnings = []       # said before the launch (plan.warnings)
 
 
-# The options: one table, read by parse() below, by image-mpi's split of its own options
-# from the launcher's (mpi/launcher.py) and, through the recipe (mpi/recipe.py), by
-# hpcimage-join (mpi/join.c). Adding a row reaches all three.
+# The options: one table, read by parse() below, by usage() (the help), by image-mpi's
+# split of its own options from the launcher's (mpi/launcher.py, and its help) and,
+# through the recipe (mpi/recipe.py), by hpcimage-join (mpi/join.c); docs/apptainer.md
+# is checked against it (tests/test_apptainer_docs.py). Adding a row reaches them all.
 #
-# A row: (name, Options attribute, takes a value, what `image-mpi NAME` does with it):
+# A row: (name, Options attribute, takes a value, what `image-mpi NAME` does with it,
+#         Apptainer's variable names without APPTAINER_/SINGULARITY_, help):
 #   "ranks"     ours: passed to every rank
 #   "image-mpi" image-mpi's own (the mode of the ranks, --dry-run prints the launcher line)
 #   "launcher"  the launcher's: a short form or a name srun/mpirun also use (srun's -e is
-#               --error, -C --constraint, -B --extra-node-info; mpirun's --app an app file)
+#               --error, -C --constraint, -B --extra-node-info, -c --cpus-per-task,
+#               -p --partition, -i --input, -S --core-spec, -W --wait; mpirun's -H
+#               the hosts, --app an app file)
+#   help: (METAVAR, text) on the long form (its short forms are found by attribute),
+#         None for a short form or a synonym listed with its twin.
 FLAGS = (
-    ("-B", "bind", True, "launcher"),
-    ("--bind", "bind", True, "ranks"),
-    ("-e", "cleanenv", False, "launcher"),
-    ("--cleanenv", "cleanenv", False, "ranks"),
-    ("-C", "contain", False, "launcher"),
-    ("--contain", "contain", False, "ranks"),
-    ("--no-home", "no_home", False, "ranks"),
-    ("--no-mount", "no_mount", True, "ranks"),
-    ("--pwd", "pwd", True, "ranks"),
-    ("--env", "env", True, "ranks"),
-    ("--app", "app", True, "launcher"),
-    ("--nv", "nv", False, "ranks"),
-    ("--rocm", "rocm", False, "ranks"),
-    ("--ib", "ib", False, "ranks"),
-    ("--dry-run", "dry_run", False, "image-mpi"),
-    ("--mpi-mode", "mpi_mode", True, "image-mpi"),
+    ("-B", "bind", True, "launcher", (), None),
+    ("--bind", "bind", True, "ranks", ("BIND", "BINDPATH"),
+     ("SRC[:DST[:OPTS]]", "bind a host path into the container (repeatable, comma-"
+      "separated lists; OPTS: ro, rw, image-src=PATH, id=N; '\\,' and '\\:' are a "
+      "literal ',' and ':')")),
+    ("-e", "cleanenv", False, "launcher", (), None),
+    ("--cleanenv", "cleanenv", False, "ranks", ("CLEANENV",),
+     ("", "start from a minimal environment (see README)")),
+    ("-c", "contain", False, "launcher", (), None),
+    ("--contain", "contain", False, "ranks", ("CONTAIN",),
+     ("", "minimal /dev; fresh empty home, /tmp, /var/tmp; no cwd bind")),
+    ("-C", "containall", False, "launcher", (), None),
+    ("--containall", "containall", False, "ranks", ("CONTAINALL",),
+     ("", "--contain, --cleanenv, --pid and --ipc")),
+    ("-H", "home", True, "launcher", (), None),
+    ("--home", "home", True, "ranks", ("HOME",),
+     ("SRC[:DST]", "bind SRC as the home directory, at DST (default SRC)")),
+    ("--no-home", "no_home", False, "ranks", ("NO_HOME",),
+     ("", "do not bind the home directory")),
+    ("--pwd", "pwd", True, "ranks", ("PWD", "TARGET_PWD"), None),
+    ("--cwd", "pwd", True, "ranks", ("CWD", "TARGET_CWD"),
+     ("DIR", "working directory inside the container")),
+    ("--env", "env", True, "ranks", (),
+     ("K=V", "set K inside the container (repeatable)")),
+    ("--env-file", "env_file", True, "ranks", ("ENV_FILE",),
+     ("FILE", "set the variables of FILE inside the container")),
+    ("--no-eval", "no_eval", False, "ranks", ("NO_EVAL",),
+     ("", "take --env, --env-file and *ENV_* values literally")),
+    ("--no-mount", "no_mount", True, "ranks", ("NO_MOUNT",),
+     ("LIST", "leave out default mounts: proc, sys, dev, devpts, home, tmp, "
+       "hostfs, cwd, bind-paths, or a bind's path")),
+    ("--no-umask", "no_umask", False, "ranks", ("NO_UMASK",),
+     ("", "umask 0022 in the container instead of the caller's")),
+    ("-S", "scratch", True, "launcher", (), None),
+    ("--scratch", "scratch", True, "ranks", ("SCRATCH", "SCRATCHDIR"),
+     ("DIR", "an empty writable DIR in the container (repeatable; -W keeps it)")),
+    ("-W", "workdir", True, "launcher", (), None),
+    ("--workdir", "workdir", True, "ranks", ("WORKDIR",),
+     ("DIR", "host directory behind --scratch, and /tmp, /var/tmp, home "
+      "with --contain")),
+    ("-p", "pid", False, "launcher", (), None),
+    ("--pid", "pid", False, "ranks", ("PID", "UNSHARE_PID"),
+     ("", "new PID namespace (a small init is PID 1; see --no-init)")),
+    ("-i", "ipc", False, "launcher", (), None),
+    ("--ipc", "ipc", False, "ranks", ("IPC", "UNSHARE_IPC"),
+     ("", "new IPC namespace")),
+    ("--uts", "uts", False, "ranks", ("UTS", "UNSHARE_UTS"),
+     ("", "new UTS namespace (the host's hostname, changeable inside)")),
+    ("--hostname", "hostname", True, "ranks", ("HOSTNAME",),
+     ("NAME", "the container's hostname (new UTS namespace)")),
+    ("--no-init", "no_init", False, "ranks", ("NOSHIMINIT",),
+     ("", "with --pid: the command itself is PID 1")),
+    ("--compat", "compat", False, "ranks", ("COMPAT",),
+     ("", "--containall --no-init --no-umask --no-eval (no --writable-tmpfs yet)")),
+    ("--app", "app", True, "launcher", ("APP", "APPNAME"),
+     ("NAME", "the SCI-F app NAME: its runscript (run), its environment")),
+    ("--nv", "nv", False, "ranks", ("NV",),
+     ("", "NVIDIA GPUs: device nodes and driver libraries")),
+    ("--rocm", "rocm", False, "ranks", ("ROCM",),
+     ("", "AMD GPUs: device nodes and driver libraries")),
+    ("--ib", "ib", False, "ranks", (),
+     ("", "InfiniBand/RDMA devices and verbs libraries")),
+    ("--dry-run", "dry_run", False, "image-mpi", (),
+     ("", "print the launch plan and exit")),
+    ("--mpi-mode", "mpi_mode", True, "image-mpi", (), None),
 )
+
+# Apptainer 1.3/1.4 action options (exec, run, shell) that hpcimage does not have:
+# name -> Apptainer's variable names (the *_NAME that warns). "yet": coming with the
+# overlay/writable/fakeroot issue. Short forms: UNSUPPORTED_SHORT. The registry
+# options' variables (APPTAINER_DOCKER_USERNAME, _AUTHFILE, _NO_HTTPS, _DISABLE_CACHE)
+# do not warn: users export them for `pull` and `build`, which are not launches.
+UNSUPPORTED = {
+    "--add-caps": ("ADD_CAPS",), "--allow-setuid": ("ALLOW_SETUID",),
+    "--apply-cgroups": ("APPLY_CGROUPS",), "--authfile": (),
+    "--blkio-weight": ("BLKIO_WEIGHT",), "--blkio-weight-device": ("BLKIO_WEIGHT_DEVICE",),
+    "--boot": ("BOOT",), "--containlibs": ("CONTAINLIBS",), "--cpu-shares": ("CPU_SHARES",),
+    "--cpus": (), "--cpuset-cpus": ("CPUSET_CPUS",), "--cpuset-mems": ("CPUSET_MEMS",),
+    "--disable-cache": (), "--dmtcp-launch": ("DMTCP_LAUNCH",),
+    "--dmtcp-restart": ("DMTCP_RESTART",), "--dns": ("DNS",),
+    "--docker-host": (), "--docker-login": (),
+    "--docker-password": (), "--docker-username": (),
+    "--drop-caps": ("DROP_CAPS",), "--fakeroot": ("FAKEROOT",),
+    "--fusemount": ("FUSESPEC",), "--ignore-fakeroot-command": ("IGNORE_FAKEROOT_COMMAND",),
+    "--ignore-subuid": ("IGNORE_SUBUID",), "--ignore-userns": ("IGNORE_USERNS",),
+    "--keep-privs": ("KEEP_PRIVS",), "--memory": ("MEMORY",),
+    "--memory-reservation": ("MEMORY_RESERVATION",), "--memory-swap": ("MEMORY_SWAP",),
+    "--mount": ("MOUNT",), "--net": ("NET", "UNSHARE_NET"), "--network": ("NETWORK",),
+    "--network-args": ("NETWORK_ARGS",), "--no-https": (), "--nohttps": (),
+    "--no-nv": ("NV_OFF", "NO_NV"), "--no-privs": ("NO_PRIVS",),
+    "--no-rocm": ("ROCM_OFF", "NO_ROCM"), "--nvccli": ("NVCCLI",),
+    "--oom-kill-disable": ("OOM_KILL_DISABLE",), "--overlay": ("OVERLAY", "OVERLAYIMAGE"),
+    "--passphrase": (), "--pem-path": (), "--pids-limit": ("PIDS_LIMIT",),
+    "--security": ("SECURITY",), "--sharens": ("SHARENS",), "--shell": (),
+    "--underlay": ("UNDERLAY",), "--unsquash": ("UNSQUASH",),
+    "--userns": ("USERNS", "UNSHARE_USERNS"), "--writable": ("WRITABLE",),
+    "--writable-tmpfs": ("WRITABLE_TMPFS",),
+}
+UNSUPPORTED_SHORT = {"-f": "--fakeroot", "-n": "--net", "-o": "--overlay",
+                     "-s": "--shell", "-u": "--userns", "-w": "--writable"}
+NOT_YET = ("--fakeroot", "--overlay", "--writable", "--writable-tmpfs")
 
 HELP_WORDS = ("-h", "--help")
 
+# image-shell and image-run have no image word to end the options: of the short forms
+# only these are theirs; -c, -i, -p, ... reach the shell (image-shell -c 'echo hi') or
+# the runscript, as every word after the first that is not an option of ours.
+WRAPPER_SHORTS = ("-B", "-e", "-C")
+
 # The parser's view: switches (no value) and valued options, name -> attribute. A valued
-# short option also takes its value attached (-B/a,/b).
-SWITCHES = {name: attr for name, attr, valued, _ in FLAGS if not valued}
-VALUED = {name: attr for name, attr, valued, _ in FLAGS if valued}
+# short option also takes its value attached (-B/a,/b); short switches combine (-eC).
+SWITCHES = {row[0]: row[1] for row in FLAGS if not row[2]}
+VALUED = {row[0]: row[1] for row in FLAGS if row[2]}
 ATTACHED = tuple(name for name in VALUED if len(name) == 2)
 
 # image-mpi's view: its words (name -> takes a value); every other option word is the
 # launcher's. --launcher is image-mpi's alone (not a runtime option).
 IMAGE_MPI_ONLY = {"--launcher": True}
-IMAGE_MPI = dict({name: valued for name, _, valued, where in FLAGS if where != "launcher"},
+IMAGE_MPI = dict({row[0]: row[2] for row in FLAGS if row[3] != "launcher"},
                  **IMAGE_MPI_ONLY)
-LAUNCHERS = frozenset(name for name, _, _, where in FLAGS if where == "launcher")
+LAUNCHERS = frozenset(row[0] for row in FLAGS if row[3] == "launcher")
+
+# The variables: Apptainer's NAME (after APPTAINER_ or SINGULARITY_) -> (attribute,
+# takes a value, the option it stands for); those of options hpcimage lacks warn.
+ENV_KEYS = {key: (row[1], row[2], row[0]) for row in FLAGS for key in row[4]}
+ENV_UNSUPPORTED = {key: name for name, keys in UNSUPPORTED.items() for key in keys}
+ENV_PREFIXES = ("APPTAINER_", "SINGULARITY_")
+# hpcimage's own bind variable, read after Apptainer's (as -B)
+HPCIMAGE_BIND = "HPCIMAGE_BIND"
+# What --compat and --containall stand for (Apptainer's actionCompatFlag and
+# actionContainAllFlag); --compat's --writable-tmpfs comes with the overlay issue.
+COMPAT = ("containall", "no_init", "no_umask", "no_eval")
+CONTAINALL = ("contain", "cleanenv", "pid", "ipc")
 
 _FLAGS = SWITCHES
 _VALUED = VALUED
+
+TRUE_WORDS = ("1", "t", "T", "true", "TRUE", "True")       # Go's strconv.ParseBool
+FALSE_WORDS = ("0", "f", "F", "false", "FALSE", "False")
+
+
+def unsupported(name):
+    """The message for an Apptainer option hpcimage lacks."""
+    long = UNSUPPORTED_SHORT.get(name, name)
+    said = f"{name} ({long})" if long != name else name
+    if long in NOT_YET:
+        return f"{said} is an Apptainer option that hpcimage does not support yet"
+    return f"{said} is an Apptainer option that hpcimage does not support"
+
+
+def split_binds(val):
+    """A -B value (or a *_BIND/*_BINDPATH variable's): its bind specs, comma-separated
+    with Apptainer's escapes (config.bindspec, imported only when there is a value)."""
+    from hpcimage.config.bindspec import split_list
+    return split_list(val)
+
+
+def _set(o, name, key, val, seen=None):
+    """Option name (attribute key) given value val (None: a switch)."""
+    if seen is not None:
+        seen.add(key)
+    if val is None:
+        setattr(o, key, True)
+    elif key == "bind":
+        o.binds.extend(split_binds(val))
+    elif key == "env":
+        k, has, v = val.partition("=")
+        if not has or not valid_name(k):
+            raise UsageError(f"--env wants NAME=VALUE, got {val!r}")
+        o.env.append((k, v))
+    elif key in ("no_mount", "scratch"):
+        getattr(o, key).extend(v.strip() for v in val.split(",") if v.strip())
+    elif key == "mpi_mode" and val not in MPI_MODES:
+        raise UsageError(f"--mpi-mode wants hybrid or bind, not {val!r}")
+    else:
+        if not val and key in ("home", "pwd", "workdir", "hostname", "env_file", "app"):
+            raise UsageError(f"option {name} needs a value")
+        setattr(o, key, val)
 
 
 def parse(argv, environ=None):
@@ -129,6 +276,8 @@ def parse(argv, environ=None):
     # image-mpi-rank: the ranks of image-mpi, which speaks for them
     o = Options(verb, "image-mpi" if prog == "image-mpi-rank" else prog)
     rest = argv[1:]
+    seen = set()            # attributes the command line set: their variables yield
+    theirs = verb in ("shell", "run") and from_env
     i = 0
     while i < len(rest):
         a = rest[i]
@@ -138,44 +287,37 @@ def parse(argv, environ=None):
         if a in HELP_WORDS:
             o.args = ["--help"]
             return o
-        if not a.startswith("-") or a == "-":
+        if not a.startswith("-") or a == "-" or (
+                theirs and a[1] != "-" and a[:2] not in WRAPPER_SHORTS):
             break
         name, eq, val = a.partition("=")
         if name in _FLAGS and not eq:
-            setattr(o, _FLAGS[name], True)
+            _set(o, name, _FLAGS[name], None, seen)
             i += 1
             continue
-        if name in _VALUED or (a[:2] in ATTACHED and len(a) > 2):
-            if name not in _VALUED:                     # -B/a,/b
-                name, val = a[:2], a[2:]
-            elif not eq:
-                if name.startswith("--") or len(a) == 2:
-                    if i + 1 >= len(rest):
-                        raise UsageError(f"option {name} needs a value")
-                    val = rest[i + 1]
-                    i += 1
-            key = _VALUED[name]
-            if key == "bind":
-                from hpcimage.config.bindspec import split_list
-                o.binds.extend(split_list(val))
-            elif key == "no_mount":
-                o.no_mount.extend(v for v in val.split(",") if v)
-            elif key == "env":
-                k, has, v = val.partition("=")
-                if not has or not valid_name(k):
-                    raise UsageError(f"--env wants NAME=VALUE, got {val!r}")
-                o.env.append((k, v))
-            elif key == "mpi_mode" and val not in MPI_MODES:
-                raise UsageError(f"--mpi-mode wants hybrid or bind, not {val!r}")
-            else:
-                setattr(o, key, val)
+        if name in _VALUED:
+            if not eq:
+                if i + 1 >= len(rest):
+                    raise UsageError(f"option {name} needs a value")
+                val = rest[i + 1]
+                i += 1
+            _set(o, name, _VALUED[name], val, seen)
             i += 1
             continue
-        if verb in ("shell", "run") and from_env:
+        if a[1] != "-" and (a[:2] in _FLAGS or a[:2] in _VALUED):
+            i = _short_group(o, a, rest, i, seen, theirs)
+            if i is not None:
+                continue
+            break
+        if theirs:
             break       # image-shell -c '...', image-run --flag: the rest is theirs
+        if name in UNSUPPORTED or name in UNSUPPORTED_SHORT:
+            raise UsageError(unsupported(name))
         name = a.split("=", 1)[0] if a.startswith("--") else a     # as click says it
         raise UsageError(f"no such option: {name} (see '{prog} --help')")
     rest = rest[i:]
+    from_environ(o, environ, seen)
+    settle(o)
     if from_env:
         o.image = environ.get("HPCIMAGE_IMAGE") or None
         if not o.image:
@@ -192,8 +334,148 @@ def parse(argv, environ=None):
     return o
 
 
+def _short_group(o, a, rest, i, seen, theirs):
+    """-eC, -ec, -eB/x, -B/x: short options in one word (a valued one takes the rest of
+    the word, else the next word). Returns the next index; None where the word is not
+    ours (image-run/image-shell: the runscript's or the shell's)."""
+    letters = a[1:]
+    # all of it ours, or none (image-shell -cl: the shell's)
+    for c in letters:
+        n = "-" + c
+        if theirs and n not in WRAPPER_SHORTS:
+            return None
+        if n in _VALUED:
+            break
+        if n not in _FLAGS:
+            if n in UNSUPPORTED_SHORT:
+                raise UsageError(unsupported(n))
+            raise UsageError(f"no such option: {n} in {a} (see '{o.prog} --help')")
+    for j, c in enumerate(letters):
+        n = "-" + c
+        if n in _FLAGS:
+            _set(o, n, _FLAGS[n], None, seen)
+            continue
+        val = letters[j + 1:]
+        if not val:
+            if i + 1 >= len(rest):
+                raise UsageError(f"option {n} needs a value")
+            val = rest[i + 1]
+            i += 1
+        _set(o, n, _VALUED[n], val, seen)
+        break
+    return i + 1
+
+
+def from_environ(o, environ, seen=()):
+    """The APPTAINER_*/SINGULARITY_* variables of Apptainer's options (ENV_KEYS): each
+    sets what the command line left unset, the first of an option's names in
+    Apptainer's order winning (PWD before TARGET_PWD); the *_BIND ones add to -B, as
+    Apptainer's. APPTAINER_X wins over SINGULARITY_X (a warning where they differ). A
+    variable of an option hpcimage lacks warns once. One pass over the names, nothing
+    more when none is set."""
+    found = {}
+    for k in environ:
+        if k[:10] == "APPTAINER_" or k[:12] == "SINGULARITY_":
+            found[k] = environ[k]
+    bind = environ.get(HPCIMAGE_BIND)
+    if not found and not bind:
+        return
+    seen = set(seen)
+    env_binds = []
+    for key, (attr, valued, name) in ENV_KEYS.items():
+        k, val = _variable(o, found, key)
+        if k is None:
+            continue
+        if attr == "bind":
+            env_binds += split_binds(val)
+            continue
+        if attr in seen:
+            continue
+        seen.add(attr)
+        if not valued:
+            word = val.strip()
+            if word in FALSE_WORDS:
+                continue
+            if word not in TRUE_WORDS:
+                raise UsageError(f"{k}={val}: want true or false (as {name})")
+            val = None
+        _set(o, name, attr, val)
+    for key, name in ENV_UNSUPPORTED.items():
+        k, val = _variable(o, found, key)
+        if k is not None:
+            o.warnings.append(f"{k} is set: {name} is an Apptainer option that hpcimage "
+                              "does not support (ignored)")
+    if bind:
+        env_binds += split_binds(bind)
+    if env_binds:
+        o.binds[:0] = env_binds
+
+
+def _variable(o, found, key):
+    """(APPTAINER_KEY or SINGULARITY_KEY, its value), or (None, None) when neither is
+    set to something (an empty value is unset); a warning where both are, differently."""
+    a, s = found.get("APPTAINER_" + key, ""), found.get("SINGULARITY_" + key, "")
+    if a.strip():
+        if s.strip() and s != a:
+            o.warnings.append(f"SINGULARITY_{key} and APPTAINER_{key} have different "
+                              f"values, using APPTAINER_{key}")
+        return "APPTAINER_" + key, a
+    if s.strip():
+        return "SINGULARITY_" + key, s
+    return None, None
+
+
+def settle(o):
+    """What --compat and --containall stand for."""
+    if o.compat:
+        for k in COMPAT:
+            setattr(o, k, True)
+        o.warnings.append("--compat: --writable-tmpfs is not supported yet (the image "
+                          "stays read-only)")
+    if o.containall:
+        for k in CONTAINALL:
+            setattr(o, k, True)
+    if o.hostname:
+        o.uts = True
+
+
+def help_rows(names=None, shorts=True):
+    """(words, text) for each documented option, from FLAGS: ('-B, --bind SRC...',
+    text). names: only these long names; shorts: name the short forms."""
+    rows = []
+    for name, attr, valued, where, env, doc in FLAGS:
+        if doc is None or (names is not None and name not in names):
+            continue
+        meta, text = doc
+        short = [r[0] for r in FLAGS if r[1] == attr and len(r[0]) == 2] if shorts else []
+        twins = [r[0] for r in FLAGS if r[1] == attr and len(r[0]) > 2 and r[0] != name]
+        words = ", ".join(short + [name] + twins)
+        if shorts and not short:
+            words = "    " + words
+        rows.append((words + (" " + meta if meta else ""), text))
+    return rows
+
+
+def format_rows(rows, width=32):
+    out = []
+    for words, text in rows:
+        if len(words) + 2 >= width:
+            out.append(f"  {words}\n" + " " * width + text)
+        else:
+            out.append(f"  {words.ljust(width - 2)}{text}")
+    return "\n".join(out) + "\n"
+
+
+HELP_HEAD = """\
+usage: {prog} [OPTIONS] {image}{what}
+
+options (as Apptainer's where they mean the same; docs/apptainer.md):
+"""
+
+
 def usage(o):
     what = {"exec": "COMMAND [ARGS...]", "run": "[ARGS...]", "shell": "[SHELL ARGS...]",
             "test": "[ARGS...]"}
     image = "" if o.prog.startswith("image-") else "IMAGE "
-    return HELP.format(prog=o.prog, image=image, what=what[o.verb])
+    return (HELP_HEAD.format(prog=o.prog, image=image, what=what[o.verb])
+            + format_rows(help_rows() + [("-h, --help", "this help")]))

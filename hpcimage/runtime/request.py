@@ -19,19 +19,21 @@ class Request:
     environ: the host environment (a dict of its own); session_dir: where the session
     mounts go; site: the site's policy (config.policy.Policy: site.json, the defaults
     without one); opts:
-    runtime.options.Options; image: the opened image.Image."""
+    runtime.options.Options; image: the opened image.Image; home_src: -H's source (the
+    container's home is then -H's destination), else None."""
     __slots__ = ("uid", "gid", "user", "home", "gecos", "shell", "group", "cwd",
-                 "cwd_gone", "environ", "session_dir", "site", "opts", "image")
+                 "cwd_gone", "environ", "session_dir", "site", "opts", "image", "home_src")
 
     def __init__(self, opts, image, environ, session_dir, site=None, uid=0, gid=0,
                  user="root", home="/", gecos="", shell="/bin/sh", group=None,
-                 cwd="/", cwd_gone=None):
+                 cwd="/", cwd_gone=None, home_src=None):
         self.opts, self.image, self.environ = opts, image, dict(environ)
         self.session_dir, self.site = session_dir, Policy() if site is None else site
         self.uid, self.gid, self.user, self.home = uid, gid, user, home
         self.gecos, self.shell = gecos, shell
         self.group = user if group is None else group
         self.cwd, self.cwd_gone = cwd, cwd_gone
+        self.home_src = home_src
 
 
 def resolve(opts, environ, site=None, explain_missing=True):
@@ -51,8 +53,23 @@ def resolve(opts, environ, site=None, explain_missing=True):
     environ = dict(environ)
     uid, gid, user, pw_home, gecos, shell, group = _user(environ)
     cwd, gone = _cwd()
+    home, home_src = environ.get("HOME") or pw_home, None
+    if opts.home:
+        home_src, home = home_spec(opts.home)
     return Request(opts, image, environ, session_dir(environ), site, uid, gid, user,
-                   environ.get("HOME") or pw_home, gecos, shell, group, cwd, gone)
+                   home, gecos, shell, group, cwd, gone, home_src)
+
+
+def home_spec(spec):
+    """-H SRC[:DST] -> (the absolute SRC, DST; DST defaults to SRC), as Apptainer's."""
+    parts = spec.split(":")
+    if len(parts) > 2 or not parts[0]:
+        raise HpcimageError(f"--home {spec}: want SRC[:DST]", 2)
+    src = os.path.abspath(parts[0])
+    dst = parts[1] if len(parts) == 2 and parts[1] else src
+    if not dst.startswith("/"):
+        raise HpcimageError(f"--home {spec}: the destination must be an absolute path", 2)
+    return src, os.path.normpath(dst)
 
 
 def _open(path):

@@ -12,8 +12,8 @@ from hpcimage.errors import UsageError
 from hpcimage.runtime import binds
 from hpcimage.runtime import environ as envmod
 from hpcimage.runtime.command import valid_app
-from hpcimage.runtime.ops import (Bind, Chdir, Exec, IdentityFiles, MountImage, Pivot,
-                                  Private, Remount, RootFs, Session, UserNs)
+from hpcimage.runtime.ops import (Bind, Chdir, Exec, HostDirs, IdentityFiles, MountImage,
+                                  Pivot, Private, Process, Remount, RootFs, Session, UserNs)
 
 
 # A current directory that is one of these (or directly below /usr, /usr/local or
@@ -29,7 +29,6 @@ CWD_NOT_BOUND_BELOW = ("/usr", "/usr/local", "/usr/lib", "/usr/lib32", "/usr/lib
                        "/usr/libx32")
 
 
-BIND_ENV = ("SINGULARITY_BIND", "APPTAINER_BIND", "HPCIMAGE_BIND")
 
 
 def is_under(path, top):
@@ -46,11 +45,29 @@ def _system_dir(path):
     return path in CWD_NOT_BOUND or os.path.dirname(path) in CWD_NOT_BOUND_BELOW
 
 
+def workdir_dirs(o):
+    """-W/--workdir: (its directories, its tmp directories) this launch uses: scratch
+    (-S), and with --contain home, tmp and var_tmp (as Apptainer's)."""
+    if not o.workdir:
+        return [], []
+    w = os.path.abspath(o.workdir)
+    dirs = [f"{w}/scratch/{os.path.basename(os.path.normpath(d))}" for d in o.scratch]
+    if o.contain:
+        return dirs + [w + "/home"], [w + "/tmp", w + "/var_tmp"]
+    return dirs, []
+
+
 def session(r, p):
-    """The user namespace, private mounts, the session tmpfs, the image mounted there."""
-    p.add(UserNs(r.uid, r.gid))
+    """The user namespace (and the IPC and UTS ones where asked), private mounts, the
+    session tmpfs, the image mounted there; the options' warnings (variables)."""
+    o = r.opts
+    p.warnings.extend(o.warnings)
+    dirs, tmp = workdir_dirs(o)
+    if dirs or tmp:
+        p.add(HostDirs(dirs, tmp))
+    p.add(UserNs(r.uid, r.gid, o.ipc, o.uts, o.hostname))
     p.add(Private())
-    p.add(Session(r.session_dir))
+    p.add(Session(r.session_dir, 0 if o.workdir else len(o.scratch)))
     p.add(MountImage(r.image, r.session_dir + "/image"))
 
 
@@ -112,6 +129,10 @@ def system_binds(r, p):
             out.append(Bind(src, dst, False, w))
     if "tmp" in nm:
         pass
+    elif contain and r.opts.workdir:
+        tmp = workdir_dirs(r.opts)[1]
+        out.append(Bind(tmp[0], "/tmp", False, "--contain: -W's tmp"))
+        out.append(Bind(tmp[1], "/var/tmp", False, "--contain: -W's var_tmp"))
     elif contain:
         out.append(Bind("session:tmp", "/tmp", False, "--contain: fresh /tmp"))
         out.append(Bind("session:vartmp", "/var/tmp", False, "--contain: fresh /var/tmp"))
@@ -128,10 +149,18 @@ def system_binds(r, p):
 
 
 def home(r, p):
-    """The home directory: the host's at its path, an empty one under --contain."""
-    if "home" in binds.no_mount(r.opts):
+    """The home directory: -H's source at its destination (--contain too, as
+    Apptainer's), else the host's at its path, an empty one under --contain (-W's home
+    with -W); --no-mount home: none."""
+    if r.home_src is not None:
+        if not os.path.isdir(r.home_src):
+            raise UsageError(f"--home {r.opts.home}: {r.home_src} is not a directory")
+        p.binds.append(Bind(r.home_src, r.home, False, "--home"))
+    elif "home" in binds.no_mount(r.opts):
         return
-    if r.opts.contain:
+    elif r.opts.contain and r.opts.workdir:
+        p.binds.append(Bind(workdir_dirs(r.opts)[0][-1], r.home, False, "--contain: -W's home"))
+    elif r.opts.contain:
         p.binds.append(Bind("session:home", r.home, False, "--contain: empty home"))
     elif not r.opts.no_home and r.home != "/" and os.path.isdir(r.home):
         p.binds.append(Bind(r.home, r.home, False, "home"))
@@ -155,13 +184,25 @@ def site_binds(r, p):
 
 
 def user_binds(r, p):
-    """SINGULARITY_BIND, APPTAINER_BIND, HPCIMAGE_BIND, then -B: a missing source is an
-    error; an image bind (image-src=, id=) mounts the image file first."""
-    specs = []
-    for var in BIND_ENV:
-        specs += binds.split_list(r.environ.get(var, ""))
-    for spec in specs + list(r.opts.binds):
+    """The binds of the *_BIND/*_BINDPATH variables and HPCIMAGE_BIND, then -B (the
+    options put them in opts.binds in that order): a missing source is an error; an
+    image bind (image-src=, id=) mounts the image file first."""
+    for spec in r.opts.binds:
         binds.add_spec(p, spec, "-B", r.cwd, r.session_dir, missing_ok=False)
+
+
+def scratch(r, p):
+    """-S/--scratch: an empty writable directory at each path, from the session (gone
+    at the end) or, with -W, from WORKDIR/scratch/NAME (kept)."""
+    o = r.opts
+    if not o.scratch:
+        return
+    dirs = workdir_dirs(o)[0]
+    for n, d in enumerate(o.scratch):
+        if not d.startswith("/"):
+            raise UsageError(f"--scratch wants an absolute path, got {d!r}")
+        src = dirs[n] if o.workdir else f"session:scratch/{n}"
+        p.binds.append(Bind(src, os.path.normpath(d), False, "--scratch"))
 
 
 def contributed_binds(r, p):
@@ -224,6 +265,14 @@ def root(r, p):
     p.add(Chdir(p.workdir, r.home, bool(r.opts.pwd), p.cwd_note, r.opts.prog))
 
 
+def process(r, p):
+    """--no-umask (0022) and --pid (--no-init: the command is PID 1): Process, before
+    the exec."""
+    o = r.opts
+    if o.no_umask or o.pid:
+        p.add(Process(0o022 if o.no_umask else None, o.pid, not o.no_init))
+
+
 def command(r, p):
     """The container's environment (runtime.environ, then the contributions' variables
     and paths), the app, the exec."""
@@ -250,7 +299,7 @@ def command(r, p):
 
 
 STEPS = (session, host_devices, lmod_inside, system_binds, home, site_binds, user_binds,
-         contributed_binds, cwd, root, command)
+         scratch, contributed_binds, cwd, root, process, command)
 
 
 def with_steps(steps, after):

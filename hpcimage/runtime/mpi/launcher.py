@@ -24,7 +24,7 @@ import sys
 
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.linux import procstate
-from hpcimage.runtime.options import HELP_WORDS, IMAGE_MPI
+from hpcimage.runtime.options import FLAGS, HELP_WORDS, IMAGE_MPI
 from hpcimage.runtime.mpi.jobenv import is_rank
 from hpcimage.runtime.mpi.recipe import Recipe, write_recipe, join_helper
 from hpcimage.runtime.mpi.shared import start_holder, state_base, state_name, warm_arg
@@ -141,6 +141,7 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
     into the container) exists only once the step has started, so the node's first
     rank sets the container up; the others join it."""
     if (argv2[0].endswith("srun") or not join_helper(env) or "--contain" in ours
+            or "--containall" in ours
             or any(o.split("=")[0] in WDIR_OPTS for o in launcher_opts)
             or env.get("HPCIMAGE_MPI_PREPARE", "1") == "0"):
         return argv2
@@ -213,10 +214,11 @@ def main(argv, environ, site):
     from hpcimage.runtime import options
     if is_rank(environ):
         opts = options.parse(["image-mpi-rank", *argv[1:]], environ)
+        refuse_for_ranks(opts)
         return run_rank(opts, site, environ, wrapper_signature(argv[1:], opts))
     args = argv[1:]
     if args[:1] and args[0] in HELP_WORDS:
-        sys.stdout.write(HELP)
+        sys.stdout.write(help_text())
         return 0
     if not environ.get("HPCIMAGE_IMAGE"):
         raise UsageError("no image module loaded: run 'module load "
@@ -245,6 +247,8 @@ def main(argv, environ, site):
     if not program:
         raise UsageError("no program given (usage: image-mpi [OPTIONS] "
                          "[LAUNCHER OPTIONS] [--] PROGRAM [ARGS...])")
+    # what the ranks would refuse (and their variables), said once here
+    refuse_for_ranks(options.parse(["image-mpi-rank", *ours, "--", *program], environ))
     mode = mode or site.mpi_setting("mode")
     if mode not in ("hybrid", "bind"):
         raise UsageError(f"--mpi-mode wants hybrid or bind, not {mode!r}")
@@ -271,19 +275,45 @@ def main(argv, environ, site):
         raise HpcimageError(f"cannot start {exe}: {e.strerror}") from None
 
 
-HELP = """\
+# Options of image-exec that image-mpi's ranks cannot have: the ranks of a node share
+# one container (its namespaces), and a PID namespace of one's own would cut a rank off
+# its neighbours (shared memory transports address each other by PID).
+RANKS_REFUSE = ("pid", "ipc", "uts", "hostname")
+
+
+def refuse_for_ranks(opts):
+    for attr in RANKS_REFUSE:
+        if getattr(opts, attr):
+            name = "--" + attr
+            if opts.containall and attr in ("pid", "ipc"):
+                name = "--containall (-C) includes --" + attr + ", which"
+            raise UsageError(f"{name} is not supported by image-mpi: the ranks of a node "
+                             "share one container")
+
+
+# The runtime options every rank gets, listed from the runtime's flag table (FLAGS).
+RANK_OPTIONS = tuple(row[0] for row in FLAGS if row[3] == "ranks"
+                     and row[1] not in RANKS_REFUSE + ("containall", "compat", "no_init"))
+
+HELP_HEAD = """\
 usage: image-mpi [OPTIONS] [LAUNCHER OPTIONS] [--] PROGRAM [ARGS...]
 
 Starts PROGRAM from the loaded image once per MPI rank: with srun inside a Slurm
 allocation, with the host's mpirun outside (`srun image-mpi PROGRAM` works too).
 Launcher options pass through (image-mpi -n 4 --map-by core ./solver); put `--`
-before PROGRAM when an option is not recognised as taking a value.
+before PROGRAM when an option is not recognised as taking a value. Short forms
+(-B, -e, -c, ...) are the launcher's: use the long ones.
 
 options:
   --mpi-mode hybrid|bind   hybrid: the image's MPI, wired to the host through PMIx/PMI;
                            bind: the host's MPI library bound into the image
   --launcher srun|mpirun   choose the launcher
-  --bind, --env, --pwd, --cleanenv, --contain, --no-home, --nv, --rocm, --ib
-                           as for image-exec, for every rank
   --dry-run                print the launcher command line and exit
+
+runtime options, as for image-exec, for every rank:
 """
+
+
+def help_text():
+    from hpcimage.runtime.options import format_rows, help_rows
+    return HELP_HEAD + format_rows(help_rows(RANK_OPTIONS, shorts=False), 26)
