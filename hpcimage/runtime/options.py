@@ -24,6 +24,8 @@ options (as Apptainer's where they mean the same):
       --no-home                 do not bind the home directory
       --pwd DIR                 working directory inside the container
       --env K=V                 set K inside the container (repeatable)
+      --env-file FILE           set the variables FILE sets (sh syntax)
+      --no-eval                 take --env, --env-file, *ENV_X values literally
       --app NAME                the SCI-F app NAME: its runscript (run), its environment
       --nv, --rocm              NVIDIA / AMD GPUs: device nodes and driver libraries
       --ib                      InfiniBand/RDMA devices and verbs libraries
@@ -40,7 +42,8 @@ def valid_name(k):
 
 class Options:
     __slots__ = ("verb", "prog", "image", "args", "binds", "cleanenv", "contain",
-                 "no_home", "pwd", "env", "dry_run", "app", "nv", "rocm", "ib", "mpi_mode")
+                 "no_home", "pwd", "env", "dry_run", "app", "nv", "rocm", "ib", "mpi_mode",
+                 "env_file", "no_eval")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -59,6 +62,8 @@ class Options:
         self.rocm = False
         self.ib = False
         self.mpi_mode = None
+        self.env_file = None
+        self.no_eval = False
 
 
 # The options: one table, read by parse() below, by image-mpi's split of its own options
@@ -80,6 +85,8 @@ FLAGS = (
     ("--no-home", "no_home", False, "ranks"),
     ("--pwd", "pwd", True, "ranks"),
     ("--env", "env", True, "ranks"),
+    ("--env-file", "env_file", True, "ranks"),
+    ("--no-eval", "no_eval", False, "ranks"),
     ("--app", "app", True, "launcher"),
     ("--nv", "nv", False, "ranks"),
     ("--rocm", "rocm", False, "ranks"),

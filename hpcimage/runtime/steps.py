@@ -29,6 +29,7 @@ CWD_NOT_BOUND_BELOW = ("/usr", "/usr/local", "/usr/lib", "/usr/lib32", "/usr/lib
 
 
 BIND_ENV = ("SINGULARITY_BIND", "APPTAINER_BIND", "HPCIMAGE_BIND")
+BIND_PATH_ENV = ("SINGULARITY_BINDPATH", "APPTAINER_BINDPATH")   # APPTAINER_BIND inside
 
 
 def parse_bind(spec, what="-B"):
@@ -229,9 +230,19 @@ def command(r, p):
     and paths), the app, the exec."""
     opts = r.opts
     host_env = {**r.environ, **p.env_add} if p.env_add else r.environ
-    env, forced, prepend, append = envmod.compute(
+    envfile = getattr(opts, "env_file", None)
+    if envfile is not None:
+        try:
+            with open(envfile, encoding="utf-8", errors="surrogateescape") as f:
+                envfile = f.read()
+        except OSError as e:
+            raise UsageError(f"--env-file {envfile}: {e.strerror}") from None
+    binds = [r.environ[k] for k in BIND_PATH_ENV + BIND_ENV if r.environ.get(k)]
+    env, forced, prepend, append, late = envmod.compute(
         host_env, image_path=r.image.path, module=r.environ.get("HPCIMAGE_MODULE"),
-        cleanenv=opts.cleanenv, cli_env=opts.env, home=r.home, keep_prefixes=p.keep_prefixes)
+        cleanenv=opts.cleanenv, cli_env=opts.env, home=r.home, keep_prefixes=p.keep_prefixes,
+        verb=opts.verb, binds=binds + list(opts.binds), envfile=envfile,
+        no_eval=getattr(opts, "no_eval", False), uid=r.uid, gid=r.gid)
     env_prepend = {}
     for c in p.contributions:
         env.update(c.env)
@@ -240,13 +251,14 @@ def command(r, p):
     for k, paths in env_prepend.items():
         old = [x for x in env.get(k, "").split(":") if x]
         env[k] = ":".join(dict.fromkeys(paths + old))
+        late.inject[k] = list(dict.fromkeys(paths))    # merged last, after the scripts
     if opts.app is not None:
         if not valid_app(opts.app):
             raise UsageError(f"--app {opts.app!r}: not an app name")
         for k in ("APPTAINER_APPNAME", "SINGULARITY_APPNAME"):
             env[k] = opts.app
     p.add(Exec(opts.verb, list(opts.args), env, forced, prepend, append, opts.prog,
-               opts.app, p.rcfile))
+               opts.app, p.rcfile, late))
 
 
 STEPS = (session, host_devices, lmod_inside, system_binds, home, site_binds, user_binds,
