@@ -23,6 +23,7 @@ import os
 
 from hpcimage.linux import syscalls as sc
 from hpcimage.runtime.command import RUNSCRIPT, enter_workdir, exec_command, app_dir
+from hpcimage.runtime.environ import evaluated
 from hpcimage.runtime.rootfs import build_root, write_identity_files, make_target, map_ids, remount_ro
 
 
@@ -316,11 +317,12 @@ class Exec(Op):
         for k in sorted(env):
             lines.append(f"  env {_assign(k, env[k])}")
         late = self.late
-        how = "evaluated" if late is not None and late.evaluate else "literal"
         if late is not None and late.envfile is not None:
+            how = "evaluated" if late.evaluate else "literal values"
             lines.append(f"  env-file {quote(late.envfile)}  # {how}, after the env scripts")
         for k in sorted(self.forced):
-            lines.append(f"  env {_assign(k, self.forced[k])}  # forced, {how}, after the env "
+            how = "evaluated, " if evaluated(self.forced[k], late) else ""
+            lines.append(f"  env {_assign(k, self.forced[k])}  # forced, {how}after the env "
                          "scripts")
         if self.prepend is not None:
             lines.append(f"  prepend PATH {quote(self.prepend)}  # after the env scripts")
