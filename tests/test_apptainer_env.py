@@ -134,6 +134,10 @@ def test_values_are_evaluated_by_the_containers_shell(user, images, kind):
     assert sing == f"{user.home}/s" and ours == "sub"
     assert path == image_path(kind) + ":/foo"      # the image's PATH, extended
     assert lit == "$HOME" and home == user.home
+    (path,) = show(user, img, "PATH", env={"APPTAINERENV_APPEND_PATH": "$HOME/bin"},
+                   opts=("--env", "PREPEND_PATH=/p$IMGVAR"))
+    pre = "/pimage:" if kind == "scripts" else "/p:"
+    assert path == pre + image_path(kind) + f":{user.home}/bin"
 
 
 def test_no_eval_takes_values_literally(user, images, kind):
@@ -176,6 +180,19 @@ def test_unterminated_substitution_is_one_line_exit_2(user, images, kind):
     assert r.stderr.strip().splitlines() == [
         "image-exec: error: APPTAINERENV_BAD: unterminated $( in '$(echo x' "
         "(write \\$ for a literal $, or use --no-eval)"]
+
+
+def test_variable_that_cannot_be_set_is_said(user, images, kind):
+    r = run(user, images[kind], "true", env={"APPTAINERENV_A.B": "1", "SINGULARITYENV_UID": "0"})
+    assert r.returncode == 0
+    assert set(r.stderr.splitlines()) == {
+        "image-exec: warning: APPTAINERENV_A.B: not a variable name: not set in the container",
+        "image-exec: warning: SINGULARITYENV_UID: the shell's own read-only variable: not set "
+        "in the container"}
+    r = run(user, images[kind], "true", opts=("--env", "UID=0"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("image-exec: error: --env UID: UID is the shell's own "
+                                "(read-only) variable")
 
 
 def test_missing_env_file_exit_2(user, images, kind):

@@ -50,13 +50,16 @@ class Late:
     ({NAME: value}: they reach the command through the image's env program), uid/gid
     (the shell's $UID/$GID where it has none, as Apptainer's interpreter sets them).
     Plain data: the MPI recipe and --dry-run read it."""
-    __slots__ = ("evaluate", "envfile", "inject", "odd", "uid", "gid", "sources")
+    __slots__ = ("evaluate", "envfile", "inject", "odd", "uid", "gid", "sources", "skipped",
+                 "path_eval")
 
     def __init__(self, evaluate=True, envfile=None, inject=None, odd=None, uid=None,
-                 gid=None, sources=None):
+                 gid=None, sources=None, skipped=()):
         self.evaluate, self.envfile = evaluate, envfile
         self.inject, self.odd = inject or {}, odd or {}
         self.uid, self.gid, self.sources = uid, gid, sources or {}
+        self.skipped = list(skipped)    # (variable, why): said as warnings
+        self.path_eval = False          # PREPEND_PATH or APPEND_PATH to evaluate
 
 
 def evaluated(value, late):
@@ -68,7 +71,8 @@ def needs_shell(forced, late):
     """The container's shell must run even where the image has no env scripts."""
     if late is None:
         return False
-    return late.envfile is not None or any(evaluated(v, late) for v in forced.values())
+    return (late.envfile is not None or late.path_eval
+            or any(evaluated(v, late) for v in forced.values()))
 
 
 def dq_body(value):
@@ -135,6 +139,7 @@ def compute(host_env, *, image_path, module=None, cleanenv=False, cli_env=(),
     forced = {}
     sources = {}
     odd = {}
+    skipped = []
     for k, v in host_env.items():
         if k.startswith(FORCE_PREFIXES) or k in DROP:
             continue
@@ -153,13 +158,16 @@ def compute(host_env, *, image_path, module=None, cleanenv=False, cli_env=(),
                     forced.pop(name, None)
                     forced[name] = v
                     sources[name] = k
+                else:
+                    skipped.append((k, "the shell's own read-only variable"
+                                    if name in NOT_SETTABLE else "not a variable name"))
     for k, v in cli_env:
         if k in NOT_SETTABLE:
             raise UsageError(f"--env {k}: {k} is the shell's own (read-only) variable")
         forced.pop(k, None)
         forced[k] = v
         sources[k] = f"--env {k}"
-    late = Late(not no_eval, envfile, None, odd, uid, gid, sources)
+    late = Late(not no_eval, envfile, None, odd, uid, gid, sources, skipped)
     for k, v in forced.items():
         if evaluated(v, late):
             what = unterminated(v)
@@ -168,6 +176,7 @@ def compute(host_env, *, image_path, module=None, cleanenv=False, cli_env=(),
                                  f"for a literal $, or use --no-eval)")
     prepend = forced.pop("PREPEND_PATH", None)
     append = forced.pop("APPEND_PATH", None)
+    late.path_eval = any(v is not None and evaluated(v, late) for v in (prepend, append))
     if home:
         env["HOME"] = home
     env["PATH"] = DEFAULT_PATH
@@ -208,8 +217,7 @@ def shell_prologue(forced, prepend, append, app=None, late=None):
     (command.valid_app)."""
     lines = []
     ev = late is not None and late.evaluate
-    if late is not None and (late.envfile is not None or any(
-            evaluated(v, late) for v in forced.values())):
+    if needs_shell(forced, late):
         # $UID and $GID, as bash and Apptainer's interpreter have them
         if late.uid is not None:
             lines.append(f"case ${{UID-}} in '') UID={int(late.uid)};; esac")

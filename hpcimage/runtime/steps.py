@@ -243,6 +243,8 @@ def command(r, p):
         cleanenv=opts.cleanenv, cli_env=opts.env, home=r.home, keep_prefixes=p.keep_prefixes,
         verb=opts.verb, binds=binds + list(opts.binds), envfile=envfile,
         no_eval=getattr(opts, "no_eval", False), uid=r.uid, gid=r.gid)
+    for var, why in late.skipped:
+        p.warnings.append(f"{var}: {why}: not set in the container")
     env_prepend = {}
     for c in p.contributions:
         env.update(c.env)
