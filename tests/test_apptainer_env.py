@@ -211,6 +211,11 @@ def test_evaluating_needs_a_shell(user, images):
             env={"APPTAINERENV_X": "$HOME"}, opts=("--no-eval",))
     assert r.returncode == 0, r.stderr
     assert "X=$HOME" in r.stdout.splitlines()
+    # a value with nothing to evaluate needs no shell: exec'd directly, as before
+    r = run(user, images["noshell"], "/bin/busybox", "env",
+            env={"APPTAINERENV_X": "plain value", "A.B": "1"}, opts=("--env", "Y=z"))
+    assert r.returncode == 0, r.stderr
+    assert {"X=plain value", "Y=z", "A.B=1"} <= set(r.stdout.splitlines())
 
 
 # --------------------------------------------------- the runtime's paths (§3.2)
@@ -292,3 +297,32 @@ def test_run_app_honours_the_runscripts_interpreter(user, images, kind):
     r = run(user, images[kind], "hello", opts=("--app", "awkapp"), verb="image-run")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "awk app: hello\n"
+
+
+# ------------------------------------- the prologue under each /bin/sh an image may have
+
+@pytest.mark.parametrize("shell", [["/bin/dash"], ["/bin/bash"], ["/bin/busybox", "sh"]])
+def test_prologue_keeps_the_command_and_declare_under_each_shell(shell, scratch):
+    """bash (RHEL's /bin/sh) sources at top level (a script's `declare -x` stays global),
+    the others in a function; under each, a script's `set --` leaves the command alone and
+    a value is evaluated after 99-base.sh."""
+    from hpcimage.runtime import environ as E
+    if not os.access(shell[0], os.X_OK):
+        pytest.skip(f"no {shell[0]} here")
+    d = scratch / "env"
+    d.mkdir()
+    (d / "90-environment.sh").write_text(
+        "set -- x\ndeclare -x DECL=yes 2>/dev/null || export DECL=yes\n")
+    (d / "99-base.sh").write_text("export BASE=base\n")
+    env, forced, pre, app, late = E.compute(
+        {"HOME": "/h", "A.B": "1", "APPTAINERENV_WHO": "$BASE-$DECL"}, image_path="/i/x.sif",
+        verb="exec", uid=1000, gid=1000)
+    script = (E.shell_prologue(forced, pre, app, None, late) + E.SHELL_EXEC).replace(
+        "/.singularity.d/env", str(d))
+    r = subprocess.run(shell + ["-c", script, "hpcimage", "env"],
+                       env=E.shell_env(env, forced, pre, app, "test", late=late),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert {"WHO=base-yes", "DECL=yes", "A.B=1"} <= set(lines)
+    assert not [ln for ln in lines if ln.split("=")[0].lower().startswith("__hpcimage")]

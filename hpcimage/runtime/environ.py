@@ -247,22 +247,24 @@ def shell_prologue(forced, prepend, append, app=None, late=None):
         if ev and any(c in var for c in EVAL_CHARS):
             lines.append(f'  eval "__HPCIMAGE_{key}=\\"$__HPCIMAGE_{key}\\""')
     lines += ["  __hpcimage_i=1", "  :", "}"]
-    lines += ["__hpcimage_env() {",
-              "  if [ -d /.singularity.d/env ]; then",
-              "    for __hpcimage_f in /.singularity.d/env/*.sh; do",
-              '      [ -f "$__hpcimage_f" ] || continue']
+    body = ["if [ -d /.singularity.d/env ]; then",
+            "  for __hpcimage_f in /.singularity.d/env/*.sh; do",
+            '    [ -f "$__hpcimage_f" ] || continue']
     if app is not None:
         assert all(c.isalnum() or c in "_.+-" for c in app)
-        lines += [f'      [ "$__hpcimage_f" != {BASE_SCRIPT} ] || __hpcimage_app']
-    lines += ['      . "$__hpcimage_f"',
-              f'      [ "$__hpcimage_f" != {BASE_SCRIPT} ] || __hpcimage_inject',
-              "    done",
-              f"  elif [ -f {LEGACY_ENVIRONMENT} ]; then",
-              f"    . {LEGACY_ENVIRONMENT}",
-              "  fi"]
+        body += [f'    [ "$__hpcimage_f" != {BASE_SCRIPT} ] || __hpcimage_app']
+    body += ['    . "$__hpcimage_f"',
+             f'    [ "$__hpcimage_f" != {BASE_SCRIPT} ] || __hpcimage_inject',
+             "  done",
+             f"elif [ -f {LEGACY_ENVIRONMENT} ]; then",
+             f"  . {LEGACY_ENVIRONMENT}",
+             "fi"]
     if app is not None:
-        lines.append("  __hpcimage_app")
-    lines += ["}"]
+        body.append("__hpcimage_app")
+    # A script's `set --` must not replace the command. bash (RHEL's /bin/sh) keeps the
+    # command in an array and sources at top level, where `declare -x` stays global;
+    # other shells (dash, busybox) source inside a function, whose `set --` is its own.
+    lines += ["__hpcimage_env() {"] + ["  " + ln for ln in body] + ["}"]
     if app is not None:
         lines += ["__hpcimage_a=",
                   "__hpcimage_app() {",
@@ -277,7 +279,13 @@ def shell_prologue(forced, prepend, append, app=None, late=None):
                   '  export LD_LIBRARY_PATH',
                   "}"]
     lines += ["__hpcimage_i=",
-              '__hpcimage_env "$@"',
+              'if [ -n "${BASH_VERSION-}" ]; then',
+              """  eval '__hpcimage_argv=("$@")'"""]
+    lines += ["  " + ln for ln in body]
+    lines += ["""  eval 'set -- "${__hpcimage_argv[@]}"'; unset __hpcimage_argv""",
+              "else",
+              '  __hpcimage_env "$@"',
+              "fi",
               '[ -n "$__hpcimage_i" ] || __hpcimage_inject',
               "unset __hpcimage_f __hpcimage_g __hpcimage_i __hpcimage_a"]
     if "PATH" in forced:
