@@ -203,7 +203,9 @@ def help_text(image, extra_wrappers=()):
         "                            (then used instead of the store's while current)",
     ]
     if "image-inspect" in extra_wrappers:
-        lines.append("  image-inspect [--json]    labels, definition file, runscript of the image")
+        lines += ["  image-inspect [OPTIONS]   the image's labels, as apptainer inspect (-r runscript,",
+                  "                            -d definition file, -e environment, -H help,",
+                  "                            --all --json; --summary: all of it, as text)"]
     if image.help:
         lines += ["", image.help.strip("\n")]
     if image.url:

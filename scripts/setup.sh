@@ -28,7 +28,7 @@ fi
 # Environment Modules is unpacked from Debian's own .deb into /opt/hpcimage/envmodules
 # (used by the tests to load the Tcl modulefiles with the real modulecmd.tcl).
 # (install.sh adds the compute node's own: squashfuse, fuse3, uidmap, python3-venv, gcc.)
-pkgs=(lmod lua5.3 tcl squashfuse squashfs-tools fuse3 busybox-static debootstrap
+pkgs=(lmod lua5.3 tcl squashfuse squashfs-tools fuse3 fuse2fs busybox-static debootstrap
       charliecloud-runtime python3 python3-venv python3-dev gcc libc6-dev make rsync passwd
       util-linux procps uidmap docker-registry)
 missing=()

@@ -100,7 +100,7 @@ def test_outputs_sif_sandbox_force(user, userdir):
     build(user, userdir, sif, IMAGES / "Demo.def", "--notest")
     r = hrun(user, "sif", "list", str(sif))
     assert "Def.FILE" in r.stdout and "JSON.Labels" in r.stdout and "FS (Squashfs" in r.stdout, r.stdout
-    r = hrun(user, "inspect", str(sif))
+    r = hrun(user, "inspect", "--deffile", str(sif))
     assert "Bootstrap: busybox" in r.stdout
     assert hrun(user, "run", str(sif)).stdout.startswith("Hello from hpcimage Demo")
     # refused without --force, kept intact; --force replaces it
@@ -355,7 +355,7 @@ def test_apps(user, every_image):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "foo /scif/apps/foo /scif/data/foo foo-value nobar foo",
-        "foo-tool ran", "foo", "from the host", "foo helps."]
+        "foo-tool ran", "foo", "from the host", "    foo helps."]     # %apphelp verbatim
     r = hrun(user, "exec", "--app", "bar", str(out), "sh", "-c",
              'echo "$SCIF_APPNAME $BAR_ENV ${FOO_ENV:-nofoo}"')
     assert r.stdout == "bar bar-value nofoo\n", r.stderr
@@ -388,6 +388,7 @@ def test_apps(user, every_image):
     ("%test\n    sleep 1\n    exit 4\n", 1, "t.def:3: %test failed (exit 4)"),
     ("%files\n    no-such-file /x\n", 2, "t.def:4: %files: no-such-file: no such file"),
     ("%setup\n    exit 3\n", 1, "t.def:3: %setup failed (exit 3)"),
+    ("%pre\n    exit 5\n", 1, "t.def:3: %pre failed (exit 5)"),
 ])
 def test_failure_leaves_nothing(user, userdir, section, status, what):
     tmp = userdir / "tmp"
@@ -405,7 +406,8 @@ def test_failure_leaves_nothing(user, userdir, section, status, what):
 
 
 _DEFAULTS = {"sandbox": False, "force": False, "notest": False, "build_args": (),
-             "all_": False, "site_path": "site.yaml", "verbose": False}
+             "all_": False, "site_path": "site.yaml", "verbose": False,
+             "warn_unused": False}
 
 
 @pytest.mark.parametrize("args, want", [
@@ -421,6 +423,7 @@ _DEFAULTS = {"sandbox": False, "force": False, "notest": False, "build_args": ()
     (["-v", "o.sif", "t.def"], {"verbose": True}),
     (["o.sqfs", "--verbose", "t.def"], {"verbose": True, "out": "o.sqfs"}),
     (["--", "o.sif", "t.def"], {}),
+    (["--warn-unused-build-args", "o.sif", "t.def"], {"warn_unused": True}),
     (["--site", "s.yaml", "--all"], {"all_": True, "site_path": "s.yaml", "out": None,
                                      "source": None}),
 ])
@@ -733,3 +736,164 @@ def test_build_all_site(user, userdir):
     r = hrun(user, "build", "--all", "--site", str(site / "site.yaml"), "Demo/1.0",
              cwd=str(userdir))
     assert r.returncode == 0 and "exists (--force rebuilds it)" in r.stderr
+
+
+# ------------------------------------------------ issue 14: built as Apptainer builds
+
+ISSUE14 = """
+    Bootstrap: busybox
+    Stage: one
+    %post
+        mkdir -p /data/dir /opt
+        echo stage-file > /opt/real
+        ln -s /opt/real /data/abs
+        ln -s /etc/os-release /data/dir/leak
+        echo inner > /data/dir/inner
+
+    Bootstrap: busybox   # a comment after the agent
+    Stage: two
+    %pre
+        echo pre-ran > pre.txt
+    %files from one
+        /data/abs /got-abs
+        /data/dir /got-dir
+    %environment
+        export FROM_ENV=env-value
+    %runscript
+    #!/bin/awk -f
+    BEGIN { print "awk runscript" }
+    %test
+    #!/bin/sh -e
+    test -f /got-abs
+    %labels
+        Key  some value
+    %help
+      Indented help.
+"""
+
+
+@pytest.fixture(scope="module")
+def issue14_box(bare_dir):
+    from conftest import User, USER
+    user = User(USER)
+    d = Path("/tmp/hpcimage-tests")
+    d.mkdir(exist_ok=True)
+    work = Path(__import__("tempfile").mkdtemp(dir=d))
+    os.chown(work, user.uid, user.gid)
+    work.chmod(0o755)
+    defn = write(work / "i14.def", ISSUE14, user)
+    box = work / "box"
+    r = build(user, work, box, defn, "--sandbox")
+    yield box, work, r
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def test_files_from_stage_stay_inside_the_stage(user, issue14_box):
+    """%files from STAGE: an absolute link is followed inside the stage's tree, a link
+    inside a copied directory stays a link: no file of the build host enters the image
+    (the old cp -L copied the host's /etc/os-release through /data/dir/leak)."""
+    box, work, r = issue14_box
+    assert (box / "got-abs").read_text() == "stage-file\n"
+    assert os.path.islink(box / "got-dir" / "leak")
+    assert os.readlink(box / "got-dir" / "leak") == "/etc/os-release"
+    assert (box / "got-dir" / "inner").read_text() == "inner\n"
+    assert (work / "pre.txt").read_text() == "pre-ran\n"            # %pre: on the host
+
+
+def test_files_from_stage_link_out_of_the_stage_is_refused(user, userdir):
+    d = write(userdir / "t.def", """
+        Bootstrap: busybox
+        Stage: one
+        %post
+            ln -s /etc/os-release /leak
+        Bootstrap: busybox
+        %files from one
+            /leak /x
+        """, user)
+    r = build(user, userdir, userdir / "o.sqfs", d, ok=False)
+    assert r.returncode == 2, r.stderr
+    assert "t.def:7: %files from one: /leak: no such file" in r.stderr
+    assert not (userdir / "o.sqfs").exists()
+
+
+def test_script_sections_keep_their_interpreter(user, issue14_box):
+    box, _, _ = issue14_box
+    r = hrun(user, "run", str(box))
+    assert r.returncode == 0 and r.stdout == "awk runscript\n", r.stderr
+    assert (box / ".singularity.d/runscript").read_text().startswith("#!/bin/awk -f\n")
+    assert (box / ".singularity.d/test").read_text().startswith("#!/bin/sh -e\n")
+    assert (box / ".singularity.d/runscript.help").read_text() == "  Indented help.\n"
+    labels = json.loads((box / ".singularity.d/labels.json").read_text())
+    assert labels["Key"] == "some value"
+
+
+def test_built_image_runs_with_only_its_own_files(user, issue14_box):
+    """What Apptainer's starter does: /.singularity.d/actions/* with a bare
+    environment (env -i), the image's env scripts only."""
+    box, _, _ = issue14_box
+    meta = box / ".singularity.d"
+    for f in ("env/01-base.sh", "env/90-environment.sh", "env/95-apps.sh", "env/99-base.sh",
+              "actions/exec", "actions/run", "actions/shell", "actions/start",
+              "actions/test"):
+        assert os.access(meta / f, os.X_OK), f
+    assert (meta / "libs").is_dir() and os.readlink(box / ".exec") == ".singularity.d/actions/exec"
+    r = hrun(user, "exec", str(box), "env", "-i", "/bin/sh", "/.singularity.d/actions/exec",
+             "sh", "-c", 'echo "$FROM_ENV|$LD_LIBRARY_PATH|$PS1"')
+    assert r.stdout == "env-value|/.singularity.d/libs|Apptainer> \n", r.stderr
+    r = hrun(user, "exec", str(box), "env", "-i", "LD_LIBRARY_PATH=/x", "/bin/sh",
+             "/.singularity.d/actions/exec", "sh", "-c", 'echo "$LD_LIBRARY_PATH"')
+    assert r.stdout == "/x:/.singularity.d/libs\n", r.stderr
+    r = hrun(user, "exec", str(box), "env", "-i", "/bin/sh", "/.singularity.d/actions/run")
+    assert r.stdout == "awk runscript\n", r.stderr
+    r = hrun(user, "exec", str(box), "env", "-i", "/bin/sh", "/.singularity.d/actions/test")
+    assert r.returncode == 0, r.stderr
+    r = hrun(user, "exec", str(box), "env", "-i", "/bin/sh", "/.singularity.d/actions/shell",
+             "-c", 'echo "shell $SHELL"')
+    assert r.stdout == "shell /bin/sh\n", r.stderr
+
+
+E2E = Path("/work/shared/testdata/apptainer/e2e")
+
+
+@pytest.mark.skipif(not (E2E / "custom.def").exists(), reason=f"no {E2E}/custom.def")
+def test_apptainer_e2e_image(user, userdir):
+    """Apptainer's e2e test image (restated on busybox: custom.def), built here and
+    run as Apptainer's e2e tests run it."""
+    d = userdir / "custom.def"
+    shutil.copy(E2E / "custom.def", d)
+    os.chown(d, user.uid, user.gid)
+    d.chmod(0o644)
+    out = userdir / "e2e.sif"
+    build(user, userdir, out, d)
+    r = hrun(user, "run", str(out), "echo", "hi")
+    assert r.stdout == "Running command: echo hi\nhi\n", r.stderr
+    r = hrun(user, "exec", str(out), "sh", "-c", 'echo "$AVENGERS $GOPATH"')
+    assert r.stdout == "assemble /go\n", r.stderr
+    r = hrun(user, "run", "--app", "testapp", str(out))
+    assert r.stdout == "testapp\n", r.stderr
+    r = hrun(user, "run", "--app", "foo", str(out))
+    assert r.stdout == "RUNNING FOO\n", r.stderr
+    r = hrun(user, "exec", str(out), "sh", "-c",
+             "cat /scif/apps/foo/scif/runscript.help /scif/apps/bar/scif/labels.json; "
+             "readlink /var/etc; readlink /etc/absolute-slink")
+    assert "This is the help for foo!" in r.stdout and '"HELLOTHISIS": "bar"' in r.stdout
+    assert "/etc\n/usr/share/zoneinfo/Etc/UTC" in r.stdout, r.stdout
+    r = hrun(user, "exec", str(out), "env", "-i", "APPTAINER_APPNAME=foo", "/bin/sh",
+             "/.singularity.d/actions/run")
+    assert r.stdout == "RUNNING FOO\n", r.stderr
+
+
+def test_unused_build_arg_and_headerless_file(user, userdir):
+    d = write(userdir / "t.def", "Bootstrap: busybox  # comment\n%post\n    true\n", user)
+    r = build(user, userdir, userdir / "o.sqfs", d, "--build-arg", "NOPE=1", ok=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"hpcimage: error: --build-arg NOPE: not used by {d} "
+        "(--warn-unused-build-args makes this a warning)")
+    assert not (userdir / "o.sqfs").exists()
+    r = build(user, userdir, userdir / "o.sqfs", d, "--build-arg", "NOPE=1",
+              "--warn-unused-build-args")
+    assert f"hpcimage: warning: --build-arg NOPE: not used by {d}" in r.stderr
+    d = write(userdir / "h.def", "%post\n    true\n", user)
+    r = build(user, userdir, userdir / "h.sqfs", d, ok=False)
+    assert r.returncode == 2 and f"{d}:1: no 'Bootstrap: AGENT' header" in r.stderr

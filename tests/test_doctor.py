@@ -276,6 +276,23 @@ def test_site_config_unreadable_json_fails(user, userdir):
     assert lines["site-config"]["detail"].startswith(f"{bad}: unreadable site configuration")
 
 
+def test_site_config_unknown_key_fails(user, userdir):
+    """A key this hpcimage does not know makes every launch fail (config.policy): the
+    doctor says so instead of calling the file current."""
+    bad = userdir / "site.json"
+    bad.write_text('{"version": 1, "binds": [], "bindz": []}\n')
+    rc, lines, _ = doctor(user, "--site-config", str(bad))
+    assert rc == 1
+    sc = lines["site-config"]
+    assert sc["status"] == "FAIL"
+    assert sc["detail"] == (f"{bad}: unknown key 'bindz' (site.json is written by "
+                            "'hpcimage generate': run this hpcimage's)")
+    bad.write_text('{"version": 1, "lmod": {"modulepath": [], "prefx": "/x"}}\n')
+    rc, lines, _ = doctor(user, "--site-config", str(bad))
+    assert rc == 1 and lines["site-config"]["status"] == "FAIL"
+    assert "unknown key 'lmod.prefx'" in lines["site-config"]["detail"]
+
+
 def test_site_config_none_warns(user):
     rc, lines, _ = doctor(user)
     assert rc == 0

@@ -113,9 +113,10 @@ image-exec true; echo "unloaded=$?"
 @requires_lmod
 def test_image_inspect_wrapper(site):
     r = module_script("lmod", "module load Demo/2.0\nimage-inspect\nimage-inspect --json\n"
-                      "module help Demo/2.0 2>&1",
+                      "image-inspect --summary\nmodule help Demo/2.0 2>&1",
                       modulepath=[str(site / "modulefiles")], user="hpcuser")
     assert r.rc == 0, r.err
-    assert "  image-inspect [--json]" in r.out                  # `module help` lists it
-    assert "org.label-schema.name: Demo" in r.out and "SIF objects:" in r.out
-    assert '"kind": "sif"' in r.out
+    assert "  image-inspect [OPTIONS]" in r.out                 # `module help` lists it
+    assert "\norg.label-schema.name: Demo\n" in r.out           # labels, as apptainer inspect
+    assert '"type": "container"' in r.out                      # apptainer inspect --json
+    assert "SIF objects:" in r.out and "(sif, " in r.out        # hpcimage's summary

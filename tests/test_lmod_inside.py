@@ -42,8 +42,9 @@ images:
 
 @pytest.fixture(scope="module")
 def mods():
-    """A site modulefile directory outside every default bind ($HOME, /tmp, cwd)."""
-    d = Path(tempfile.mkdtemp(prefix="hpcimage-lmod-mods-", dir="/var/tmp"))
+    """A site modulefile directory outside every default bind ($HOME, /tmp, /var/tmp,
+    cwd)."""
+    d = Path(tempfile.mkdtemp(prefix="hpcimage-lmod-mods-", dir="/var/cache/hpcimage"))
     os.chmod(d, 0o755)
     (d / "TestMod").mkdir()
     (d / "TestMod" / "1.0.lua").write_text(

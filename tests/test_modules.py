@@ -216,3 +216,43 @@ def test_hostile_descriptions_and_paths_are_inert(system, world_tmp):
             assert line in res.out                              # `module help` shows it
         assert " ".join(t.split()) in res.out                   # whatis: one line
     assert res.env["HPCIMAGE_MODULE"] == f"Evil{len(texts) - 1}/1"
+
+
+# ------------------------------------------------- names both module systems load
+
+# Every character site.yaml takes in a module name or version but '+': each loads by
+# `module load NAME/VERSION` in Lmod and in Environment Modules 5 alike.
+ODD_NAMES = [("Py_thon-3.x", "1.0_b-c"), ("R", "v2.0.1-rc1"), ("gcc.cuda", "1..2"),
+             ("T", "2024.01."), ("U", "1-"), ("9lives", "0")]
+
+
+@pytest.mark.parametrize("system", ALL)
+def test_every_accepted_name_loads(system, world_tmp):
+    conf = world_tmp / "conf"
+    conf.mkdir()
+    write_site(conf, "store: /apps/images\nimages:\n" + "".join(
+        f"  - {{name: '{n}', version: '{v}', file: {n}-{v}.sqfs}}\n" for n, v in ODD_NAMES))
+    p = generate("--site", conf / "site.yaml", "--prefix", world_tmp / "out", cwd=world_tmp)
+    assert p.returncode == 0, p.stderr
+    for n, v in ODD_NAMES:
+        res = load(system, [root_of(system, world_tmp / "out")], f"{n}/{v}")
+        assert_loaded(res, world_tmp / "out", f"{n}/{v}", f"/apps/images/{n}-{v}.sqfs")
+
+
+@pytest.mark.parametrize("key,name,version", [("version", "A", "1.0+cuda"),
+                                              ("name", "C+x", "1")])
+def test_plus_is_refused_naming_the_image(world_tmp, key, name, version):
+    """Environment Modules 5 reads `module load A/1.0+cuda` as A/1.0 with the variant
+    cuda: generate refuses the name rather than render a module one system cannot load."""
+    conf = world_tmp / "conf"
+    conf.mkdir()
+    write_site(conf, "store: /apps/images\nimages:\n  - {name: B, version: '1', file: b}\n"
+               f"  - name: '{name}'\n    version: '{version}'\n    file: a.sqfs\n")
+    p = generate("--site", conf / "site.yaml", "--prefix", world_tmp / "out", cwd=world_tmp)
+    line = 4 if key == "name" else 5
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == (
+        f"hpcimage: error: {conf}/site.yaml:{line}: images[1].{key}: image {name}/{version}: '+' in "
+        f"a module's {key} is variant syntax in Environment Modules 5 ('module load "
+        f"{name}/{version}' would not find it there); use '-', '_' or '.' instead\n")
+    assert not (world_tmp / "out").exists()

@@ -384,3 +384,33 @@ def test_mpirun_rank_state_is_a_host_ranks(user, host_mpi, site, openmpi_sqfs, u
     assert len(joined) == 2 and python == [], r.stderr
     _compare_ranks(rank_states(hd, 2), rank_states(od, 2), r)
     assert wait_no_leaks(user.uid) == ([], [])
+
+
+CONTAINED = ("import os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+             "print('rank', c.rank, 'size', c.size, 'sum', c.allreduce(c.rank + 1), "
+             "'tmp', ','.join(sorted(os.listdir('/tmp'))) or '-', flush=True)")
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_contain_binds_the_pmix_directories_not_the_hosts_tmp(user, slurm_cluster, host_mpi,
+                                                              site, openmpi_sqfs, userdir,
+                                                              launcher):
+    """--contain: a fresh /tmp in every rank; only the job's own PMIx/Open MPI session
+    directories come from the host (PMIX_SERVER_TMPDIR, the session directory), never
+    the whole /tmp that TMPDIR and PMIX_SYSTEM_TMPDIR name."""
+    marker = "hpcimage-host-tmp-marker"
+    open(f"/tmp/{marker}", "w").close()
+    try:
+        if launcher == "srun":
+            r = srun(user, ["image-mpi", "--contain", "python3", "-c", CONTAINED], n=2,
+                     mpi="pmix", env=env_for(site, openmpi_sqfs), cwd=str(userdir))
+        else:
+            r = user.run(["image-mpi", "--contain", "-n", "2", "python3", "-c", CONTAINED],
+                         env=env_for(site, openmpi_sqfs), cwd=str(userdir))
+    finally:
+        os.unlink(f"/tmp/{marker}")
+    assert r.returncode == 0, r.stderr
+    rows = sorted(ln.split() for ln in r.stdout.splitlines() if ln.startswith("rank "))
+    assert [x[5] for x in rows] == ["3", "3"], r.stdout
+    for x in rows:
+        assert marker not in x[7] and "hpcimage-tests" not in x[7], x

@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import PY, runtime_argv, fuse_processes, wait_no_leaks
 from hpcimage.runtime.mpi import launcher as mpi
-from hpcimage.runtime.mpi import jobenv, rank
+from hpcimage.runtime.mpi import jobenv, rank, shared
 
 
 @pytest.mark.parametrize("args,opts,prog", [
@@ -128,10 +129,13 @@ def test_ranks_share_one_userns_mountns_and_image_mount(user, demo_sqfs):
     assert len(daemons) == 1, f"one image mount for the node, not {daemons}"
     procs_left, mounts = wait_no_leaks(user.uid)
     assert procs_left == [] and mounts == []
+    # The job's state directory (JOB-STEP@NODE) goes, and the user's directory with it:
+    # nothing of the job is left in /tmp.
+    base = f"/tmp/hpcimage-{user.uid}"
     deadline = time.monotonic() + 5
-    while os.path.exists(f"/tmp/hpcimage-{user.uid}/{job}-0") and time.monotonic() < deadline:
+    while os.path.exists(base) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not os.path.exists(f"/tmp/hpcimage-{user.uid}/{job}-0")
+    assert not os.path.exists(base), os.listdir(base)
 
 
 def test_ranks_without_sharing_get_own_namespaces_and_no_cma(user, demo_dir):
@@ -179,7 +183,7 @@ def test_step_signal_leaves_the_shared_container_served(user, demo_sqfs):
     try:
         for p in procs:
             assert p.stdout.readline() == "ready\n"
-        holder = int(open(f"/tmp/hpcimage-{user.uid}/{job}-0/holder").read())
+        holder = int(open(f"/tmp/hpcimage-{user.uid}/{job}-0@{os.uname().nodename}/holder").read())
         daemons = fuse_processes(user.uid)
         assert len(daemons) == 1
         for pid in [holder] + daemons:
@@ -277,7 +281,11 @@ def test_joiner_rank_test_and_job_key_are_jobenv_s(env, tmp_path):
         assert keys == [] and "Python rank: no job key in the environment" in r.stderr
     else:
         assert keys == [expected], r.stderr
-        assert "state directory missing" in r.stderr
+        # The joiner makes the user's state directory as shared.state_base() does
+        # (the last holder of a node removes it), then finds no holder for the job.
+        assert "Python rank: no holder yet (this rank starts it)" in r.stderr
+        base = tmp_path / f"hpcimage-{os.getuid()}"
+        assert base.is_dir() and (base.stat().st_mode & 0o777) == 0o700
 
 
 @needs_joiner
@@ -295,7 +303,7 @@ def test_joiner_leaves_non_ranks_to_python_at_once(env, tmp_path):
 def fake_job(tmp_path, key, data):
     """A state directory as a holder leaves it: refs, a live holder (this process), the
     recipe."""
-    state = tmp_path / f"hpcimage-{os.getuid()}" / key
+    state = tmp_path / f"hpcimage-{os.getuid()}" / shared.state_name(key)
     state.mkdir(parents=True)
     state.parent.chmod(0o700)
     (state / "refs").write_text("")
@@ -325,7 +333,7 @@ def test_joiner_refuses_a_recipe_of_another_format(tmp_path):
     assert p.stdout.startswith("python rank ['image-mpi-rank', '--mpi-mode', 'hybrid'")
     assert ("Python rank: no usable recipe: recipe of another format "
             f"(HPCIMAGE-RECIPE {recipe.FORMAT} is read here)") in p.stderr, p.stderr
-    (tmp_path / f"hpcimage-{os.getuid()}" / "job1" / "recipe").write_bytes(current)
+    (tmp_path / f"hpcimage-{os.getuid()}" / shared.state_name("job1") / "recipe").write_bytes(current)
     p = run_joiner(env, *words, python=python)
     assert p.returncode == 0 and p.stdout.startswith("python rank"), p.stderr
     assert "Python rank: recipe made for other options" in p.stderr, p.stderr
@@ -366,3 +374,49 @@ def test_joiner_reads_wrapper_options_with_the_recipe_s_table(words, sig, workdi
     else:
         assert "Python rank" not in p.stderr, p.stderr           # joined, then failed
         assert (p.returncode, p.stderr.splitlines()[-1]) == said, p.stderr
+
+
+def test_dead_holders_state_is_swept_and_state_dir_off_tmp(user, demo_sqfs):
+    """A holder killed by SIGKILL leaves its state directory; the next job's first rank
+    on the node removes it (no holder, no rank holding it). With HPCIMAGE_MPI_STATE
+    outside /tmp (not bound in the container) the holder still tears down: it holds its
+    state by descriptors opened before pivot_root."""
+    state = Path(tempfile.mkdtemp(prefix="hpcimage-mpistate-", dir="/var/tmp"))
+    try:
+        _swept(user, demo_sqfs, state)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _swept(user, demo_sqfs, state):
+    os.chown(state, user.uid, user.gid)
+    base = state / f"hpcimage-{user.uid}"
+    stale = base / f"deadjob-0@{os.uname().nodename}"
+    stale.mkdir(parents=True)
+    (stale / "holder").write_text("999999999")
+    (stale / "refs").write_text("")
+    for p in (base, stale, stale / "holder", stale / "refs"):
+        os.chown(p, user.uid, user.gid)
+    base.chmod(0o700)
+    job = f"s{os.getpid()}{time.monotonic_ns() % 100000}"
+    procs = start_ranks(user, str(demo_sqfs), 2, job, hold=lambda i: "0.2",
+                        extra_env={"HPCIMAGE_MPI_STATE": str(state)})
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    first = [o[0].splitlines()[0].split(" ", 3) for o in outs]
+    assert len({f[1] for f in first}) == 1, "the ranks shared one container"
+    deadline = time.monotonic() + 5
+    while base.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not base.exists(), list(base.iterdir())
+    assert wait_no_leaks(user.uid) == ([], [])
+
+
+def test_state_directory_that_cannot_be_made_is_one_line(user, demo_sqfs):
+    procs = start_ranks(user, str(demo_sqfs), 1, "nostate", hold=lambda i: "0",
+                        extra_env={"HPCIMAGE_MPI_STATE": "/proc/nonexistent"})
+    out, err = procs[0].communicate(timeout=60)
+    assert procs[0].returncode == 1
+    assert err == (f"image-mpi: error: cannot make the MPI state directory "
+                   f"/proc/nonexistent/hpcimage-{user.uid}: No such file or directory "
+                   "(HPCIMAGE_MPI_STATE)\n"), err

@@ -23,6 +23,10 @@ from hpcimage.runtime.ops import (Bind, Chdir, Exec, IdentityFiles, MountImage, 
                                   Pivot, Private, Remount, RootFs, Session, UserNs,
                                   pin_sources)
 
+# A directory outside every default bind (/tmp, /var/tmp, home): a project directory.
+OUTSIDE = "/var/cache/hpcimage"
+os.makedirs(OUTSIDE, exist_ok=True)
+
 ORDER_HEAD = [UserNs, Private, Session, MountImage, RootFs, IdentityFiles]
 ORDER_TAIL = [Remount, Pivot, Chdir, Exec]
 
@@ -35,7 +39,7 @@ def sess(tmp_path):
     s.mkdir()
     home = tmp_path / "home"
     home.mkdir()
-    proj = tempfile.mkdtemp(prefix="hpcimage-plan-proj-", dir="/var/tmp")  # not below /tmp
+    proj = tempfile.mkdtemp(prefix="hpcimage-plan-proj-", dir=OUTSIDE)  # not below /tmp, /var/tmp
     yield str(s), str(home), proj
     os.rmdir(proj)
 
@@ -221,7 +225,7 @@ def test_lmod_inside(sess, demo_dir):
     """site.json "lmod": the host's Lmod tree and Lua read-only at their paths, the
     MODULEPATH directory (outside every other bind), bash's rcfile for shell."""
     base, home, proj = sess
-    mods = tempfile.mkdtemp(prefix="hpcimage-plan-mods-", dir="/var/tmp")
+    mods = tempfile.mkdtemp(prefix="hpcimage-plan-mods-", dir=OUTSIDE)
     try:
         site = {"lmod": {"modulepath": [mods]}}
         p = make(["shell", str(demo_dir)], host_env(home), sess, site)

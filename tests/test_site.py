@@ -242,13 +242,16 @@ BAD = [
     ("bind-relative", "store: /s\nbinds: [scratch]\nimages: []\n",
      "site.yaml:2: binds[0]: source of bind 'scratch' must be an absolute path"),
     ("bind-dst-relative", "store: /s\nbinds: [/a, '/b:b']\nimages: []\n",
-     "site.yaml:2: binds[1]: destination of bind '/b:b' must be an absolute path"),
+     "site.yaml:2: binds[1]: bind '/b:b': destination must be an absolute path"),
     ("bind-mode", "store: /s\nbinds:\n  - /a:/b:rx\nimages: []\n",
-     "site.yaml:3: binds[0]: mode of bind '/a:/b:rx' must be 'ro' or 'rw', got 'rx'"),
+     "site.yaml:3: binds[0]: bind '/a:/b:rx': unknown option 'rx' (options: ro, rw, "
+     "image-src=PATH, id=N)"),
     ("bind-parts", "store: /s\nbinds: ['/a:/b:ro:x']\nimages: []\n",
-     "site.yaml:2: binds[0]: expected 'src[:dst[:ro|rw]]', got '/a:/b:ro:x'"),
+     "site.yaml:2: binds[0]: bind '/a:/b:ro:x': too many ':' (want SRC[:DST[:OPTIONS]]; "
+     "a ':' in a path is written '\\:')"),
     ("bind-comma", "store: /s\nbinds: ['/a,/b']\nimages: []\n",
-     "site.yaml:2: binds[0]: one bind per entry, got '/a,/b' (no ',')"),
+     "site.yaml:2: binds[0]: one bind per entry, got '/a,/b' (a ',' in a path is "
+     "written '\\,')"),
     ("binds-string", "store: /s\nbinds: /scratch\nimages: []\n",
      "site.yaml:2: binds: expected a list, got a string"),
     ("image-bind", "store: /s\nimages:\n" + IMG + "    binds: [/a, 'rel']\n",
@@ -422,7 +425,10 @@ def test_policy_knows_every_key_generate_writes(tmp_path):
     data = {"_comment": "generated", **s.policy()}
     p = Policy.from_json(data)
     for key, value in data.items():
-        if key != "_comment":
+        if key == "lmod":          # typed: config.policy.LmodInImage
+            assert (p.lmod.prefix, list(p.lmod.modulepath)) == (
+                value["prefix"], value["modulepath"]) == ("/opt/lmod", ["../modulefiles"])
+        elif key != "_comment":
             assert getattr(p, key) == value, key
 
 

@@ -1162,3 +1162,25 @@ def test_atomic_file_keeps_the_old_file_on_failure_and_replaces_it_on_success(tm
         f.write(b"new")
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["f"]
     assert (path.stat().st_mode & 0o777) == 0o640
+
+
+def test_atomic_file_in_steps_commit_discard_and_exclusive(tmp_path):
+    """fsutil.AtomicFile in steps (the store's publish and image-update): the data is
+    durable at the temporary name until commit(); discard() leaves the old file;
+    discard() after commit() does nothing; exclusive refuses an existing temporary."""
+    from hpcimage import fsutil
+    path = tmp_path / "img"
+    path.write_bytes(b"old")
+    a = fsutil.AtomicFile(str(path), tmp=str(tmp_path / ".img.tmp"), exclusive=True)
+    a.open().write(b"new")
+    a.sync()
+    assert (tmp_path / ".img.tmp").read_bytes() == b"new" and path.read_bytes() == b"old"
+    a.discard()
+    assert sorted(os.listdir(tmp_path)) == ["img"] and path.read_bytes() == b"old"
+    b = fsutil.AtomicFile(str(path), tmp=str(tmp_path / ".img.tmp"), exclusive=True)
+    b.open().write(b"newer")
+    with pytest.raises(FileExistsError):
+        fsutil.AtomicFile(str(path), tmp=str(tmp_path / ".img.tmp"), exclusive=True).open()
+    b.commit()
+    b.discard()
+    assert sorted(os.listdir(tmp_path)) == ["img"] and path.read_bytes() == b"newer"

@@ -7,8 +7,23 @@ import click
 from hpcimage.errors import HpcimageError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="hpcimage")
+# Apptainer's commands that hpcimage does not have: refused by name (exit 2), never
+# "no such command" as if they were a typo. A command registered here later wins.
+APPTAINER_ONLY = ("cache", "capability", "checkpoint", "completion", "config", "delete",
+                  "instance", "key", "keyserver", "oci", "overlay", "plugin", "push",
+                  "registry", "remote", "search", "sign", "verify")
+
+
+class _Group(click.Group):
+    def resolve_command(self, ctx, args):
+        if args and args[0] in APPTAINER_ONLY and super().get_command(ctx, args[0]) is None:
+            raise click.UsageError(f"{args[0]} is an Apptainer command that hpcimage does "
+                                   "not support", ctx)
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hpcimage", message="%(prog)s version %(version)s")
 def cli():
     """Container images as environment modules, with an unprivileged runtime."""
 
@@ -46,20 +61,99 @@ def _runtime_command(verb, summary):
 _runtime_command("exec", "Run a command inside IMAGE: exec [OPTIONS] IMAGE COMMAND [ARGS].")
 _runtime_command("run", "Run IMAGE's runscript: run [OPTIONS] IMAGE [ARGS].")
 _runtime_command("shell", "Start a shell inside IMAGE: shell [OPTIONS] IMAGE [SHELL ARGS].")
+_runtime_command("test", "Run IMAGE's test script (%test): test [OPTIONS] IMAGE [ARGS].")
+
+RUNTIME_HELP = ("exec", "run", "shell", "test")     # their help is the runtime's own
 
 from hpcimage.cli.sifcli import build as _build, sif as _sif  # noqa: E402  (issue 3)
 cli.add_command(_sif)
 cli.add_command(_build)
+from hpcimage.cli.pull import pull as _pull  # noqa: E402  (issue 14)
+cli.add_command(_pull)
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("-l", "--labels", "labels", is_flag=True,
+              help="the image's labels (the default)")
+@click.option("-d", "--deffile", "deffile", is_flag=True,
+              help="the definition file the image was built from")
+@click.option("-r", "--runscript", "runscript", is_flag=True, help="the runscript")
+@click.option("-s", "--startscript", "startscript", is_flag=True,
+              help="the startscript (instances)")
+@click.option("-t", "--test", "test", is_flag=True, help="the test script (%test)")
+@click.option("-e", "--environment", "environment", is_flag=True,
+              help="the environment scripts (%environment, a Docker image's ENV)")
+@click.option("-H", "--helpfile", "helpfile", is_flag=True, help="the help text (%help)")
+@click.option("--list-apps", "list_apps", is_flag=True, help="the SCI-F apps' names")
+@click.option("--app", metavar="NAME", help="the SCI-F app NAME's sections instead")
+@click.option("--all", "all_", is_flag=True,
+              help="every section of the image and its apps (implies --json)")
+@click.option("-j", "--json", "as_json", is_flag=True,
+              help="JSON, as apptainer inspect --json: "
+                   '{"data": {"attributes": {...}}, "type": "container"}')
+@click.option("--summary", is_flag=True,
+              help="hpcimage's summary: kind, size, labels, definition file, scripts, "
+                   "environment, apps, SIF objects (text)")
 @click.argument("image")
-def inspect(image, as_json):
-    """Show IMAGE's labels, definition file, runscript, help, environment, apps and
-    (SIF) objects, without starting it."""
+def inspect(image, labels, deffile, runscript, startscript, test, environment, helpfile,
+            list_apps, app, all_, as_json, summary):
+    """Show what IMAGE says about itself without starting it, as apptainer inspect:
+    its labels (the default), or the sections the options select."""
     from hpcimage.image import metadata as insp
-    click.echo(insp.run(image, as_json), nl=False)
+    if summary:
+        if any((labels, deffile, runscript, startscript, test, environment, helpfile,
+                list_apps, app, all_, as_json)):
+            raise click.UsageError("--summary is hpcimage's own text summary and takes "
+                                   "no other option (--all --json: every section as JSON)")
+        click.echo(insp.run(image), nl=False)
+        return
+    chosen = dict(labels=labels, deffile=deffile, runscript=runscript,
+                  startscript=startscript, test=test, environment=environment,
+                  helpfile=helpfile)
+    sections = tuple(s for s in insp.SECTIONS if chosen[s])
+    data = insp.inspect(image, sections, app=app, list_apps=list_apps, all_=all_,
+                        warn=lambda m: click.echo(f"hpcimage: warning: {m}", err=True))
+    if as_json or all_:
+        click.echo(insp.to_json(data), nl=False)
+    else:
+        click.echo(insp.to_text(data, app=app, list_apps=list_apps), nl=False)
+
+
+@cli.command("run-help")
+@click.option("--app", metavar="NAME", help="the help of the SCI-F app NAME")
+@click.argument("image")
+def run_help(image, app):
+    """Show IMAGE's help text (%help; /.singularity.d/runscript.help), as apptainer
+    run-help."""
+    from hpcimage.image import metadata as insp
+    data = insp.inspect(image, ("helpfile",), app=app)
+    attrs = data["data"]["attributes"]
+    text = attrs.get("helpfile") or attrs.get("apps", {}).get(app, {}).get("helpfile")
+    click.echo(text if text else "No help sections were defined for this image")
+
+
+@cli.command("help")
+@click.argument("command", required=False)
+@click.pass_context
+def help_command(ctx, command):
+    """Show the help of COMMAND (or of hpcimage), as apptainer help."""
+    if command in RUNTIME_HELP:
+        from hpcimage.runtime.main import main as runtime_main
+        runtime_main([command, "--help"])
+    top = ctx.parent
+    cmd = top.command.get_command(top, command) if command else top.command
+    if cmd is None:
+        top.command.resolve_command(top, [command])     # Apptainer's, or no such command
+    with click.Context(cmd, info_name=f"hpcimage {command}" if command else "hpcimage",
+                       parent=None) as sub:
+        click.echo(cmd.get_help(sub))
+
+
+@cli.command("version")
+def version():
+    """Show hpcimage's version (as apptainer version: the number alone)."""
+    from hpcimage import __version__
+    click.echo(__version__)
 
 
 @cli.command()

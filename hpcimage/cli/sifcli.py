@@ -86,6 +86,8 @@ def dump(object_id, image):
               help="Definition files: do not run the %test section.")
 @click.option("--build-arg", "build_args", multiple=True, metavar="NAME=VALUE",
               help="Definition files: a value for {{ NAME }} (repeatable).")
+@click.option("--warn-unused-build-args", "warn_unused", is_flag=True,
+              help="A --build-arg that no stage uses is a warning, not an error.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Show the bootstrap agent's output (debootstrap's), not only what "
                    "the build is doing.")
@@ -97,7 +99,8 @@ def dump(object_id, image):
               type=click.Path(dir_okay=False), help="With --all: the site description.")
 @click.argument("out", required=False)
 @click.argument("source", required=False)
-def build(sandbox, force, notest, build_args, all_, site_path, out, source, verbose):
+def build(sandbox, force, notest, build_args, all_, site_path, out, source, verbose,
+          warn_unused):
     """Build OUT (.sif, .sqfs or, with --sandbox, a directory) from SOURCE.
 
     SOURCE is a definition file (.def, Apptainer syntax; built without root in a
@@ -108,4 +111,5 @@ def build(sandbox, force, notest, build_args, all_, site_path, out, source, verb
     renamed into place: a failed build leaves nothing behind.
     """
     from hpcimage.imagebuild import buildcmd
-    buildcmd.run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose)
+    buildcmd.run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose,
+                 warn_unused)

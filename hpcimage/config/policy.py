@@ -58,7 +58,7 @@ POLICY_KEYS = (
     ("mpi",                "{str: ...}", {},        "the host MPI for image-mpi (site.yaml mpi: "
                                                     "mode, launcher, srun_mpi, implementation, "
                                                     "prefix, libs, binds)"),
-    ("lmod",               "{str: ...}", None,      "Lmod inside the images (site.yaml "
+    ("lmod",               "LmodInImage", None,     "Lmod inside the images (site.yaml "
                                                     "lmod_in_image): modulepath, prefix; None: off"),
 )
 IGNORED_KEYS = ("_comment",)    # generate's header
@@ -67,6 +67,40 @@ IGNORED_KEYS = ("_comment",)    # generate's header
 # defaults from here): what image-mpi and its ranks assume for a key that is absent.
 MPI_DEFAULTS = {"mode": "hybrid", "launcher": "auto", "srun_mpi": None,
                 "implementation": None, "prefix": None, "libs": (), "binds": ()}
+
+
+class LmodInImage:
+    """site.json "lmod" (site.yaml lmod_in_image), typed: prefix (the host's Lmod tree,
+    site.yaml lmod_prefix; None: found from $LMOD_PKG, $LMOD_DIR, $LMOD_CMD or the
+    default), modulepath (tuple of directories; relative ones are relative to
+    site.json's directory). LmodInImage.from_json: unknown key -> UsageError (exit 2)."""
+    __slots__ = ("prefix", "modulepath")
+    KEYS = {"prefix": None, "modulepath": ()}     # key -> default
+
+    def __init__(self, prefix=None, modulepath=()):
+        self.prefix = prefix or None
+        self.modulepath = tuple(modulepath or ())
+
+    @classmethod
+    def from_json(cls, data, where="site configuration"):
+        if isinstance(data, LmodInImage) or data is None:
+            return data
+        if not isinstance(data, dict):
+            raise UsageError(f"{where}: \"lmod\" must be an object, not {type(data).__name__}")
+        for key in data:
+            if key not in cls.KEYS:
+                raise UsageError(f"{where}: unknown key 'lmod.{key}' (site.json is written "
+                                 "by 'hpcimage generate': run this hpcimage's)")
+        return cls(**data)
+
+    def __eq__(self, other):
+        return (type(other) is LmodInImage and self.prefix == other.prefix
+                and self.modulepath == other.modulepath)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"LmodInImage(prefix={self.prefix!r}, modulepath={self.modulepath!r})"
 
 
 class Policy:
@@ -81,6 +115,7 @@ class Policy:
             else:
                 value = dict(default) if type(default) is dict else default
             object.__setattr__(self, key, value)
+        self.lmod = LmodInImage.from_json(self.lmod)
         if values:
             raise TypeError(f"Policy: unknown key {next(iter(values))!r}")
 

@@ -23,12 +23,17 @@ import yaml
 from hpcimage.errors import UsageError
 
 DEFAULT_PYTHON = "/opt/hpcimage/venv/bin/python3"
+from hpcimage.config import bindspec  # noqa: E402
 from hpcimage.config.policy import DEFAULT_LOCAL, MPI_DEFAULTS  # noqa: E402
 DEFAULT_KEEP = 2                         # previous versions publish keeps in the store
 POLICY_VERSION = 1                       # the format of site.json; hpcimage doctor compares it
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 RESERVED_VERSIONS = ("default", "latest")
+# Characters of NAME_RE that a module system cannot load in a module's name or version:
+# Environment Modules 5 reads `module load A/1.0+cuda` as A/1.0 with the variant cuda
+# (its advanced version specifiers; @ ~ : , = and spaces, also theirs, NAME_RE refuses).
+MODULE_SYNTAX = {"+": "variant syntax in Environment Modules 5"}
 BIND_MODES = ("ro", "rw")
 # C0 controls and DEL: never allowed in paths, names or one-line values.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -277,24 +282,25 @@ def parse_file(ctx, node, keypath):
 
 
 def parse_bind(ctx, node, keypath):
+    """One bind spec, Apptainer's grammar (config.bindspec): `src[:dst[:OPTIONS]]`,
+    absolute paths, `\\,` and `\\:` for a literal ',' and ':'; one bind per entry."""
     spec = _expect_str(ctx, node, keypath, "a bind spec 'src[:dst[:ro|rw]]'")
     _no_control(ctx, node, keypath, spec)
-    if "," in spec:
-        raise ctx.error(node, keypath, f"one bind per entry, got {spec!r} (no ',')")
-    parts = spec.split(":")
-    if len(parts) > 3:
-        raise ctx.error(node, keypath, f"expected 'src[:dst[:ro|rw]]', got {spec!r}")
-    src = parts[0]
-    dst = parts[1] if len(parts) > 1 else src
-    mode = parts[2] if len(parts) > 2 else "rw"
-    for label, p in (("source", src), ("destination", dst)):
+    specs = bindspec.split_list(spec)
+    if len(specs) != 1:
+        raise ctx.error(node, keypath, f"one bind per entry, got {spec!r} (a ',' in a "
+                        "path is written '\\,')")
+    try:
+        b = bindspec.parse(specs[0])
+    except ValueError as e:
+        raise ctx.error(node, keypath, str(e)) from None
+    dst = b.dst or b.src
+    for label, p in (("source", b.src), ("destination", dst)):
         if not p.startswith("/"):
             raise ctx.error(node, keypath,
                             f"{label} of bind {spec!r} must be an absolute path")
-    if mode not in BIND_MODES:
-        raise ctx.error(node, keypath,
-                        f"mode of bind {spec!r} must be 'ro' or 'rw', got {mode!r}")
-    return Bind(spec=spec, src=posixpath.normpath(src), dst=posixpath.normpath(dst), mode=mode)
+    return Bind(spec=spec, src=posixpath.normpath(b.src), dst=posixpath.normpath(dst),
+                mode="ro" if b.ro else "rw")
 
 
 def parse_local_dir(ctx, node, keypath):
@@ -552,6 +558,7 @@ def _build(ctx, root, values):
                             f"duplicate image {raw['name']}/{raw['version']} "
                             f"(first at line {first[ident]})")
         first[ident] = raw["line"]
+        _loadable(ctx, inode, keypath, raw["name"], raw["version"])
         if raw["default"]:
             if raw["name"] in defaults:
                 other, line = defaults[raw["name"]]
@@ -598,6 +605,18 @@ def _build(ctx, root, values):
         local=values["local"], keep=values["keep"],
         extra_wrappers=tuple(values["extra_wrappers"]),
         lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"])
+
+
+def _loadable(ctx, inode, keypath, name, version):
+    """A module Lmod and Environment Modules can both load by `module load NAME/VERSION`."""
+    for key, value in (("name", name), ("version", version)):
+        for ch, why in MODULE_SYNTAX.items():
+            if ch in value:
+                raise ctx.error(
+                    _key_node(inode, key) or inode, f"{keypath}.{key}",
+                    f"image {name}/{version}: {ch!r} in a module's {key} is {why} "
+                    f"('module load {name}/{version}' would not find it there); use "
+                    "'-', '_' or '.' instead")
 
 
 def _nested(a, b):

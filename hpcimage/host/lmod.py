@@ -43,11 +43,12 @@ WHY_LIB = "library of Lmod's Lua (lmod_in_image)"
 WHY_MP = "MODULEPATH (lmod_in_image)"
 
 
-def candidates(policy, environ):
-    """[(prefix, where it came from)] in the order they are tried."""
+def candidates(prefix, environ):
+    """[(prefix, where it came from)] in the order they are tried; prefix: site.yaml
+    lmod_prefix (None: look for it)."""
     out = []
-    if policy.get("prefix"):
-        return [(policy["prefix"], "site.yaml lmod_prefix")]
+    if prefix:
+        return [(prefix, "site.yaml lmod_prefix")]
     if environ.get("LMOD_PKG"):
         out.append((environ["LMOD_PKG"], "$LMOD_PKG"))
     if environ.get("LMOD_DIR"):
@@ -58,10 +59,11 @@ def candidates(policy, environ):
     return [(os.path.normpath(p), w) for p, w in out if p.startswith("/")]
 
 
-def find_prefix(host, policy, environ):
-    """(prefix, None) of the host's Lmod, or (None, why not)."""
+def find_prefix(host, site_prefix, environ):
+    """(prefix, None) of the host's Lmod, or (None, why not); site_prefix: site.yaml
+    lmod_prefix (None: look for it)."""
     tried = []
-    for prefix, where in candidates(policy, environ):
+    for prefix, where in candidates(site_prefix, environ):
         if host.isfile(prefix + "/libexec/lmod"):
             return prefix, None
         tried.append(f"{prefix} ({where})")
@@ -201,13 +203,13 @@ def _elf_files(host, paths, limit=2000):
 def discover(policy, environ, site_dir=None, host=None):
     """The Contribution of Lmod inside for one launch.
 
-    policy: site.json's "lmod" mapping ({"prefix": ..., "modulepath": [...]});
+    policy: site.json's "lmod" (config.policy.LmodInImage: prefix, modulepath);
     environ: the caller's environment; site_dir: the directory of site.json (the
     relative "modulepath" entries are relative to it)."""
     host = host or HostRoot(environ=environ)
     c = Contribution()
     c.skip_covered = True       # a MODULEPATH entry in $HOME or /tmp is bound rw already
-    prefix, problem = find_prefix(host, policy, environ)
+    prefix, problem = find_prefix(host, policy.prefix, environ)
     if prefix is None:
         c.warnings.append(f"{TAG}: {problem}: `module` is not available in the image")
         return c
@@ -268,7 +270,7 @@ def discover(policy, environ, site_dir=None, host=None):
 
     # The module search path: the host's, and the site's generated modulefiles.
     dirs = [d for d in (environ.get("MODULEPATH") or "").split(":") if d.startswith("/")]
-    for d in policy.get("modulepath") or ():
+    for d in policy.modulepath:
         if isinstance(d, str) and d:
             if not d.startswith("/"):
                 if not site_dir:

@@ -8,7 +8,8 @@ def _echo(text):
     sys.stderr.flush()
 
 
-def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose=False):
+def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose=False,
+        warn_unused=False):
     """Build OUT from SOURCE (see `hpcimage build --help`); verbose: the bootstrap
     agent's own output (debootstrap's) on stderr too, not only the phases."""
     from hpcimage.imagebuild import convert
@@ -40,7 +41,8 @@ def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbos
         if source.startswith(scheme + "://"):
             from hpcimage.imagebuild import builder
             kind = builder.build(out, source, sandbox=sandbox, force=force, notest=notest,
-                                 build_args=args, text=f"Bootstrap: {scheme}\n"
+                                 build_args=args, warn_unused_build_args=warn_unused,
+                                 text=f"Bootstrap: {scheme}\n"
                                  f"From: {source[len(scheme) + 3:]}\n")
             _echo(f"hpcimage: built {out} ({kind}) from {source}")
             return
@@ -48,7 +50,7 @@ def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbos
     if src.kind == "def":
         from hpcimage.imagebuild import builder
         kind = builder.build(out, src.path, sandbox=sandbox, force=force, notest=notest,
-                             build_args=args)
+                             build_args=args, warn_unused_build_args=warn_unused)
     else:
         if args or notest:
             raise UsageError("--build-arg and --notest apply to definition files only")

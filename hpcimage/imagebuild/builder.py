@@ -50,13 +50,16 @@ def _say(msg):
 
 
 def build(out, definition, *, sandbox=False, force=False, notest=False, build_args=None,
-          tmpdir=None, comp=convert.DEFAULT_COMP, idmap=None, text=None):
+          tmpdir=None, comp=convert.DEFAULT_COMP, idmap=None, text=None,
+          warn_unused_build_args=False):
     """Build OUT from the definition file DEFINITION (or from TEXT, a definition named
-    DEFINITION in messages); returns OUT's kind."""
+    DEFINITION in messages); returns OUT's kind. A --build-arg no stage uses is an
+    error unless WARN_UNUSED_BUILD_ARGS (as Apptainer's)."""
     if text is not None:
-        d = deffile.parse(text, str(definition), build_args)
+        d = deffile.parse(text, str(definition), build_args, warn_unused_build_args)
     else:
-        d = deffile.load(definition, build_args)
+        d = deffile.load(definition, build_args, warn_unused=warn_unused_build_args)
+    deffile.check(d)
     out = os.path.abspath(os.fspath(out).rstrip("/") or "/")
     kind = convert.output_kind(out, sandbox)
     convert.check_out(out, force)
@@ -152,9 +155,10 @@ class _Job:
         _say(f"{label}: Bootstrap: {st.bootstrap}" + (f", From: {st.get('from')}"
                                                        if st.get("from") else ""))
         from hpcimage.imagebuild import agents
+        self.host_script(st, "pre", None)
         agents.bootstrap(st, root, self)
         base_layout(root)
-        self.setup(st, root)
+        self.host_script(st, "setup", root)
         self.copy_files(st, root)
         for app in st.apps.values():
             app_layout(root, app)
@@ -171,23 +175,25 @@ class _Job:
         how = f"killed by signal {rc - 128}" if rc > 128 else f"exit {rc}"
         return HpcimageError(f"{self.d.path}:{line}: {what} failed ({how})")
 
-    def setup(self, st, root):
-        sec = st.sections.get("setup")
+    def host_script(self, st, name, root):
+        """%pre (before the bootstrap agent, ROOT None) or %setup on the host."""
+        sec = st.sections.get(name)
         if not sec:
             return
-        _say("running %setup on the host")
-        script = os.path.join(self.work, f"setup-{st.index}.sh")
+        _say(f"running %{name} on the host")
+        script = os.path.join(self.work, f"{name}-{st.index}.sh")
         write_file(script, sec.body, 0o700)
         env = dict(os.environ)
-        for k in ("HPCIMAGE_ROOTFS", "APPTAINER_ROOTFS", "SINGULARITY_ROOTFS"):
-            env[k] = root
+        if root is not None:
+            for k in ("HPCIMAGE_ROOTFS", "APPTAINER_ROOTFS", "SINGULARITY_ROOTFS"):
+                env[k] = root
         env["APPTAINER_ENVIRONMENT"] = env["SINGULARITY_ENVIRONMENT"] = \
             "/.singularity.d/env/91-environment.sh"
         rc = userns.run_on_host(deffile.script_argv(sec, script), env, cwd=self.cwd,
-                                what="%setup")
+                                what=f"%{name}")
         os.unlink(script)
         if rc:
-            raise self._fail(sec.line, "%setup", rc)
+            raise self._fail(sec.line, f"%{name}", rc)
 
     def copy_files(self, st, root):
         for frm, entries, line in st.files:
@@ -200,16 +206,19 @@ class _Job:
                 self.copy(e, e.src, e.dst or e.src, root, src_root, where)
 
     def copy(self, e, src, dst, root, src_root, where):
-        """cp -fLr SRC ROOT/DST, as Apptainer; SRC in the host (relative to the current
-        directory) or inside SRC_ROOT; a glob may match several sources."""
+        """SRC copied to ROOT/DST; a glob may match several sources. From the host (SRC
+        relative to the current directory): cp -fLr, as Apptainer. From a stage's tree
+        SRC_ROOT: every link on SRC's path is followed inside SRC_ROOT (an absolute one
+        from SRC_ROOT's top), never on the build host, and links inside a copied
+        directory are copied as links (cp -fPr)."""
         import glob
         if src_root is None:
             pattern = os.path.join(self.cwd, src)
             matches = sorted(glob.glob(pattern)) or ([pattern] if os.path.lexists(pattern) else [])
+            flags = "-fLr"
         else:
-            rel = resolve_in(src_root, os.path.dirname("/" + src.lstrip("/")))
-            pattern = os.path.join(src_root, rel, os.path.basename(src))
-            matches = sorted(glob.glob(pattern)) or ([pattern] if os.path.lexists(pattern) else [])
+            matches = [os.path.join(src_root, rel) for rel in glob_in(src_root, src)]
+            flags = "-fPr"
         if not matches:
             raise UsageError(f"{self.d.path}:{e.line}: {where}: {src}: no such file")
         if not dst.startswith("/"):
@@ -221,7 +230,7 @@ class _Job:
         else:
             os.makedirs(os.path.dirname(target), exist_ok=True)
         import subprocess
-        r = subprocess.run(["cp", "-fLr", "--", *matches, target], capture_output=True,
+        r = subprocess.run(["cp", flags, "--", *matches, target], capture_output=True,
                            text=True)
         if r.returncode:
             msg = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -306,6 +315,33 @@ class _Job:
             self.testing = None
         if rc:
             raise self._fail(sec.line, "%test", rc)
+
+
+def glob_in(root, pattern):
+    """PATTERN's matches inside ROOT with chroot semantics: each component's links
+    followed within ROOT (resolve_in), wildcards matched in the directory so reached;
+    the matches relative to ROOT, fully resolved, sorted. A pattern without wildcards
+    gives its resolved path when it exists."""
+    import fnmatch
+    import glob
+    found = [""]
+    for comp in [c for c in pattern.split("/") if c and c != "."]:
+        nxt = []
+        for base in found:
+            if glob.has_magic(comp):
+                d = os.path.join(root, base)
+                try:
+                    names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+                except OSError:
+                    names = []
+                hidden = comp.startswith(".")
+                for n in names:
+                    if (hidden or not n.startswith(".")) and fnmatch.fnmatchcase(n, comp):
+                        nxt.append(resolve_in(root, base + "/" + n))
+            else:
+                nxt.append(resolve_in(root, base + "/" + comp))
+        found = nxt
+    return sorted({r for r in found if os.path.lexists(os.path.join(root, r))})
 
 
 # ------------------------------------------------------------- the site's images

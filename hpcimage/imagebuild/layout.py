@@ -6,7 +6,9 @@ import shutil
 import stat
 import time
 
+from hpcimage.image.baseenv import ACTIONS, ENV_FILES, ENVIRONMENT_HEAD
 from hpcimage.linux.paths import resolve_in
+from hpcimage.imagebuild.deffile import shebang_script
 
 META = ".singularity.d"
 
@@ -14,7 +16,7 @@ META = ".singularity.d"
 def write_file(path, text, mode=0o644):
     if os.path.islink(path):
         os.unlink(path)
-    with open(path, "w") as f:
+    with open(path, "w", errors="surrogateescape") as f:
         f.write(text)
     os.chmod(path, mode)
 
@@ -33,9 +35,14 @@ def has_sh(root):
         os.path.realpath(p).startswith(root)
 
 
+
+
 def base_layout(root):
     """What every image has (Apptainer's base environment): the mount points, /tmp,
-    /etc/hosts and /etc/resolv.conf, /.singularity.d with env/, actions/, libs/."""
+    /etc/hosts and /etc/resolv.conf, /.singularity.d with env/ (01-base.sh,
+    90-environment.sh, 95-apps.sh, 99-base.sh), actions/ (exec, run, shell, start,
+    test) and libs/, and the links /singularity, /environment, /.exec, /.run, /.shell,
+    /.test."""
     def mkdir(rel, mode=0o755):
         p = os.path.join(root, resolve_in(root, rel))
         if not os.path.lexists(p):
@@ -58,8 +65,18 @@ def base_layout(root):
             write_file(p, text)
     for d in (META, META + "/env", META + "/actions", META + "/libs"):
         mkdir(d)
+    meta = os.path.join(root, resolve_in(root, META))
+    for name, text in ACTIONS.items():
+        write_file(os.path.join(meta, "actions", name), text, 0o755)
+    for name, text in ENV_FILES.items():
+        write_file(os.path.join(meta, "env", name), text, 0o755)
+    env90 = os.path.join(meta, "env", "90-environment.sh")
+    if not os.path.lexists(env90):
+        write_file(env90, ENVIRONMENT_HEAD, 0o755)
     for name, target in (("singularity", META + "/runscript"),
-                         ("environment", META + "/env/90-environment.sh")):
+                         ("environment", META + "/env/90-environment.sh"),
+                         (".exec", META + "/actions/exec"), (".run", META + "/actions/run"),
+                         (".shell", META + "/actions/shell"), (".test", META + "/actions/test")):
         p = os.path.join(root, name)
         if not os.path.lexists(p):
             os.symlink(target, p)
@@ -83,10 +100,9 @@ def app_layout(root, app):
            "SCIF_APPROOT SCIF_APPMETA SCIF_APPINPUT SCIF_APPOUTPUT SCIF_DATA\n", 0o755)
     if app.script("env") is not None:
         write_file(os.path.join(meta, "env/90-environment.sh"), app.script("env"), 0o755)
-    if app.script("run") is not None:
-        write_file(os.path.join(meta, "runscript"), "#!/bin/sh\n\n" + app.script("run"), 0o755)
-    if app.script("test") is not None:
-        write_file(os.path.join(meta, "test"), "#!/bin/sh\n\n" + app.script("test"), 0o755)
+    for short, name in (("run", "runscript"), ("test", "test"), ("start", "startscript")):
+        if short in app.sections:       # %apprun, %apptest, %appstart (for instances)
+            write_file(os.path.join(meta, name), shebang_script(app.sections[short]), 0o755)
     if app.script("help") is not None:
         write_file(os.path.join(meta, "runscript.help"), app.script("help"))
     labels = {"SCIF_APP_NAME": n}
@@ -108,12 +124,18 @@ def read_json(path):
 def write_metadata(st, root, d):
     meta = os.path.join(root, META)
     if st.script("environment") is not None:
-        write_file(os.path.join(meta, "env/90-environment.sh"),
-               "#!/bin/sh\n# Custom environment shell code should follow\n\n"
-               + st.script("environment"), 0o755)
+        # appended to the base's 90-environment.sh (base_layout's head when it had
+        # none), as Apptainer's insertEnvScript does
+        env90 = os.path.join(meta, "env/90-environment.sh")
+        old = ENVIRONMENT_HEAD
+        if os.path.isfile(env90) and not os.path.islink(env90):
+            with open(env90, errors="surrogateescape") as f:
+                old = f.read()
+        write_file(env90, old + ("\n" if old != ENVIRONMENT_HEAD else "")
+                   + st.script("environment"), 0o755)
     for name in ("runscript", "startscript", "test"):
-        if st.script(name) is not None:
-            write_file(os.path.join(meta, name), "#!/bin/sh\n\n" + st.script(name), 0o755)
+        if name in st.sections:
+            write_file(os.path.join(meta, name), shebang_script(st.sections[name]), 0o755)
     if st.script("help") is not None:
         write_file(os.path.join(meta, "runscript.help"), st.script("help"))
     if st.apps:

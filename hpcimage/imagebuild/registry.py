@@ -11,8 +11,9 @@ APPTAINER_NOHTTPS=1), HTTPS otherwise. Authentication: a 401 carrying
 (anonymously, or with HPCIMAGE_REGISTRY_USERNAME/PASSWORD or APPTAINER_DOCKER_USERNAME/
 PASSWORD); `Basic` uses those credentials directly. A manifest list / OCI index picks the
 manifest of this host's platform. Every blob and every manifest fetched by digest is
-verified against its digest (sha256) before use; blobs are cached under
-$HPCIMAGE_CACHEDIR or ~/.cache/hpcimage/blobs by digest. urllib only.
+verified against its digest (sha256) before use; blobs are cached under cache_dir()/blobs
+by digest. A registry that does not answer at all raises Unreachable (`hpcimage exec
+docker://` then falls back to its cache). urllib only.
 """
 import base64
 import hashlib
@@ -33,6 +34,10 @@ SIF_LAYER = "application/vnd.sylabs.sif.layer.v1.sif"
 _REPO_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*\Z")
 _TAG_RE = re.compile(r"[\w][\w.-]{0,127}\Z")
 TIMEOUT = 60
+
+
+class Unreachable(HpcimageError):
+    """The registry could not be reached at all (no answer, not an HTTP error)."""
 
 
 class Reference:
@@ -149,8 +154,8 @@ class Client:
                                     + _registry_error(body)) from None
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, "reason", e)
-                raise HpcimageError(f"{self.where}: cannot reach registry {self.registry}: "
-                                    f"{reason}") from None
+                raise Unreachable(f"{self.where}: cannot reach registry {self.registry}: "
+                                  f"{reason}") from None
         raise HpcimageError(f"{self.where}: {self.registry}: authentication refused")
 
     def _authenticate(self, challenge):
@@ -177,9 +182,12 @@ class Client:
         except urllib.error.HTTPError as e:
             raise HpcimageError(f"{self.where}: {self.registry}: token request refused "
                                 f"(HTTP {e.code})") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError) as e:
+            raise Unreachable(f"{self.where}: {self.registry}: token request failed: "
+                              f"{getattr(e, 'reason', e)}") from None
+        except ValueError as e:
             raise HpcimageError(f"{self.where}: {self.registry}: token request failed: "
-                                f"{getattr(e, 'reason', e)}") from None
+                                f"{e}") from None
         token = data.get("token") or data.get("access_token")
         if not token:
             raise HpcimageError(f"{self.where}: {self.registry}: the token service gave no token")
@@ -207,8 +215,9 @@ class Client:
                                 "supported (push the image again with a current client)")
         return mt, doc, digest
 
-    def blob(self, repo, digest, size=None):
-        """The path of blob DIGEST in the cache, downloaded and verified if needed."""
+    def blob(self, repo, digest, size=None, progress=None):
+        """The path of blob DIGEST in the cache, downloaded and verified if needed;
+        progress(bytes so far, end=False) is called while it downloads."""
         oci._blob_name(digest, self.where)
         algo, _, hexd = digest.partition(":")
         d = os.path.join(cache_dir(), "blobs", algo)
@@ -226,6 +235,10 @@ class Client:
                 h.update(b)
                 out.write(b)
                 n += len(b)
+                if progress:
+                    progress(n)
+            if progress:
+                progress(n, end=True)
             if h.hexdigest() != hexd:
                 raise HpcimageError(f"{self.where}: blob {digest} of {repo}: digest mismatch "
                                     f"(got {algo}:{h.hexdigest()}): refusing it")
@@ -246,9 +259,15 @@ def _registry_error(body):
 
 
 def cache_dir():
+    """HPCIMAGE_CACHEDIR; else APPTAINER_CACHEDIR (SINGULARITY_CACHEDIR)/hpcimage, a
+    directory of its own beside Apptainer's cache; else $XDG_CACHE_HOME/hpcimage or
+    ~/.cache/hpcimage."""
     d = os.environ.get("HPCIMAGE_CACHEDIR")
     if d:
         return d
+    for v in ("APPTAINER_CACHEDIR", "SINGULARITY_CACHEDIR"):
+        if os.environ.get(v):
+            return os.path.join(os.environ[v], "hpcimage")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
         os.environ.get("HOME") or "/tmp", ".cache")
     return os.path.join(base, "hpcimage")

@@ -77,3 +77,30 @@ def pivot_root(new_root, put_old):
 
 def prctl(option, arg2=0):
     _check(_libc.prctl(option, arg2, 0, 0, 0), "prctl")
+
+
+CAP_SYS_ADMIN = 21
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def ambient_cap(cap):
+    """Keep capability cap (held in this process's user namespace) across execve: add
+    it to the inheritable set, then raise it in the ambient set (a helper that must
+    mount, e.g. fuse2fs, in the launcher's user namespace). Raises OSError."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(hdr), data), "capget")
+    data[cap // 32].inheritable |= 1 << (cap % 32)
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), "prctl")

@@ -16,6 +16,7 @@ SHELLS = ("/bin/bash", "/bin/sh")
 
 
 RUNSCRIPT = "/.singularity.d/runscript"
+TESTSCRIPT = "/.singularity.d/test"
 
 
 ENV_DIR = "/.singularity.d/env"
@@ -95,6 +96,8 @@ def exec_command(verb, args, env, forced, prepend, append, prog, app=None, rcfil
                                 "use exec or shell")
         argv = ([RUNSCRIPT] if os.access(RUNSCRIPT, os.X_OK) or not has_sh
                 else ["/bin/sh", RUNSCRIPT]) + args
+    elif verb == "test":
+        argv = _test_argv(app, prog, has_sh) + args
     elif verb == "shell":
         sh = env.get("APPTAINER_SHELL") or env.get("SINGULARITY_SHELL")
         if not sh:
@@ -148,6 +151,18 @@ def exec_command(verb, args, env, forced, prepend, append, prog, app=None, rcfil
     except OSError as e2:
         why = _why_not(path) or _says("cannot_exec", error=e2.strerror)
         raise HpcimageError(f"{cmd}: {why[0]}{hint}", why[1]) from None
+
+
+def _test_argv(app, prog, has_sh):
+    """`test`: the image's (or the app's) test script, as Apptainer's test action runs
+    it; an image without one says so and exits 0, an app without one is an error."""
+    script = app_dir(app) + "/test" if app is not None else TESTSCRIPT
+    if not os.path.isfile(script):
+        if app is not None:
+            raise HpcimageError(f"no tests for contained app: {app} (%apptest {app})")
+        os.write(2, f"{label(prog)}: no test script found in container, exiting\n".encode())
+        raise SystemExit(0)
+    return [script] if os.access(script, os.X_OK) or not has_sh else ["/bin/sh", script]
 
 
 IMAGE_SUFFIXES = (".sif", ".sqfs", ".squashfs", ".img", ".simg")

@@ -407,7 +407,7 @@ def find_site_config(environ, option, site=None):
 
 
 def check_site_config(environ, option, site_yaml):
-    from hpcimage.config.policy import load_site
+    from hpcimage.config.policy import Policy, load_site
     from hpcimage.errors import HpcimageError
     from hpcimage.config import site as sitemod
     site = sitemod.load(site_yaml) if site_yaml else None   # bad input: UsageError, exit 2
@@ -421,6 +421,7 @@ def check_site_config(environ, option, site_yaml):
                     "run hpcimage generate for the site, or name the right site.json")
     try:
         data = load_site({"HPCIMAGE_SITE_CONFIG": path})
+        Policy.from_json(data, path)      # what every launch does: unknown keys fail it
     except HpcimageError as e:
         return line("site-config", FAIL, e.message, "run hpcimage generate for the site")
     where = f"{path} ({how})"
@@ -443,7 +444,7 @@ def check_site_config(environ, option, site_yaml):
 
 def check_lmod(environ):
     from hpcimage.host import lmod
-    tried = lmod.candidates({}, environ) + [(p, "the usual paths") for p in LMOD_PREFIXES]
+    tried = lmod.candidates(None, environ) + [(p, "the usual paths") for p in LMOD_PREFIXES]
     seen = []
     for prefix, where in tried:
         cmd = os.path.join(prefix, "libexec", "lmod")

@@ -30,8 +30,9 @@ def execute(p):
         except HpcimageError:
             raise
         except OSError as e:
-            if state.mount_pid:
-                _kill(state.mount_pid)
+            for pid in state.data_pids + [state.mount_pid]:
+                if pid:
+                    _kill(pid)
             raise HpcimageError(_oserror(op.name, e)) from None
     return state.mount_pid
 

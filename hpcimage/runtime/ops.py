@@ -7,6 +7,7 @@ as sh would need them) and `run(state)` (what `execute` does for it).
     Private       make every mount private (nothing propagates to the host)
     Session       a tmpfs at the session directory: mount points and generated files
     MountImage    mount the image there (squashfuse) or bind the directory, read-only
+    MountData     mount an image file bound as data (-B FILE:DST:image-src=PATH) there
     RootFs        the root: the image itself, or a tmpfs skeleton that mirrors the
                   image's entries with binds and adds the bind targets the image lacks
     IdentityFiles passwd and group: the image's, plus the user and the user's group
@@ -22,7 +23,7 @@ Standard library only: the hot path.
 import os
 
 from hpcimage.linux import syscalls as sc
-from hpcimage.runtime.command import RUNSCRIPT, enter_workdir, exec_command, app_dir
+from hpcimage.runtime.command import RUNSCRIPT, TESTSCRIPT, enter_workdir, exec_command, app_dir
 from hpcimage.runtime.environ import evaluated
 from hpcimage.runtime.rootfs import build_root, write_identity_files, make_target, map_ids, remount_ro
 
@@ -50,12 +51,13 @@ def _pinned(path, fd):
 
 
 class State:
-    """What the launch produces while it runs: the squashfuse daemon's pid (killed when
-    a later step fails)."""
-    __slots__ = ("mount_pid",)
+    """What the launch produces while it runs: the squashfuse daemon's pid and those
+    of the data images' FUSE daemons (killed when a later step fails)."""
+    __slots__ = ("mount_pid", "data_pids")
 
     def __init__(self):
         self.mount_pid = None
+        self.data_pids = []
 
 
 class Op:
@@ -165,6 +167,36 @@ class MountImage(Op):
             remount_ro(at)
         if check_tree:
             arch.check_tree(image.path, at)
+
+
+class MountData(Op):
+    """fs: an hpcimage.image.data.DataFs (an image file's SquashFS or ext3 file system),
+    mounted at at (below the session directory), read-only where ro (SquashFS always);
+    check: the path inside it that a bind takes (image-src), an error when missing;
+    fd: the file opened by pin_sources, else None."""
+    __slots__ = ("fs", "at", "ro", "check", "fd")
+    name = "data"
+
+    def __init__(self, fs, at, ro, check="/", fd=None):
+        self.fs, self.at, self.ro, self.check, self.fd = fs, at, ro, check, fd
+
+    def describe(self):
+        fs = self.fs
+        where = f", at offset {fs.offset}" if fs.offset else ""
+        return [f"data {quote(fs.path)} -> {quote(self.at)}{' ro' if self.ro else ''}  # "
+                f"{fs.kind}{where}, for image-src={quote(self.check)}"]
+
+    def run(self, state):
+        from hpcimage.errors import UsageError
+        from hpcimage.image import data
+        fs = self.fs
+        if self.fd is not None:
+            fs = data.DataFs(_pinned(fs.path, self.fd), fs.kind, fs.offset, fs.size)
+        os.makedirs(self.at, exist_ok=True)
+        state.data_pids.append(data.mount(fs, self.at, self.at + ".log", self.ro))
+        if not os.path.lexists(self.at + self.check.rstrip("/")):
+            raise UsageError(f"{self.fs.path}: image-src {self.check}: no such path in "
+                             "the image")
 
 
 class RootFs(Op):
@@ -305,6 +337,8 @@ class Exec(Op):
             f", then {app_dir(app)}/env/*.sh" if app else "")
         if verb == "run":
             argv = [(app_dir(app) + "/runscript") if app else RUNSCRIPT] + list(argv)
+        elif verb == "test":
+            argv = [(app_dir(app) + "/test") if app else TESTSCRIPT] + list(argv)
         elif verb == "shell":
             sh = env.get("APPTAINER_SHELL") or env.get("SINGULARITY_SHELL")
             opt = ["--rcfile", rc] if rc else ["--norc"]
@@ -339,7 +373,7 @@ class Exec(Op):
 
 # The session directory's own names: sources there are the launch's, not the user's.
 SESSION_NAMES = ("image", "home", "tmp", "vartmp", "dev", "passwd", "group", "root",
-                 "image.log")
+                 "image.log", "data-images")
 
 
 def pin_sources(ops):
@@ -371,5 +405,9 @@ def pin_sources(ops):
             fd = pin(op.image.path)
             if fd is not None:
                 op = MountImage(op.image, op.at, fd)
+        elif t is MountData and op.fd is None:
+            fd = pin(op.fs.path)
+            if fd is not None:
+                op = MountData(op.fs, op.at, op.ro, op.check, fd)
         out.append(op)
     return out

@@ -8,7 +8,7 @@ import os
 
 from hpcimage.errors import UsageError
 
-VERBS = ("exec", "run", "shell")
+VERBS = ("exec", "run", "shell", "test")
 WRAPPER_VERBS = {"image-exec": "exec", "image-run": "run", "image-shell": "shell",
                  "image-mpi-rank": "exec"}
 MPI_MODES = ("hybrid", "bind")
@@ -17,11 +17,14 @@ HELP = """\
 usage: {prog} [OPTIONS] {image}{what}
 
 options (as Apptainer's where they mean the same):
-  -B, --bind SRC[:DST[:ro|rw]]  bind a host path into the container (repeatable,
-                                comma-separated lists allowed)
+  -B, --bind SRC[:DST[:OPTS]]   bind a host path into the container (repeatable,
+                                comma-separated lists; OPTS: ro, rw, image-src=PATH,
+                                id=N; '\\,' and '\\:' are a literal ',' and ':')
   -e, --cleanenv                start from a minimal environment (see README)
   -C, --contain                 no host home, cwd or /tmp: fresh empty ones instead
       --no-home                 do not bind the home directory
+      --no-mount LIST           leave out default mounts: proc, sys, dev, devpts, home,
+                                tmp, hostfs, cwd, bind-paths, or a bind's path
       --pwd DIR                 working directory inside the container
       --env K=V                 set K inside the container (repeatable)
       --env-file FILE           set the variables FILE sets (sh syntax)
@@ -43,7 +46,7 @@ def valid_name(k):
 class Options:
     __slots__ = ("verb", "prog", "image", "args", "binds", "cleanenv", "contain",
                  "no_home", "pwd", "env", "dry_run", "app", "nv", "rocm", "ib", "mpi_mode",
-                 "env_file", "no_eval")
+                 "no_mount", "env_file", "no_eval")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -62,6 +65,7 @@ class Options:
         self.rocm = False
         self.ib = False
         self.mpi_mode = None
+        self.no_mount = []
         self.env_file = None
         self.no_eval = False
 
@@ -83,6 +87,7 @@ FLAGS = (
     ("-C", "contain", False, "launcher"),
     ("--contain", "contain", False, "ranks"),
     ("--no-home", "no_home", False, "ranks"),
+    ("--no-mount", "no_mount", True, "ranks"),
     ("--pwd", "pwd", True, "ranks"),
     ("--env", "env", True, "ranks"),
     ("--env-file", "env_file", True, "ranks"),
@@ -126,7 +131,7 @@ def parse(argv, environ=None):
     elif verb in VERBS:
         prog = f"hpcimage {verb}"
     else:
-        raise UsageError(f"unknown verb {verb!r} (exec, run, shell)")
+        raise UsageError(f"unknown verb {verb!r} (exec, run, shell, test)")
     # image-mpi-rank: the ranks of image-mpi, which speaks for them
     o = Options(verb, "image-mpi" if prog == "image-mpi-rank" else prog)
     rest = argv[1:]
@@ -157,7 +162,10 @@ def parse(argv, environ=None):
                     i += 1
             key = _VALUED[name]
             if key == "bind":
-                o.binds.extend(v for v in val.split(",") if v)
+                from hpcimage.config.bindspec import split_list
+                o.binds.extend(split_list(val))
+            elif key == "no_mount":
+                o.no_mount.extend(v for v in val.split(",") if v)
             elif key == "env":
                 k, has, v = val.partition("=")
                 if not has or not valid_name(k):
@@ -191,6 +199,7 @@ def parse(argv, environ=None):
 
 
 def usage(o):
-    what = {"exec": "COMMAND [ARGS...]", "run": "[ARGS...]", "shell": "[SHELL ARGS...]"}
+    what = {"exec": "COMMAND [ARGS...]", "run": "[ARGS...]", "shell": "[SHELL ARGS...]",
+            "test": "[ARGS...]"}
     image = "" if o.prog.startswith("image-") else "IMAGE "
     return HELP.format(prog=o.prog, image=image, what=what[o.verb])

@@ -1,7 +1,7 @@
 """The launch: a plan of typed operations (runtime.ops), then one loop that carries
 them out (runtime.execute).
 
-    UserNs, Private, Session, MountImage, RootFs, IdentityFiles, Bind..., Remount,
+    UserNs, Private, Session, MountImage, MountData..., RootFs, IdentityFiles, Bind..., Remount,
     Pivot, Chdir, Exec
 
 `plan(request)` runs the steps (runtime.steps.STEPS) on a request

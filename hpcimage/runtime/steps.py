@@ -9,6 +9,7 @@ them and knows none by name; MPI ranks run the same tuple with their own steps p
 import os
 
 from hpcimage.errors import UsageError
+from hpcimage.runtime import binds
 from hpcimage.runtime import environ as envmod
 from hpcimage.runtime.command import valid_app
 from hpcimage.runtime.ops import (Bind, Chdir, Exec, IdentityFiles, MountImage, Pivot,
@@ -30,21 +31,6 @@ CWD_NOT_BOUND_BELOW = ("/usr", "/usr/local", "/usr/lib", "/usr/lib32", "/usr/lib
 
 BIND_ENV = ("SINGULARITY_BIND", "APPTAINER_BIND", "HPCIMAGE_BIND")
 BIND_PATH_ENV = ("SINGULARITY_BINDPATH", "APPTAINER_BINDPATH")   # APPTAINER_BIND inside
-
-
-def parse_bind(spec, what="-B"):
-    parts = spec.split(":")
-    if len(parts) > 3 or not parts[0]:
-        raise UsageError(f"bind {spec!r}: want SRC[:DST[:ro|rw]]")
-    src = parts[0]
-    dst = parts[1] if len(parts) > 1 and parts[1] else src
-    mode = parts[2] if len(parts) > 2 else "rw"
-    if mode not in ("ro", "rw"):
-        raise UsageError(f"bind {spec!r}: mode must be ro or rw, not {mode!r}")
-    src = os.path.abspath(src)
-    if not dst.startswith("/"):
-        raise UsageError(f"bind {spec!r}: destination must be an absolute path")
-    return Bind(src, os.path.normpath(dst), mode == "ro", what)
 
 
 def is_under(path, top):
@@ -89,7 +75,7 @@ def lmod_inside(r, p):
     """site.json "lmod" (site.yaml lmod_in_image): the host's Lmod, its Lua and the
     MODULEPATH (imported only here: the plain image-exec path stays light). Its binds
     already covered by a bind at the same path are left out (skip_covered)."""
-    if not isinstance(r.site.lmod, dict):
+    if r.site.lmod is None:
         return
     from hpcimage.host import lmod
     config = r.environ.get("HPCIMAGE_SITE_CONFIG")
@@ -101,41 +87,51 @@ def lmod_inside(r, p):
 
 
 def system_binds(r, p):
-    """/proc, /sys, /dev (or a private one with the devices), /tmp, the host's network
-    files, passwd and group."""
+    """/proc, /sys, /dev (or a private one with the devices), /tmp and /var/tmp (fresh
+    ones under --contain), /etc/hosts and /etc/localtime (Apptainer's default `bind
+    path` entries), /etc/resolv.conf, passwd and group; --no-mount leaves out what it
+    names (runtime.binds.NO_MOUNT)."""
     contain = r.opts.contain
+    nm = binds.no_mount(r.opts)
     private_dev = contain or p.private_dev
-    binds = p.binds
+    out = p.binds
     for src in ("/proc", "/sys", "/dev"):
-        if private_dev and src == "/dev":
+        if (private_dev and src == "/dev") or src[1:] in nm:
             continue
-        binds.append(Bind(src, src, False, "system"))
-    if private_dev:
+        out.append(Bind(src, src, False, "system"))
+    if private_dev and "dev" not in nm:
         why = "--contain: minimal /dev" if contain else "minimal /dev + selected devices"
-        binds.append(Bind("session:dev", "/dev", False, why))
+        out.append(Bind("session:dev", "/dev", False, why))
         for d in ("null", "zero", "full", "random", "urandom", "tty"):
             if os.path.exists("/dev/" + d):
-                binds.append(Bind("/dev/" + d, "/dev/" + d, False, why))
-        if os.path.isdir("/dev/pts"):
-            binds.append(Bind("/dev/pts", "/dev/pts", False, why))
+                out.append(Bind("/dev/" + d, "/dev/" + d, False, why))
+        if os.path.isdir("/dev/pts") and "devpts" not in nm:
+            out.append(Bind("/dev/pts", "/dev/pts", False, why))
         if not contain and os.path.isdir("/dev/shm"):
-            binds.append(Bind("/dev/shm", "/dev/shm", False, why))
+            out.append(Bind("/dev/shm", "/dev/shm", False, why))
         for src, dst, ro, w in p.dev_binds:
-            binds.append(Bind(src, dst, False, w))
-    if contain:
-        binds.append(Bind("session:tmp", "/tmp", False, "--contain: fresh /tmp"))
-        binds.append(Bind("session:vartmp", "/var/tmp", False, "--contain: fresh /var/tmp"))
+            out.append(Bind(src, dst, False, w))
+    if "tmp" in nm:
+        pass
+    elif contain:
+        out.append(Bind("session:tmp", "/tmp", False, "--contain: fresh /tmp"))
+        out.append(Bind("session:vartmp", "/var/tmp", False, "--contain: fresh /var/tmp"))
     else:
-        binds.append(Bind("/tmp", "/tmp", False, "system"))
-    for f in ("/etc/hosts", "/etc/resolv.conf"):
-        if os.path.exists(f):
-            binds.append(Bind(os.path.realpath(f), f, True, "host network files"))
-    binds.append(Bind("session:passwd", "/etc/passwd", True, "image passwd + the user"))
-    binds.append(Bind("session:group", "/etc/group", True, "image group + the user's group"))
+        out.append(Bind("/tmp", "/tmp", False, "system"))
+        if os.path.isdir("/var/tmp"):
+            out.append(Bind("/var/tmp", "/var/tmp", False, "system"))
+    for f, bind_path in (("/etc/hosts", True), ("/etc/localtime", True),
+                         ("/etc/resolv.conf", False)):
+        if os.path.exists(f) and not binds.skipped(f, nm, bind_path):
+            out.append(Bind(os.path.realpath(f), f, True, "host's " + f))
+    out.append(Bind("session:passwd", "/etc/passwd", True, "image passwd + the user"))
+    out.append(Bind("session:group", "/etc/group", True, "image group + the user's group"))
 
 
 def home(r, p):
     """The home directory: the host's at its path, an empty one under --contain."""
+    if "home" in binds.no_mount(r.opts):
+        return
     if r.opts.contain:
         p.binds.append(Bind("session:home", r.home, False, "--contain: empty home"))
     elif not r.opts.no_home and r.home != "/" and os.path.isdir(r.home):
@@ -144,27 +140,29 @@ def home(r, p):
 
 def site_binds(r, p):
     """The site's binds (site.json binds, and image_binds of the loaded module) whose
-    source exists."""
+    source exists, less those --no-mount names (bind-paths: all of them)."""
     module = r.environ.get("HPCIMAGE_MODULE")
     site = r.site
+    nm = binds.no_mount(r.opts)
     specs = list(site.binds) + list(site.image_binds.get(module or "", ()))
     for spec in specs:
-        b = parse_bind(spec, "site")
-        if os.path.exists(b.src):
-            p.binds.append(b)
+        if "bind-paths" in nm:
+            break
+        n = len(p.ops)
+        b = binds.add_spec(p, spec, "site", r.cwd, r.session_dir, missing_ok=True)
+        if b is not None and b.dst in nm:
+            p.binds.pop()
+            del p.ops[n:]
 
 
 def user_binds(r, p):
     """SINGULARITY_BIND, APPTAINER_BIND, HPCIMAGE_BIND, then -B: a missing source is an
-    error."""
+    error; an image bind (image-src=, id=) mounts the image file first."""
     specs = []
     for var in BIND_ENV:
-        specs += [v for v in r.environ.get(var, "").split(",") if v]
+        specs += binds.split_list(r.environ.get(var, ""))
     for spec in specs + list(r.opts.binds):
-        b = parse_bind(spec, "-B")
-        if not os.path.exists(b.src):
-            raise UsageError(f"bind source {b.src} does not exist")
-        p.binds.append(b)
+        binds.add_spec(p, spec, "-B", r.cwd, r.session_dir, missing_ok=False)
 
 
 def contributed_binds(r, p):
@@ -185,7 +183,7 @@ def cwd(r, p):
     where that would replace a directory the image's system needs (CWD_NOT_BOUND).
     Where the command cannot run in the caller's directory, the warning says so and
     where it runs instead."""
-    opts, home, binds = r.opts, r.home, p.binds
+    opts, home, bl = r.opts, r.home, p.binds
     p.cwd_note = None
     if opts.pwd:
         if not opts.pwd.startswith("/"):
@@ -194,17 +192,19 @@ def cwd(r, p):
     elif opts.contain:
         p.workdir = home
     elif r.cwd is None:
-        p.workdir = home if _covered(home, binds) else "/"
+        p.workdir = home if _covered(home, bl) else "/"
         p.warnings.append(f"cannot enter {r.cwd_gone} in the container (deleted on the "
                           f"host); running in {p.workdir}")
     else:
         p.workdir = r.cwd
-        if r.cwd == "/" or _covered(r.cwd, binds):
+        if r.cwd == "/" or _covered(r.cwd, bl):
             pass
         elif _system_dir(r.cwd):
             p.cwd_note = "system"       # enter_workdir says where the command runs
+        elif "cwd" in binds.no_mount(opts):
+            pass                        # --no-mount cwd: the image's own, else home
         elif not any(is_under(r.cwd, d) for d in ("/proc", "/sys", "/dev")):
-            binds.append(Bind(r.cwd, r.cwd, False, "current directory"))
+            bl.append(Bind(r.cwd, r.cwd, False, "current directory"))
 
 
 def root(r, p):

@@ -4,7 +4,7 @@ import os
 import stat
 import sys
 
-from hpcimage.fsutil import fsync_dir as _fsync_dir
+from hpcimage.fsutil import AtomicFile
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.store.layout import identity_matches, MANIFEST, STORE_LOCK, PREVIOUS, TMP_MARK, now_iso, makedirs, clean_temps, Lock
 from hpcimage.store.transfer import Progress, copy_hashing, hash_file, mib
@@ -71,7 +71,9 @@ def publish(site_path, source, name, version, definition=None, out=None):
             raise HpcimageError(f"{dest} exists and is not a regular file: move it away")
 
         adopt = st_dest is not None and _same_file(source, dest)
-        tmp = None
+        # The new file: at a temporary name (recognised by the store's clean-up) until
+        # the decision below; renamed onto dest last (fsutil.AtomicFile, in steps).
+        staged = None
         try:
             if adopt:
                 # The image was built in place: record it as it is.
@@ -79,29 +81,24 @@ def publish(site_path, source, name, version, definition=None, out=None):
                 os.chmod(dest, 0o644)
                 st_new = os.stat(dest)
             else:
-                tmp = os.path.join(directory, f".{fname}{TMP_MARK}{os.getpid()}")
+                staged = AtomicFile(dest, 0o644, exclusive=True,
+                                    tmp=os.path.join(directory,
+                                                     f".{fname}{TMP_MARK}{os.getpid()}"))
                 src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                    f = staged.open()
+                    progress = Progress(f"publish {name}/{version}", st_src.st_size)
                     try:
-                        os.fchmod(fd, 0o644)
-                        progress = Progress(f"publish {name}/{version}", st_src.st_size)
-                        try:
-                            sha = copy_hashing(src_fd, fd, st_src.st_size, progress)
-                            progress.close(st_src.st_size)
-                        finally:
-                            progress.close()
-                        os.fsync(fd)
-                        st_new = os.fstat(fd)
+                        sha = copy_hashing(src_fd, f.fileno(), st_src.st_size, progress)
+                        progress.close(st_src.st_size)
                     finally:
-                        os.close(fd)
+                        progress.close()
+                    staged.sync()
+                    st_new = os.fstat(f.fileno())
                 finally:
                     os.close(src_fd)
             if (cur is not None and cur.get("sha256") == sha and st_dest is not None
                     and identity_matches(os.stat(dest), cur)):
-                if tmp:
-                    os.unlink(tmp)
-                    tmp = None
                 out.write(f"publish: {name}/{version} is already {dest} "
                           f"(sha256 {sha}); nothing changed\n")
                 return 0
@@ -129,20 +126,12 @@ def publish(site_path, source, name, version, definition=None, out=None):
                     try:
                         os.link(dest, target)
                     except OSError:      # no hard links here: a copy, renamed into place
-                        import shutil
-                        part = os.path.join(prev_dir, f".{fname}{TMP_MARK}{os.getpid()}")
-                        try:
-                            shutil.copy2(dest, part)
-                            os.replace(part, target)
-                        finally:
-                            if os.path.exists(part):
-                                os.unlink(part)
+                        _copy_atomic(dest, target, os.path.join(
+                            prev_dir, f".{fname}{TMP_MARK}{os.getpid()}"))
                 old["file"] = rel
                 previous.insert(0, old)
-            if not adopt:
-                os.replace(tmp, dest)
-                tmp = None
-                _fsync_dir(directory)
+            if staged is not None:
+                staged.commit()
         except OSError as e:
             what = e.filename or dest
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -151,11 +140,8 @@ def publish(site_path, source, name, version, definition=None, out=None):
             raise HpcimageError(f"cannot publish {source} to {dest}: {what}: "
                                 f"{e.strerror}") from None
         finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            if staged is not None:
+                staged.discard()
         # Previous versions: newest first, no duplicates, not the current one.
         seen = {sha}
         kept, dropped = [], []
@@ -181,3 +167,17 @@ def publish(site_path, source, name, version, definition=None, out=None):
     out.write(f"publish: {name}/{version} -> {dest} ({mib(entry['size'])}, "
               f"sha256 {sha}); {len(kept)} previous version(s) kept\n")
     return 0
+
+
+def _copy_atomic(src, dest, tmp):
+    """Copy SRC to DEST (a previous version, where hard links fail) through a temporary
+    name: fsutil.AtomicFile; the copy keeps SRC's times, as a hard link would. Errors:
+    OSError."""
+    with open(src, "rb") as fin, AtomicFile(dest, 0o644, tmp) as fout:
+        while True:
+            block = fin.read(1 << 20)
+            if not block:
+                break
+            fout.write(block)
+        st = os.fstat(fin.fileno())
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))

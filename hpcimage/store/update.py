@@ -5,7 +5,7 @@ import stat
 import sys
 import time
 
-from hpcimage.fsutil import fsync_dir as _fsync_dir
+from hpcimage.fsutil import AtomicFile, fsync_dir
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.runtime import localcopy as local
 from hpcimage.store.layout import identity_matches, makedirs, clean_temps, Lock
@@ -185,7 +185,9 @@ class Update:
 
     def _copy(self, entry, out, err):
         src, st_src, entry = self._open_source(entry)
-        tmp = f"{self.tmp_prefix}{os.getpid()}"
+        # The copy at a temporary name (fsutil.AtomicFile in steps), then its record.
+        staged = AtomicFile(self.copy, 0o644, tmp=f"{self.tmp_prefix}{os.getpid()}",
+                            exclusive=True)
         state_tmp = None
         size = st_src.st_size
         try:
@@ -196,34 +198,31 @@ class Update:
                     f"not enough space in {self.directory} for {self.name}: "
                     f"{mib(size)} needed, {mib(free)} free; the local copy is unchanged")
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o644)
+                f = staged.open()
             except OSError as e:
-                raise HpcimageError(f"cannot create {tmp}: {e.strerror}") from None
+                raise HpcimageError(f"cannot create {staged.tmp}: {e.strerror}") from None
             t0 = time.monotonic()
             progress = Progress(f"image-update {self.module}", size, stream=err)
             try:
-                sha = copy_hashing(src, fd, size, progress)
+                sha = copy_hashing(src, f.fileno(), size, progress)
                 progress.close(size)
                 if sha != entry["sha256"]:
                     raise HpcimageError(
                         f"{self.image}: sha256 mismatch: the store's file is corrupt "
                         f"(manifest {entry['sha256'][:16]}..., file {sha[:16]}...); the local "
                         "copy is unchanged; tell the administrator")
-                os.fsync(fd)
-                st = os.fstat(fd)
+                staged.sync()
+                st = os.fstat(f.fileno())
             finally:
                 progress.close()
-                os.close(fd)
             state_tmp = f"{self.tmp_prefix}{os.getpid()}.state"
             os.symlink(local.format_state(sha, st, self.image), state_tmp)
             # The copy first, then its record: between the two, the old record does
             # not match the new file, so the wrappers use the store.
-            os.replace(tmp, self.copy)
-            tmp = None
+            staged.commit()
             os.replace(state_tmp, self.state_path)
             state_tmp = None
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             secs = time.monotonic() - t0
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -233,12 +232,12 @@ class Update:
             raise HpcimageError(f"cannot update {self.copy}: {e.strerror}") from None
         finally:
             os.close(src)
-            for p in (tmp, state_tmp):
-                if p is not None:
-                    try:
-                        os.unlink(p)
-                    except OSError:
-                        pass
+            staged.discard()
+            if state_tmp is not None:
+                try:
+                    os.unlink(state_tmp)
+                except OSError:
+                    pass
         out.write(f"{self.module}: updated the local copy {self.copy} ({mib(size)} in "
                   f"{secs:.1f} s, sha256 verified)\n")
         return 0

@@ -29,8 +29,13 @@ PMIX_TRANSLATE = {"PMIX_PTL_MODULE": "PMIX_MCA_ptl", "PMIX_SECURITY_MODE": "PMIX
                   "PMIX_GDS_MODULE": "PMIX_MCA_gds"}
 
 
-PMIX_DIR_VARS = ("PMIX_SERVER_TMPDIR", "PMIX_SYSTEM_TMPDIR", "PMIX_SERVER_URI_DIR",
-                 "SLURM_PMIX_TMPDIR", "TMPDIR")
+# The job's own directories that the PMIx/PMI server and Open MPI's ranks talk through,
+# bound at their paths into a rank's container: PMIx's server directory (srun's
+# pmix.JOB.STEP, mpirun's session pid.PID: the data store is there), Open MPI's job
+# session directory. Not TMPDIR or PMIX_SYSTEM_TMPDIR: they name the system's /tmp,
+# which --contain replaces with a fresh one (the clients connect by the URI variables).
+PMIX_DIR_VARS = ("PMIX_SERVER_TMPDIR", "PMIX_SERVER_URI_DIR", "SLURM_PMIX_TMPDIR",
+                 "OMPI_MCA_orte_jobfam_session_dir", "PRTE_MCA_prte_jobfam_session_dir")
 
 
 NO_CMA = {"OMPI_MCA_btl_vader_single_copy_mechanism": "none",

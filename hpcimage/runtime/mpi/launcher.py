@@ -27,7 +27,7 @@ from hpcimage.linux import procstate
 from hpcimage.runtime.options import HELP_WORDS, IMAGE_MPI
 from hpcimage.runtime.mpi.jobenv import is_rank
 from hpcimage.runtime.mpi.recipe import Recipe, write_recipe, join_helper
-from hpcimage.runtime.mpi.shared import start_holder, state_base, warm_arg
+from hpcimage.runtime.mpi.shared import start_holder, state_base, state_name, warm_arg
 from hpcimage.runtime.mpi.rank import (rank_plan, rank_signature, run_rank, wrapper_signature,
                                        resolve as rank_request)
 
@@ -162,7 +162,7 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
         return argv2
     p.warn(opts.prog, env)
     base = state_base()
-    state = os.path.join(base, key)
+    state = os.path.join(base, state_name(key))
     refs_path = os.path.join(state, "refs")
     m = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     fcntl.flock(m, fcntl.LOCK_EX)          # the ranks wait here until the holder is up

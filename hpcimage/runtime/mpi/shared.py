@@ -4,6 +4,7 @@ import fcntl
 import os
 
 from hpcimage.errors import HpcimageError
+from hpcimage.image.baseenv import ENV_FILES     # read in the container (after pivot_root)
 from hpcimage.linux import syscalls as sc
 from hpcimage.linux import procstate
 from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES
@@ -11,15 +12,30 @@ from hpcimage.runtime.mpi.recipe import Recipe, write_recipe
 
 
 def state_base():
-    base = os.path.join(os.environ.get("HPCIMAGE_MPI_STATE", "/tmp"), f"hpcimage-{os.getuid()}")
+    """The user's directory of per-job state on this node: $HPCIMAGE_MPI_STATE (default
+    /tmp)/hpcimage-UID, made 0700 when missing; the last holder on the node removes it.
+    Errors: HpcimageError (exit 1) when it cannot be made or is not the user's."""
+    top = os.environ.get("HPCIMAGE_MPI_STATE", "/tmp")
+    base = os.path.join(top, f"hpcimage-{os.getuid()}")
     try:
         os.mkdir(base, 0o700)
     except FileExistsError:
         pass
+    except OSError as e:
+        raise HpcimageError(f"cannot make the MPI state directory {base}: {e.strerror}"
+                            + (" (HPCIMAGE_MPI_STATE)" if "HPCIMAGE_MPI_STATE" in os.environ
+                               else "")) from None
     st = os.lstat(base)
     if st.st_uid != os.getuid() or not os.path.isdir(base) or os.path.islink(base):
         raise HpcimageError(f"{base}: not a directory owned by you; refusing to use it")
     return base
+
+
+def state_name(key):
+    """The state directory's name of job KEY on this node: KEY@NODENAME. The node's
+    name keeps nodes apart where HPCIMAGE_MPI_STATE is on a shared file system (a pid
+    in another node's holder file means nothing here); hpcimage-join forms the same."""
+    return f"{key}@{os.uname().nodename}"
 
 
 def _alive(pid):
@@ -110,11 +126,14 @@ INDIRECT = {".", "source", "eval", "printenv", "env", "set", "declare", "typeset
             "-p"}   # -p: export -p
 
 
-def _scripts_look_static(varies):
+def _scripts_look_static(varies, shell_env=None):
     """The image's env scripts name no per-rank variable (the planning environment may
     lack those, so the probe alone cannot see them being read) and read none
-    indirectly. Comment lines are skipped."""
+    indirectly. Comment lines are skipped. The base environment an hpcimage build
+    writes (image.baseenv) is known: its 95-apps.sh sources an app's scripts only for
+    an active app (APPTAINER_APPNAME in shell_env)."""
     names = FORWARD_PREFIXES + ("HFI_", "IPATH_")
+    app = bool((shell_env or {}).get("APPTAINER_APPNAME"))
     try:
         files = sorted(f for f in os.listdir(ENV_DIR) if f.endswith(".sh"))
     except OSError:
@@ -122,10 +141,12 @@ def _scripts_look_static(varies):
     for f in files:
         try:
             with open(os.path.join(ENV_DIR, f), errors="replace") as fh:
-                text = "\n".join(ln for ln in fh.read().splitlines()
-                                 if not ln.lstrip().startswith("#"))
+                raw = fh.read()
         except OSError:
             return False
+        if raw == ENV_FILES.get(f) and not (app and f == "95-apps.sh"):
+            continue
+        text = "\n".join(ln for ln in raw.splitlines() if not ln.lstrip().startswith("#"))
         for c in ";&|()`\n\t":
             text = text.replace(c, " ")
         if any(n in text for n in names) or INDIRECT.intersection(text.split(" ")):
@@ -144,7 +165,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     `_`) serves every rank: hpcimage-join then execs the program without /bin/sh.
     Returns it as a dict, or None (scripts that read per-rank values, no env -0, ...)."""
     from hpcimage.runtime.command import enter_workdir
-    if not os.access("/bin/sh", os.X_OK) or not _scripts_look_static(varies):
+    if not os.access("/bin/sh", os.X_OK) or not _scripts_look_static(varies, shell_env):
         return None
 
     def run(env):
@@ -209,13 +230,20 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             from hpcimage.runtime.execute import execute
             if warm:                    # what _warm needs, imported while the host is seen
                 from hpcimage.host import elf, ldcache  # noqa: F401
+            # The state directory by descriptors, opened while the host's paths are
+            # seen: after pivot_root they name the container's files (a state directory
+            # outside /tmp, HPCIMAGE_MPI_STATE=/var/tmp/..., is not bound in it).
+            base = os.path.dirname(state)
+            parent_fd = _open_dir(os.path.dirname(base))
+            base_fd = _open_dir(base)
+            state_fd = _open_dir(state)
+            fd = os.open(refs_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 execute(head)
             except HpcimageError as e:
                 os.write(w, ("E" + e.message).encode())
                 os._exit(1)
             os.dup2(null, 2)
-            fd = os.open(refs_path, os.O_RDONLY | os.O_CLOEXEC)
             final = None
             if probe:
                 try:
@@ -234,15 +262,10 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
                 except Exception:               # noqa: BLE001  (only a speed-up)
                     pass
             fcntl.flock(fd, fcntl.LOCK_EX)         # every rank has exited
-            m = os.open(os.path.dirname(state), os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(m, fcntl.LOCK_EX)
-            for name in ("holder", "refs", "recipe"):
-                try:
-                    os.unlink(os.path.join(state, name))
-                except OSError:
-                    pass
-            try:
-                os.rmdir(state)
+            fcntl.flock(base_fd, fcntl.LOCK_EX)
+            remove_state(base_fd, os.path.basename(state), state_fd)
+            try:        # the user's directory too, when this was its last job here
+                os.rmdir(os.path.basename(base), dir_fd=parent_fd)
             except OSError:
                 pass
         except BaseException:
@@ -264,6 +287,72 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             k, _eq, v = item.partition(b"=")
             final[os.fsdecode(k)] = os.fsdecode(v)
     return pid, final
+
+
+def _open_dir(path):
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+STATE_FILES = ("holder", "holder.tmp", "refs", "recipe", "recipe.tmp")
+
+
+def remove_state(base_fd, key, state_fd=None):
+    """Remove the state directory KEY of the directory base_fd (its files, then itself);
+    errors are ignored (a file already gone)."""
+    try:
+        if state_fd is None:
+            state_fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+                               | os.O_NOFOLLOW, dir_fd=base_fd)
+        for name in os.listdir(state_fd):
+            try:
+                os.unlink(name, dir_fd=state_fd)
+            except OSError:
+                pass
+        os.rmdir(key, dir_fd=base_fd)
+    except OSError:
+        pass
+
+
+def sweep_dead(base_fd, keep):
+    """Remove the state directories of holders that died without tearing down (killed
+    by a signal: SIGKILL, OOM): no holder process, and no rank holding `refs`. Called
+    under the base's lock by the first rank of a job on the node. keep: the job's own."""
+    try:
+        names = os.listdir(base_fd)
+    except OSError:
+        return
+    for key in names:
+        if key == keep:
+            continue
+        try:
+            sfd = os.open(key, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                          dir_fd=base_fd)
+        except OSError:
+            continue
+        try:
+            try:
+                with open(os.open("holder", os.O_RDONLY | os.O_CLOEXEC, dir_fd=sfd)) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                continue
+            try:
+                refs = os.open("refs", os.O_RDONLY | os.O_CLOEXEC, dir_fd=sfd)
+            except FileNotFoundError:
+                refs = None
+            except OSError:
+                continue
+            if refs is not None:
+                try:
+                    fcntl.flock(refs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:         # a rank still runs: not ours to remove
+                    os.close(refs)
+                    continue
+                os.close(refs)
+            remove_state(base_fd, key, sfd)
+        finally:
+            os.close(sfd)
 
 
 def _locked_fd(fd, base):
@@ -288,13 +377,20 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
     from hpcimage.runtime.ops import Chdir
     head, tail = launch.split(plan, Chdir)
     base = state_base()
-    state = os.path.join(base, key)
+    name = state_name(key)
+    state = os.path.join(base, name)
     refs_path = os.path.join(state, "refs")
     m = _locked_fd(locked, base)
     if m is None:
         m = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     for _attempt in range(50):
         fcntl.flock(m, fcntl.LOCK_EX)
+        if not _same_dir(m, base):      # the last holder removed it meanwhile
+            fcntl.flock(m, fcntl.LOCK_UN)
+            os.close(m)
+            base = state_base()
+            m = _open_dir(base)
+            continue
         try:
             os.makedirs(state, 0o700, exist_ok=True)
             if not os.path.exists(refs_path):
@@ -309,6 +405,7 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
             if refs is not None:
                 pid = _read_pid(os.path.join(state, "holder"))
                 if not (pid and _alive(pid)):
+                    sweep_dead(m, name)
                     rec = None
                     if signature is not None:
                         try:
@@ -342,3 +439,12 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
         os.chdir("/")
         return tail
     raise HpcimageError("could not join the node's shared container")
+
+
+def _same_dir(fd, path):
+    """Is the directory open as fd still the one at path?"""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

@@ -1,0 +1,167 @@
+"""Image files bound as data (`-B FILE:DST:image-src=PATH`, `id=N`), as Apptainer's
+image binds: a SquashFS file, an ext2/3/4 file system image, or a SIF's data
+partition (the first, or the partition with object id N). `locate` finds the file
+system inside the file without mounting it; `mount` mounts it: SquashFS with
+squashfuse (image.squashfs), ext3 with fuse2fs. Standard library only (the runtime
+imports it, on the hot path, only when an image bind is asked for).
+"""
+import os
+import time
+import _signal as signal
+
+from hpcimage.errors import HpcimageError, UsageError
+from hpcimage.image.magic import HEAD_SIZE, head_kind
+from hpcimage.linux import procstate, syscalls
+
+EXT_MAGIC_OFFSET = 1080     # the superblock (at 1024) + 56: s_magic
+EXT_MAGIC = b"\x53\xef"
+
+FUSE2FS = "fuse2fs"
+
+
+class DataFs:
+    """kind: "squashfs" or "ext3"; offset and size: where the file system lies in
+    path (size None: to the end)."""
+    __slots__ = ("path", "kind", "offset", "size")
+
+    def __init__(self, path, kind, offset=0, size=None):
+        self.path, self.kind, self.offset, self.size = path, kind, offset, size
+
+    def __eq__(self, other):
+        return type(self) is type(other) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"DataFs({self.path!r}, {self.kind!r}, {self.offset}, {self.size})"
+
+
+def locate(path, part_id=None, spec=""):
+    """The file system of image file path to bind from; UsageError (exit 2) when path
+    is not an image file, has no such partition, or id= is given for a file that is
+    not a SIF."""
+    what = f"bind {spec!r}: " if spec else ""
+    if os.path.isdir(path):
+        raise UsageError(f"{what}{path} is a directory, not an image file (image-src "
+                         "and id bind from a SquashFS, ext3 or SIF file)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_SIZE)
+            f.seek(EXT_MAGIC_OFFSET)
+            ext = f.read(2) == EXT_MAGIC
+    except OSError as e:
+        raise UsageError(f"{what}cannot read {path}: {e.strerror}") from None
+    kind = head_kind(head) or ("ext3" if ext else None)
+    if kind is None:
+        raise UsageError(f"{what}{path} is not an image file (image-src and id bind from "
+                         "a SquashFS, ext3 or SIF file)")
+    if kind != "sif":
+        if part_id is not None:
+            raise UsageError(f"{what}id={part_id} selects a SIF partition, and {path} is "
+                             f"a {kind} file, not a SIF")
+        return DataFs(path, kind)
+    from hpcimage.image import sif
+    img = sif.open_sif(path)
+    if part_id is not None:
+        d = next((d for d in img.descriptors if d.id == part_id), None)
+        if d is None or d.data_type != sif.DATA_PARTITION:
+            raise UsageError(f"{what}{path} has no partition with id {part_id}")
+    else:
+        d = next((d for d in img.descriptors if d.data_type == sif.DATA_PARTITION
+                  and d.parttype == sif.PART_DATA), None)
+        if d is None:
+            raise UsageError(f"{what}no data partition found in {path} (id=N names "
+                             "another partition)")
+    kinds = {sif.FS_SQUASH: "squashfs", sif.FS_EXT3: "ext3"}
+    if d.fstype not in kinds:
+        raise UsageError(f"{what}partition {d.id} of {path} is {d.fstype_name}: only "
+                         "SquashFS and ext3 partitions can be bound")
+    return DataFs(path, kinds[d.fstype], d.offset, d.size)
+
+
+def mount(fs, at, log_path, ro):
+    """Mount fs (a DataFs) at the directory at; return the FUSE daemon's pid."""
+    if fs.kind == "squashfs":
+        from hpcimage.image import Image, squashfs
+        return squashfs.mount(Image(fs.path, "squashfs", fs.offset, fs.size), at, log_path)
+    return _mount_ext3(fs, at, log_path, ro)
+
+
+def _find(prog):
+    for d in (os.environ.get("PATH") or "/usr/bin:/bin").split(":") + ["/usr/sbin", "/sbin"]:
+        p = os.path.join(d or ".", prog)
+        if os.access(p, os.X_OK):
+            return p
+    raise HpcimageError("fuse2fs not found: install fuse2fs to bind from ext3 images", 1)
+
+
+def _mount_ext3(fs, at, log_path, ro):
+    """fuse2fs in the foreground, a child that dies with the launcher: libfuse 2 mounts
+    by itself, so it gets CAP_SYS_ADMIN of the launcher's user namespace as an ambient
+    capability (nothing on the host). Waits until the mount is there."""
+    prog = _find(FUSE2FS)
+    opts = ["ro" if ro else "rw", "fakeroot"]
+    if fs.offset:
+        opts.append(f"offset={fs.offset}")
+    path = fs.path
+    own = f"/proc/{os.getpid()}/fd/"
+    keep = []
+    if path.startswith(own):        # pinned by the launcher: hand the open file over
+        keep.append(int(path[len(own):]))
+        path = f"/dev/fd/{keep[-1]}"
+    argv = [prog, path, at, "-f", "-o", ",".join(opts)]
+    before = os.stat(at).st_dev
+    parent = os.getpid()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+            syscalls.ambient_cap(syscalls.CAP_SYS_ADMIN)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.dup2(log_fd, 2)
+            low = 3
+            for k in sorted(keep):
+                os.set_inheritable(k, True)
+                os.closerange(low, k)
+                low = k + 1
+            os.closerange(low, 1024)
+            os.setsid()
+            procstate.helper_signals()
+            os.execv(prog, argv)
+        except BaseException:
+            pass
+        os._exit(127)
+    os.close(log_fd)
+    delay = 0.001
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            raise HpcimageError(_failure(fs, log_path, status))
+        try:
+            if os.stat(at).st_dev != before:
+                return pid
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise HpcimageError(f"{fs.path}: fuse2fs did not mount the image in 30 s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _failure(fs, log_path, status):
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        lines = []
+    why = lines[-1] if lines else f"exit status {os.waitstatus_to_exitcode(status)}"
+    return f"{fs.path}: cannot mount ext3 image with fuse2fs: {why}"
