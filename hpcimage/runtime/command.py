@@ -4,7 +4,8 @@ shell says them). Standard library only: the hot path."""
 import os
 import stat
 
-from hpcimage.errors import HpcimageError, UsageError, EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE
+from hpcimage.errors import (HpcimageError, UsageError, EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE,
+                             EXIT_USAGE)
 from hpcimage.runtime import environ
 from hpcimage.linux import procstate
 from hpcimage.linux.paths import which
@@ -76,7 +77,8 @@ def enter_workdir(workdir, home, explicit, note=None, prog=None):
                     f"running in {where}\n".encode())
 
 
-def exec_command(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None):
+def exec_command(verb, args, env, forced, prepend, append, prog, app=None, rcfile=None,
+                 late=None):
     has_sh = os.access("/bin/sh", os.X_OK)
     if app is not None and not os.path.isdir(app_dir(app)):
         raise UsageError(f"no app {app!r} in this image (hpcimage apps IMAGE "
@@ -85,7 +87,9 @@ def exec_command(verb, args, env, forced, prepend, append, prog, app=None, rcfil
         runscript = app_dir(app) + "/runscript"
         if not os.path.isfile(runscript):
             raise HpcimageError(f"app {app!r} has no runscript (%apprun {app})")
-        argv = ["/bin/sh", runscript] + args
+        # as the main runscript: its own #! interpreter when it is executable
+        argv = ([runscript] if os.access(runscript, os.X_OK) or not has_sh
+                else ["/bin/sh", runscript]) + args
     elif verb == "run":
         if not os.path.isfile(RUNSCRIPT):
             raise HpcimageError(f"this image has no runscript ({RUNSCRIPT}); "
@@ -115,21 +119,28 @@ def exec_command(verb, args, env, forced, prepend, append, prog, app=None, rcfil
     if verb == "exec" and "/" in cmd and hint and _is_image(cmd):
         raise HpcimageError(f"{cmd}: is an image, not a program{hint}",
                             EXIT_NOT_EXECUTABLE)
-    scripts = has_sh and app is not None
-    try:
-        scripts = scripts or has_sh and any(n.endswith(".sh") for n in os.listdir(ENV_DIR))
-    except OSError:
-        pass
+    shell = environ.needs_shell(forced, late)
+    if shell and not has_sh:
+        name = next((k for k, v in forced.items() if environ.evaluated(v, late)), None)
+        what = (late.sources.get(name, name) if name else "--env-file")
+        raise HpcimageError(f"{what}: evaluating it needs /bin/sh, which this image lacks "
+                            "(use --no-eval, or no $, ` or \\ in the value)", EXIT_USAGE)
+    scripts = has_sh and (shell or app is not None)
+    if has_sh and not scripts:
+        try:
+            scripts = any(n.endswith(".sh") for n in os.listdir(ENV_DIR))
+        except OSError:     # a Singularity 2 image's /environment, where there is no ENV_DIR
+            scripts = os.path.isfile(environ.LEGACY_ENVIRONMENT)
     if scripts:
         if "/" in cmd:      # the shell's own exec error is raw: say it here, as below
             why = _why_not(cmd)
             if why:
                 raise HpcimageError(f"{cmd}: {why[0]}{hint}", why[1])
-        e = environ.shell_env(env, forced, prepend, append, label(prog), hint)
-        script = environ.shell_prologue(forced, prepend, append, app) + environ.SHELL_EXEC
+        e = environ.shell_env(env, forced, prepend, append, label(prog), hint, late)
+        script = environ.shell_prologue(forced, prepend, append, app, late) + environ.SHELL_EXEC
         procstate.for_exec()
         os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
-    e = environ.direct_env(env, forced, prepend, append)
+    e = environ.direct_env(env, forced, prepend, append, late)
     path = which(cmd, e.get("PATH", environ.DEFAULT_PATH))
     if path is None:
         text, status = _says("not_found", path=e.get("PATH", ""))

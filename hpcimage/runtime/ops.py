@@ -28,6 +28,7 @@ import os
 
 from hpcimage.linux import syscalls as sc
 from hpcimage.runtime.command import RUNSCRIPT, TESTSCRIPT, enter_workdir, exec_command, app_dir
+from hpcimage.runtime.environ import evaluated
 from hpcimage.runtime.rootfs import build_root, write_identity_files, make_target, map_ids, remount_ro
 
 
@@ -393,14 +394,14 @@ class Exec(Op):
     env scripts; forced, prepend, append: what is set after them; app: the SCI-F app
     or None; rcfile: bash's --rcfile for shell (Lmod inside), or None."""
     __slots__ = ("verb", "argv", "env", "forced", "prepend", "append", "prog", "app",
-                 "rcfile")
+                 "rcfile", "late")
     name = "exec"
 
     def __init__(self, verb, argv, env, forced, prepend, append, prog, app=None,
-                 rcfile=None):
+                 rcfile=None, late=None):
         self.verb, self.argv, self.env, self.forced = verb, argv, env, forced
         self.prepend, self.append, self.prog = prepend, append, prog
-        self.app, self.rcfile = app, rcfile
+        self.app, self.rcfile, self.late = app, rcfile, late
 
     def describe(self):
         verb, argv, env, app, rc = self.verb, self.argv, self.env, self.app, self.rcfile
@@ -421,17 +422,25 @@ class Exec(Op):
         lines = [f"exec {' '.join(quote(a) for a in argv)}  # {note}"]
         for k in sorted(env):
             lines.append(f"  env {_assign(k, env[k])}")
+        late = self.late
+        if late is not None and late.envfile is not None:
+            how = "evaluated" if late.evaluate else "literal values"
+            lines.append(f"  env-file {quote(late.envfile)}  # {how}, after the env scripts")
         for k in sorted(self.forced):
-            lines.append(f"  env {_assign(k, self.forced[k])}  # forced, after the env scripts")
+            how = "evaluated, " if evaluated(self.forced[k], late) else ""
+            lines.append(f"  env {_assign(k, self.forced[k])}  # forced, {how}after the env "
+                         "scripts")
         if self.prepend is not None:
             lines.append(f"  prepend PATH {quote(self.prepend)}  # after the env scripts")
         if self.append is not None:
             lines.append(f"  append PATH {quote(self.append)}  # after the env scripts")
+        for k in sorted(late.inject if late is not None else ()):
+            lines.append(f"  merge {k} {quote(':'.join(late.inject[k]))}  # last, at its end")
         return lines
 
     def run(self, state):
         exec_command(self.verb, self.argv, self.env, self.forced, self.prepend, self.append,
-              self.prog, self.app, self.rcfile)
+              self.prog, self.app, self.rcfile, self.late)
 
 
 # The session directory's own names: sources there are the launch's, not the user's.

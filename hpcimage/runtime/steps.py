@@ -278,9 +278,20 @@ def command(r, p):
     and paths), the app, the exec."""
     opts = r.opts
     host_env = {**r.environ, **p.env_add} if p.env_add else r.environ
-    env, forced, prepend, append = envmod.compute(
+    envfile = getattr(opts, "env_file", None)
+    if envfile is not None:
+        try:
+            with open(envfile, encoding="utf-8", errors="surrogateescape") as f:
+                envfile = f.read()
+        except OSError as e:
+            raise UsageError(f"--env-file {envfile}: {e.strerror}") from None
+    env, forced, prepend, append, late = envmod.compute(
         host_env, image_path=r.image.path, module=r.environ.get("HPCIMAGE_MODULE"),
-        cleanenv=opts.cleanenv, cli_env=opts.env, home=r.home, keep_prefixes=p.keep_prefixes)
+        cleanenv=opts.cleanenv, cli_env=opts.env, home=r.home, keep_prefixes=p.keep_prefixes,
+        verb=opts.verb, binds=list(opts.binds), envfile=envfile,
+        no_eval=getattr(opts, "no_eval", False), uid=r.uid, gid=r.gid)
+    for var, why in late.skipped:
+        p.warnings.append(f"{var}: {why}: not set in the container")
     env_prepend = {}
     for c in p.contributions:
         env.update(c.env)
@@ -289,13 +300,14 @@ def command(r, p):
     for k, paths in env_prepend.items():
         old = [x for x in env.get(k, "").split(":") if x]
         env[k] = ":".join(dict.fromkeys(paths + old))
+        late.inject[k] = list(dict.fromkeys(paths))    # merged last, after the scripts
     if opts.app is not None:
         if not valid_app(opts.app):
             raise UsageError(f"--app {opts.app!r}: not an app name")
         for k in ("APPTAINER_APPNAME", "SINGULARITY_APPNAME"):
             env[k] = opts.app
     p.add(Exec(opts.verb, list(opts.args), env, forced, prepend, append, opts.prog,
-               opts.app, p.rcfile))
+               opts.app, p.rcfile, late))
 
 
 STEPS = (session, host_devices, lmod_inside, system_binds, home, site_binds, user_binds,

@@ -70,11 +70,17 @@ class Recipe:
         self.workdir, self.home, self.explicit = c_op.workdir, c_op.home, c_op.explicit
         env, forced, prepend, append = e_op.env, e_op.forced, e_op.prepend, e_op.append
         self.prog = e_op.prog
+        late = getattr(e_op, "late", None)
+        # the joiner runs the shell only where the image has env scripts: values to
+        # evaluate (or an --env-file) in an image without them need the Python rank
         self.ok = (type(c_op) is Chdir and type(e_op) is Exec and e_op.verb == "exec"
-                   and e_op.app is None and e_op.rcfile is None)
-        self.direct = envmod.direct_env(env, forced, prepend, append)
-        self.shell = envmod.shell_env(env, forced, prepend, append, label(self.prog))
-        self.script = envmod.shell_prologue(forced, prepend, append, None) + envmod.SHELL_EXEC
+                   and e_op.app is None and e_op.rcfile is None
+                   and not envmod.needs_shell(forced, late))
+        self.direct = envmod.direct_env(env, forced, prepend, append, late)
+        self.shell = envmod.shell_env(env, forced, prepend, append, label(self.prog),
+                                      late=late)
+        self.script = (envmod.shell_prologue(forced, prepend, append, None, late)
+                       + envmod.SHELL_EXEC)
         self.vary = tuple(VARY_PREFIXES) + (() if cleanenv else LAUNCHER_EXTRA)
         self.ignore = LAUNCHER_EXTRA if cleanenv else ()
         self.environ, self.signature, self.cwd = dict(environ), signature, cwd
