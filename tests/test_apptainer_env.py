@@ -326,3 +326,17 @@ def test_prologue_keeps_the_command_and_declare_under_each_shell(shell, scratch)
     lines = r.stdout.splitlines()
     assert {"WHO=base-yes", "DECL=yes", "A.B=1"} <= set(lines)
     assert not [ln for ln in lines if ln.split("=")[0].lower().startswith("__hpcimage")]
+
+
+def test_shell_prompt_is_set_after_the_images_scripts(user, images, kind):
+    """image-shell's prompt `[Module] \\w> ` is set after the image's env scripts (whose
+    99-base.sh sets PS1="Apptainer> "), as Apptainer's shell action sets its own; a
+    user's APPTAINERENV_PS1 wins; exec keeps what the scripts set."""
+    img = images[kind]
+    env = {"HPCIMAGE_MODULE": "Env/1.0"}
+    r = run(user, img, "-c", 'echo "[$PS1]"', verb="image-shell", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "[[Env/1.0] \\w> ]\n"
+    r = run(user, img, "-c", 'echo "[$PS1]"', verb="image-shell",
+            env=dict(env, APPTAINERENV_PS1="mine> "))
+    assert r.stdout == "[mine> ]\n", r.stderr

@@ -167,6 +167,12 @@ def compute(host_env, *, image_path, module=None, cleanenv=False, cli_env=(),
         forced.pop(k, None)
         forced[k] = v
         sources[k] = f"--env {k}"
+    if verb == "shell" and "PS1" not in forced:
+        # The shell's prompt, set after the image's scripts as Apptainer's shell action
+        # sets its own (an image's 99-base.sh sets PS1="Apptainer> "); the user's
+        # *ENV_PS1 or --env PS1 wins.
+        forced = {"PS1": f"[{module or os.path.basename(image_path)}] \\w> ", **forced}
+        sources["PS1"] = "the prompt"
     late = Late(not no_eval, envfile, None, odd, uid, gid, sources, skipped)
     for k, v in forced.items():
         if evaluated(v, late):
