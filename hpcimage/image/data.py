@@ -11,7 +11,7 @@ import _signal as signal
 
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.image.magic import HEAD_SIZE, head_kind
-from hpcimage.linux import procstate, syscalls
+from hpcimage.linux import spawn, syscalls
 
 EXT_MAGIC_OFFSET = 1080     # the superblock (at 1024) + 56: s_magic
 EXT_MAGIC = b"\x53\xef"
@@ -104,40 +104,11 @@ def _mount_ext3(fs, at, log_path, ro):
     opts = ["ro" if ro else "rw", "fakeroot"]
     if fs.offset:
         opts.append(f"offset={fs.offset}")
-    path = fs.path
-    own = f"/proc/{os.getpid()}/fd/"
     keep = []
-    if path.startswith(own):        # pinned by the launcher: hand the open file over
-        keep.append(int(path[len(own):]))
-        path = f"/dev/fd/{keep[-1]}"
+    path = spawn.hand_over(fs.path, keep)
     argv = [prog, path, at, "-f", "-o", ",".join(opts)]
     before = os.stat(at).st_dev
-    parent = os.getpid()
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent:
-                os._exit(1)
-            syscalls.ambient_cap(syscalls.CAP_SYS_ADMIN)
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, 0)
-            os.dup2(null, 1)
-            os.dup2(log_fd, 2)
-            low = 3
-            for k in sorted(keep):
-                os.set_inheritable(k, True)
-                os.closerange(low, k)
-                low = k + 1
-            os.closerange(low, 1024)
-            os.setsid()
-            procstate.helper_signals()
-            os.execv(prog, argv)
-        except BaseException:
-            pass
-        os._exit(127)
-    os.close(log_fd)
+    pid = spawn.spawn_daemon(prog, argv, log_path, keep, (syscalls.CAP_SYS_ADMIN,))
     delay = 0.001
     deadline = time.monotonic() + 30
     while True:

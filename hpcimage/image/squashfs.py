@@ -8,10 +8,9 @@ disappears. Nothing is mounted on the host, so nothing can be left there.
 Standard library only: hot path.
 """
 import os
-import _signal as signal  # the C module: the same names, without enum (~4 ms)
 
 from hpcimage.errors import HpcimageError
-from hpcimage.linux import syscalls, procstate
+from hpcimage.linux import spawn, syscalls
 
 # Multithreaded squashfuse_ll first: single-threaded squashfuse makes metadata-heavy
 # jobs several times slower.
@@ -60,40 +59,13 @@ def mount(image, mountpoint, log_path):
         os.close(fd)
         raise
     keep = [fd]
-    path = image.path
-    own = f"/proc/{os.getpid()}/fd/"
-    if path.startswith(own):        # pinned by the launcher: hand the open file over
-        keep.append(int(path[len(own):]))
-        path = f"/dev/fd/{keep[-1]}"
+    path = spawn.hand_over(image.path, keep)
     argv += [path, f"/dev/fd/{fd}"]
-    parent = os.getpid()
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    pid = os.fork()
-    if pid == 0:  # child: become the FUSE daemon
-        try:
-            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent:
-                os._exit(1)
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, 0)
-            os.dup2(null, 1)
-            os.dup2(log_fd, 2)
-            low = 3
-            for k in sorted(keep):
-                os.set_inheritable(k, True)
-                os.closerange(low, k)
-                low = k + 1
-            os.closerange(low, 1024)
-            os.chdir("/")
-            # Signals are for the application: a session of its own (no group
-            # signal, no terminal's) and the ones Slurm sends to a step ignored.
-            os.setsid()
-            procstate.helper_signals()
-            os.execv(prog, argv)
-        except BaseException:
-            pass
-        os._exit(127)
-    os.close(log_fd)
+    try:
+        pid = spawn.spawn_daemon(prog, argv, log_path, keep)
+    except OSError:
+        os.close(fd)
+        raise
     os.close(fd)    # the daemon holds the only copy: if it dies, the mount fails fast
     try:
         os.stat(mountpoint)

@@ -1,0 +1,56 @@
+"""The helper daemons of a launch (FUSE servers: squashfuse, fuse2fs): children that die
+with the launcher (PR_SET_PDEATHSIG), in a session of their own with the signals a job
+receives ignored (procstate.helper_signals: a Ctrl-C or Slurm's step signal is for the
+application), stdin and stdout on /dev/null, stderr into a log file, and no descriptor
+but those handed over. Standard library only: the hot path."""
+import os
+import _signal as signal  # the C module: the same names, without enum (~4 ms)
+
+from hpcimage.linux import procstate, syscalls
+
+
+def hand_over(path, keep):
+    """path, or /dev/fd/N when it is the launcher's pinned open file /proc/PID/fd/N
+    (N is added to keep: the daemon inherits it)."""
+    own = f"/proc/{os.getpid()}/fd/"
+    if path.startswith(own):
+        keep.append(int(path[len(own):]))
+        return f"/dev/fd/{keep[-1]}"
+    return path
+
+
+def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=()):
+    """Fork and exec prog with argv as a helper daemon (see the module); its stderr
+    goes to log_path (created 0600, truncated). keep: descriptors it inherits at their
+    numbers; ambient_caps: capabilities of the current user namespace it keeps across
+    exec (syscalls.CAP_*: a libfuse 2 daemon that mounts by itself). Returns its pid;
+    a failed exec exits 127 (the caller reads the log and the status)."""
+    parent = os.getpid()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:          # the launcher died before the prctl
+                os._exit(1)
+            for cap in ambient_caps:
+                syscalls.ambient_cap(cap)
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.dup2(log_fd, 2)
+            low = 3
+            for k in sorted(keep):
+                os.set_inheritable(k, True)
+                os.closerange(low, k)
+                low = k + 1
+            os.closerange(low, 1024)
+            os.chdir("/")
+            os.setsid()
+            procstate.helper_signals()
+            os.execv(prog, argv)
+        except BaseException:
+            pass
+        os._exit(127)
+    os.close(log_fd)
+    return pid
