@@ -414,3 +414,31 @@ def test_contain_binds_the_pmix_directories_not_the_hosts_tmp(user, slurm_cluste
     assert [x[5] for x in rows] == ["3", "3"], r.stdout
     for x in rows:
         assert marker not in x[7] and "hpcimage-tests" not in x[7], x
+
+
+BIG = ("from mpi4py import MPI; c = MPI.COMM_WORLD; peer = 1 - c.rank; "
+       "got = c.sendrecv(bytes([c.rank]) * (4 << 20), dest=peer, source=peer); "
+       "print('rank', c.rank, 'got', got[:1].hex(), len(got), flush=True)")
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "srun"])
+def test_ranks_under_image_exec_get_cma_off_with_a_warning(user, slurm_cluster, host_mpi,
+                                                           site, openmpi_sqfs, userdir,
+                                                           launcher):
+    """`mpirun image-exec` / `srun image-exec` (not image-mpi): each rank is a container
+    of its own, where Open MPI's CMA between ranks hangs on a large message; the runtime
+    switches CMA off and rank 0 warns once, naming image-mpi."""
+    if launcher == "srun":
+        r = srun(user, ["image-exec", "python3", "-c", BIG], n=2, mpi="pmix",
+                 env=env_for(site, openmpi_sqfs), cwd=str(userdir), timeout=90)
+    else:
+        r = user.run(["mpirun.openmpi", "-n", "2", "image-exec", "python3", "-c", BIG],
+                     env=env_for(site, openmpi_sqfs), cwd=str(userdir), timeout=90)
+    assert r.returncode == 0, r.stderr
+    rows = sorted(ln.split() for ln in r.stdout.splitlines() if ln.startswith("rank "))
+    assert rows == [["rank", "0", "got", "01", str(4 << 20)],
+                    ["rank", "1", "got", "00", str(4 << 20)]], r.stdout
+    warnings = [ln for ln in r.stderr.splitlines() if "cross-memory attach" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("image-exec: warning: an MPI rank "
+                                                         "in a container of its own"), r.stderr
+    assert "image-mpi runs a node's ranks in one container" in warnings[0]

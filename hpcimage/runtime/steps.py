@@ -87,6 +87,23 @@ def host_devices(r, p):
     p.contribute(hw)
 
 
+def mpi_rank_alone(r, p):
+    """An MPI rank started by `srun image-exec` or `mpirun image-exec` (not image-mpi)
+    runs in a container of its own: Open MPI's and MPICH's cross-memory attach between
+    ranks (CMA, process_vm_readv, refused across user namespaces) is switched off
+    (jobenv.NO_CMA, unless the caller set those variables), where its large messages
+    would hang; rank 0 says so once and names image-mpi, which shares one container
+    per node."""
+    from hpcimage.runtime.mpi.jobenv import NO_CMA, RANK_MARKERS
+    if r.opts.prog == "image-mpi" or not any(r.environ.get(k) for k in RANK_MARKERS):
+        return
+    off = {k: v for k, v in NO_CMA.items() if k not in r.environ}
+    p.env_add.update(off)
+    p.warnings.append("an MPI rank in a container of its own: cross-memory attach between "
+                      "ranks is off (" + " ".join(f"{k}={v}" for k, v in off.items())
+                      + "); image-mpi runs a node's ranks in one container")
+
+
 def lmod_inside(r, p):
     """site.json "lmod" (site.yaml lmod_in_image): the host's Lmod, its Lua and the
     MODULEPATH (imported only here: the plain image-exec path stays light). Its binds
@@ -310,7 +327,7 @@ def command(r, p):
                opts.app, p.rcfile, late))
 
 
-STEPS = (session, host_devices, lmod_inside, system_binds, home, site_binds, user_binds,
+STEPS = (session, host_devices, mpi_rank_alone, lmod_inside, system_binds, home, site_binds, user_binds,
          scratch, contributed_binds, cwd, root, process, command)
 
 
