@@ -420,3 +420,45 @@ def test_state_directory_that_cannot_be_made_is_one_line(user, demo_sqfs):
     assert err == (f"image-mpi: error: cannot make the MPI state directory "
                    f"/proc/nonexistent/hpcimage-{user.uid}: No such file or directory "
                    "(HPCIMAGE_MPI_STATE)\n"), err
+
+
+GPU_CMD = ('echo "$PMIX_RANK $(ls /dev | grep -E \'^nvidia[0-9]$\' | tr \'\\n\' \' \')'
+           '$(readlink /proc/self/ns/mnt)"; sleep "$HOLD"')
+
+
+def test_ranks_asking_for_other_devices_get_a_container_made_for_them(user, demo_sqfs):
+    """Ranks of one job on a node that differ (each task its own GPU:
+    CUDA_VISIBLE_DEVICES=$SLURM_LOCALID) do not join the first rank's container: those
+    asking for the same share one made for it, each sees only its GPU, and all of it
+    goes when they end."""
+    import fakehost
+    root = tempfile.mkdtemp(prefix="hpcimage-fakehost-", dir="/var/tmp")
+    os.chmod(root, 0o755)
+    try:
+        fakehost.build(root)
+        job = f"g{os.getpid()}{time.monotonic_ns() % 100000}"
+        procs = []
+        for i in range(4):
+            env = {"HPCIMAGE_IMAGE": str(demo_sqfs), "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0",
+                   "PMIX_RANK": str(i), "HOLD": "2", "HPCIMAGE_HOST_ROOT": root,
+                   "CUDA_VISIBLE_DEVICES": str(i % 2)}
+            procs.append(user.popen(runtime_argv("image-mpi", "--nv", "sh", "-c", GPU_CMD),
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True))
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+        rows = sorted(o[0].split() for o in outs)
+        assert [r[:2] for r in rows] == [["0", "nvidia0"], ["1", "nvidia1"],
+                                         ["2", "nvidia0"], ["3", "nvidia1"]], rows
+        assert rows[0][2] == rows[2][2] and rows[1][2] == rows[3][2], rows
+        assert rows[0][2] != rows[1][2], "one container per device set"
+        notes = [ln for o in outs for ln in o[1].splitlines() if "gets one of its own" in ln]
+        assert len(notes) == 1, [o[1] for o in outs]
+        base = f"/tmp/hpcimage-{user.uid}"
+        deadline = time.monotonic() + 5
+        while os.path.exists(base) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(base), os.listdir(base)
+        assert wait_no_leaks(user.uid) == ([], [])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -27,7 +27,8 @@ from hpcimage.linux import procstate
 from hpcimage.runtime.options import FLAGS, HELP_WORDS, IMAGE_MPI
 from hpcimage.runtime.mpi.jobenv import is_rank
 from hpcimage.runtime.mpi.recipe import Recipe, write_recipe, join_helper
-from hpcimage.runtime.mpi.shared import start_holder, state_base, state_name, warm_arg
+from hpcimage.runtime.mpi.shared import (head_digest, start_holder, state_base, state_name,
+                                         warm_arg, write_head)
 from hpcimage.runtime.mpi.rank import (rank_plan, rank_signature, run_rank, wrapper_signature,
                                        resolve as rank_request)
 
@@ -168,6 +169,7 @@ def prepare(argv2, env, site, mode, ours, program, launcher_opts):
     m = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     fcntl.flock(m, fcntl.LOCK_EX)          # the ranks wait here until the holder is up
     os.mkdir(state, 0o700)
+    write_head(state, head_digest(head))
     open(refs_path, "a").close()
     refs = os.open(refs_path, os.O_RDONLY)
     fcntl.flock(refs, fcntl.LOCK_SH)       # mpirun keeps it (inherited): the holder

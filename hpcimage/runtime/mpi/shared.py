@@ -376,6 +376,7 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
     from hpcimage.runtime import plan as launch
     from hpcimage.runtime.ops import Chdir
     head, tail = launch.split(plan, Chdir)
+    digest = head_digest(head)
     base = state_base()
     name = state_name(key)
     state = os.path.join(base, name)
@@ -384,6 +385,7 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
     if m is None:
         m = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     for _attempt in range(50):
+        other = False
         fcntl.flock(m, fcntl.LOCK_EX)
         if not _same_dir(m, base):      # the last holder removed it meanwhile
             fcntl.flock(m, fcntl.LOCK_UN)
@@ -404,8 +406,21 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
                 refs = None
             if refs is not None:
                 pid = _read_pid(os.path.join(state, "holder"))
-                if not (pid and _alive(pid)):
+                if pid and _alive(pid) and _read_head(state) not in (None, digest):
+                    # This rank asks for another container (its own GPUs, binds or
+                    # options): the job's container made for that, or a new one.
+                    os.close(refs)
+                    refs, other = None, True
+                    name = state_name(f"{key}~{digest}")
+                    state = os.path.join(base, name)
+                    refs_path = os.path.join(state, "refs")
+                elif not (pid and _alive(pid)):
                     sweep_dead(m, name)
+                    if "~" in name:
+                        os.write(2, b"image-mpi: note: this rank's container differs from "
+                                 b"the one its job has on this node (other devices, binds "
+                                 b"or options): it gets one of its own\n")
+                    write_head(state, digest)
                     rec = None
                     if signature is not None:
                         try:
@@ -427,8 +442,9 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
         finally:
             fcntl.flock(m, fcntl.LOCK_UN)
         if refs is None:
-            import time
-            time.sleep(0.05)
+            if not other:
+                import time
+                time.sleep(0.05)
             continue
         if os.getuid() != 0:
             sc.setns(user_fd, sc.CLONE_NEWUSER)
@@ -439,6 +455,30 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
         os.chdir("/")
         return tail
     raise HpcimageError("could not join the node's shared container")
+
+
+def head_digest(head):
+    """A short name for what a container is made of: its plan's head (the ops up to
+    pivot_root) as --dry-run describes them, hashed (BLAKE2b, 8 bytes, hex). Ranks of a
+    job whose heads differ (CUDA_VISIBLE_DEVICES=$SLURM_LOCALID, other binds or options)
+    must not share a container."""
+    import _blake2
+    text = "\n".join(line for op in head.ops for line in op.describe())
+    return _blake2.blake2b(os.fsencode(text), digest_size=8).hexdigest()
+
+
+def write_head(state, digest):
+    """Record the digest of the container a state directory's holder keeps."""
+    with open(os.path.join(state, "head"), "w") as f:
+        f.write(digest)
+
+
+def _read_head(state):
+    try:
+        with open(os.path.join(state, "head")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _same_dir(fd, path):
