@@ -4,4 +4,4 @@ This package's __init__ stays empty of imports: `image-exec` imports
 `hpcimage.runtime` on every call and must not pay for anything else.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -22,10 +22,22 @@ chmod 755 "$store"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-image() {  # image NAME VERSION DEF FILE: build from DEF (unless in the store), then publish
-    local name=$1 version=$2 def=$3 file=$4 src=$store/$4
-    if [ ! -f "$src" ] || [ "${HPCIMAGE_REBUILD:-0}" = 1 ]; then
-        echo "demo: building $name/$version from ${def#$here/}"
+ours=$("$hpcimage" version)
+built_by() {  # the hpcimage version an image was built by (its label), or nothing
+    "$hpcimage" inspect --json "$1" 2>/dev/null | "$py" -c 'import json, sys
+labels = json.load(sys.stdin)["data"]["attributes"].get("labels") or {}
+print(labels.get("org.label-schema.usage.hpcimage.version", ""))' 2>/dev/null || true
+}
+
+image() {  # image NAME VERSION DEF FILE: build from DEF, then publish; an image in the
+           # store built by this hpcimage is kept (HPCIMAGE_REBUILD=1 builds it anyway)
+    local name=$1 version=$2 def=$3 file=$4 src=$store/$4 why=
+    if [ ! -f "$src" ]; then why="not in the store"
+    elif [ "${HPCIMAGE_REBUILD:-0}" = 1 ]; then why="HPCIMAGE_REBUILD=1"
+    elif [ "$(built_by "$src")" != "$ours" ]; then why="built by another hpcimage than $ours"
+    fi
+    if [ -n "$why" ]; then
+        echo "demo: building $name/$version from ${def#$here/} ($why)"
         "$hpcimage" build "$work/$file" "$def" || return 1
         src=$work/$file
     fi

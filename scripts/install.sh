@@ -118,7 +118,12 @@ if [ "$have" = "$want" ]; then
     exit 0
 fi
 
-version=$("$base_python" -I -c 'import configparser, sys; c = configparser.ConfigParser(); c.read(sys.argv[1]); print(c["metadata"]["version"])' "$here/setup.cfg")
+# The version: hpcimage/__init__.py's __version__ (setup.cfg reads it from there too).
+version=$("$base_python" -I -c 'import ast, sys
+for node in ast.parse(open(sys.argv[1]).read()).body:
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "__version__":
+        print(node.value.value)' "$here/hpcimage/__init__.py")
+case $version in ''|*[!0-9A-Za-z.+-]*) echo "$prog: error: no usable __version__ in hpcimage/__init__.py: '$version'" >&2; exit 1 ;; esac
 new=$prefix/venvs/hpcimage-$version-$(date -u +%Y%m%dT%H%M%S)-$$
 trap 'rm -rf "$new"' EXIT          # a failed install leaves nothing (PREFIX/venv unchanged)
 echo "$prog: installing hpcimage $version into $new"

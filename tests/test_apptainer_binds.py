@@ -341,6 +341,21 @@ def test_no_mount_each(user, demo_sqfs, userdir, vartmp_mark, how):
 
 
 @pytest.mark.parametrize("how", HOWS)
+def test_no_mount_var_tmp_by_path(user, demo_sqfs, userdir, vartmp_mark, how):
+    """--no-mount /var/tmp (a default bind's path) drops that one: /tmp stays bound."""
+    sh = DEFAULTS_SH.format(mark=vartmp_mark)
+    out = ok(run(user, how, demo_sqfs, "sh", "-c", sh, cwd=str(userdir),
+                 opts=("--no-mount", "/var/tmp")))
+    lines = out.splitlines()
+    assert lines[0] == "/var/tmp no" and lines[4] == "/tmp yes", out
+    assert "vartmp-host" not in out
+    # --no-mount /tmp: the image's own /tmp (read-only here), not the host's
+    r = run(user, how, demo_sqfs, "sh", "-c", f"ls -A /tmp; ls /var/tmp/{vartmp_mark}",
+            cwd=user.home, opts=("--no-mount", "/tmp"))
+    assert ok(r) == f"/var/tmp/{vartmp_mark}\n"
+
+
+@pytest.mark.parametrize("how", HOWS)
 def test_no_mount_proc_sys_dev(user, demo_sqfs, how):
     out = ok(run(user, how, demo_sqfs, "sh", "-c",
                  "ls /proc | wc -l; ls /sys | wc -l; ls /dev | wc -l",

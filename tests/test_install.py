@@ -2,6 +2,7 @@
 an atomically switched PREFIX/venv link), without the network when the system's packages
 are there, and wrappers rendered for that prefix starting containers."""
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -57,7 +58,8 @@ def test_install_into_a_prefix_and_upgrade_beside_the_old_version(top, user, dem
     assert not (top / "apt-get-ran").exists(), r.stdout
     venv = prefix / "venv"
     first = os.readlink(venv)
-    assert venv.is_symlink() and first.startswith("venvs/hpcimage-0.1.0-"), first
+    version = re.search(r'__version__ = "([^"]+)"', (REPO / "hpcimage" / "__init__.py").read_text())[1]
+    assert venv.is_symlink() and first.startswith(f"venvs/hpcimage-{version}-"), first
     kept = [p for p in (prefix / "venvs").iterdir() if p.name.startswith("hpcimage-before-")]
     assert len(kept) == 1 and (kept[0] / "old-layout").exists()
     assert os.access(venv / "lib", os.F_OK)

@@ -144,19 +144,16 @@ def system_binds(r, p):
             out.append(Bind("/dev/shm", "/dev/shm", False, why))
         for src, dst, ro, w in p.dev_binds:
             out.append(Bind(src, dst, False, w))
-    if "tmp" in nm:
-        pass
-    elif contain and r.opts.workdir:
-        tmp = workdir_dirs(r.opts)[1]
-        out.append(Bind(tmp[0], "/tmp", False, "--contain: -W's tmp"))
-        out.append(Bind(tmp[1], "/var/tmp", False, "--contain: -W's var_tmp"))
-    elif contain:
-        out.append(Bind("session:tmp", "/tmp", False, "--contain: fresh /tmp"))
-        out.append(Bind("session:vartmp", "/var/tmp", False, "--contain: fresh /var/tmp"))
-    else:
-        out.append(Bind("/tmp", "/tmp", False, "system"))
-        if os.path.isdir("/var/tmp"):
-            out.append(Bind("/var/tmp", "/var/tmp", False, "system"))
+    wtmp = workdir_dirs(r.opts)[1] if contain and r.opts.workdir else None
+    for i, (d, fresh) in enumerate((("/tmp", "session:tmp"), ("/var/tmp", "session:vartmp"))):
+        if "tmp" in nm or d in nm:          # --no-mount tmp: both; a path: that one
+            continue
+        if wtmp:
+            out.append(Bind(wtmp[i], d, False, f"--contain: -W's {('tmp', 'var_tmp')[i]}"))
+        elif contain:
+            out.append(Bind(fresh, d, False, f"--contain: fresh {d}"))
+        elif d == "/tmp" or os.path.isdir(d):
+            out.append(Bind(d, d, False, "system"))
     for f, bind_path in (("/etc/hosts", True), ("/etc/localtime", True),
                          ("/etc/resolv.conf", False)):
         if os.path.exists(f) and not binds.skipped(f, nm, bind_path):
