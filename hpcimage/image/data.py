@@ -129,10 +129,5 @@ def _mount_ext3(fs, at, log_path, ro):
 
 
 def _failure(fs, log_path, status):
-    try:
-        with open(log_path, errors="replace") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
-    except OSError:
-        lines = []
-    why = lines[-1] if lines else f"exit status {os.waitstatus_to_exitcode(status)}"
+    why = spawn.why_it_failed(log_path, status)
     return f"{fs.path}: cannot mount ext3 image with fuse2fs: {why}"

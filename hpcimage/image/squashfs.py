@@ -79,12 +79,7 @@ def mount(image, mountpoint, log_path):
 
 
 def _failure(image, prog, log_path, status):
-    try:
-        with open(log_path, errors="replace") as f:
-            lines = [ln.strip() for ln in f if ln.strip()]
-    except OSError:
-        lines = []
-    why = lines[-1] if lines else f"exit status {os.waitstatus_to_exitcode(status)}"
+    why = spawn.why_it_failed(log_path, status)
     if "fuse" in why.lower() and ("permission" in why.lower() or "/dev/fuse" in why):
         why += " (is /dev/fuse usable by users? it must be mode 0666)"
     return f"{image.path}: cannot mount image with {os.path.basename(prog)}: {why}"

@@ -54,3 +54,14 @@ def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=()):
         os._exit(127)
     os.close(log_fd)
     return pid
+
+
+def why_it_failed(log_path, status):
+    """What a daemon that did not serve its mount said: the last line of its log, else
+    its exit status (status: a wait status)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        lines = []
+    return lines[-1] if lines else f"exit status {os.waitstatus_to_exitcode(status)}"
