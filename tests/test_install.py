@@ -60,6 +60,8 @@ def test_install_into_a_prefix_and_upgrade_beside_the_old_version(top, user, dem
     first = os.readlink(venv)
     version = re.search(r'__version__ = "([^"]+)"', (REPO / "hpcimage" / "__init__.py").read_text())[1]
     assert venv.is_symlink() and first.startswith(f"venvs/hpcimage-{version}-"), first
+    # no setuptools start-up hook in the runtime's venv (it ran on every image-exec)
+    assert not list((prefix / "venv").glob("lib/python*/site-packages/distutils-precedence.pth"))
     kept = [p for p in (prefix / "venvs").iterdir() if p.name.startswith("hpcimage-before-")]
     assert len(kept) == 1 and (kept[0] / "old-layout").exists()
     assert os.access(venv / "lib", os.F_OK)
