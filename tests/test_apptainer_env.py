@@ -341,17 +341,3 @@ def test_shell_prompt_is_set_after_the_images_scripts(user, images, kind):
             env=dict(env, APPTAINERENV_PS1="mine> "))
     assert r.stdout == "[mine> ]\n", r.stderr
 
-
-def test_env_scripts_with_bash_syntax_run_under_the_images_bash(user, debian_sqfs, scratch):
-    """A Debian image (/bin/sh is dash): an env script written in bash (`source`,
-    `declare -x`, `[[ ]]`, as %environment sections often are) works, as in Apptainer,
-    whose interpreter takes bash's syntax: hpcimage runs the scripts with the image's
-    bash. Checked both through the runtime and from a shell inside."""
-    script = scratch / "95-bashism.sh"
-    script.write_text('source /etc/os-release\ndeclare -x DISTRO="$ID"\n'
-                      '[[ -n "$DISTRO" ]] && export BASHISM=ok\n')
-    script.chmod(0o644)
-    r = run(user, debian_sqfs, "/bin/sh", "-c", 'echo "$DISTRO $BASHISM"',
-            opts=("-B", f"{script}:/.singularity.d/env/95-bashism.sh"))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "debian ok\n" and r.stderr == "", r.stderr

@@ -139,8 +139,7 @@ def exec_command(verb, args, env, forced, prepend, append, prog, app=None, rcfil
         e = environ.shell_env(env, forced, prepend, append, label(prog), hint, late)
         script = environ.shell_prologue(forced, prepend, append, app, late) + environ.SHELL_EXEC
         procstate.for_exec()
-        sh = environ.script_shell()
-        os.execve(sh, [sh, "-c", script, "hpcimage"] + argv, e)
+        os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
     e = environ.direct_env(env, forced, prepend, append, late)
     path = which(cmd, e.get("PATH", environ.DEFAULT_PATH))
     if path is None:

@@ -385,21 +385,6 @@ def _shell_says(name):
 
 
 SHELL_EXEC = _SHELL_EXEC
-# The shell that runs the prologue and the image's env scripts: bash where the image has
-# it (Apptainer runs env scripts with an interpreter that takes bash's syntax: `source`,
-# `declare -x`, `[[ ]]` in a %environment work there), else /bin/sh. hpcimage-join
-# (join.c) picks the same.
-SCRIPT_SHELLS = ("/bin/bash", "/bin/sh")
-
-
-def script_shell():
-    """The first of SCRIPT_SHELLS that this (the container's) root can run."""
-    for sh in SCRIPT_SHELLS:
-        if os.access(sh, os.X_OK):
-            return sh
-    return "/bin/sh"
-
-
 for _name in ("no_file", "is_dir", "not_exec", "not_found"):
     SHELL_EXEC = SHELL_EXEC.replace(f"@{_name}@", _shell_says(_name))
 del _name

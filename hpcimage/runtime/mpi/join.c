@@ -677,16 +677,14 @@ int main(int argc, char **argv)
             char **av = calloc((size_t)ncmd + 5, sizeof(char *));
             if (!env || !av)
                 out_of_memory();
-            /* environ.script_shell(): bash where the image has it, else /bin/sh */
-            const char *sh = access("/bin/bash", X_OK) == 0 ? "/bin/bash" : "/bin/sh";
-            av[0] = (char *)sh;
+            av[0] = "/bin/sh";
             av[1] = "-c";
             av[2] = (char *)r.script;
             av[3] = "hpcimage";
             memcpy(av + 4, cmd, (size_t)ncmd * sizeof(char *));
             exec_signal_state();
-            execve(sh, av, env);
-            die(&r, "cannot_exec", (const char *[]){"cmd", sh, "error", strerror(errno),
+            execve("/bin/sh", av, env);
+            die(&r, "cannot_exec", (const char *[]){"cmd", "/bin/sh", "error", strerror(errno),
                                                     NULL});
         }
         /* The env scripts' result, found once by the holder (shared._probe_env), or, for

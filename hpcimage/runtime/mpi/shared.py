@@ -164,8 +164,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     variables through untouched and derive nothing from them, that environment (less
     `_`) serves every rank: hpcimage-join then execs the program without /bin/sh.
     Returns it as a dict, or None (scripts that read per-rank values, no env -0, ...)."""
-    from hpcimage.runtime.command import enter_workdir     # imported already: the
-    from hpcimage.runtime import environ as envmod          # host's files are gone here
+    from hpcimage.runtime.command import enter_workdir
     if not os.access("/bin/sh", os.X_OK) or not _scripts_look_static(varies, shell_env):
         return None
 
@@ -180,8 +179,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
                 os.dup2(null, 2)
                 enter_workdir(workdir, home, False)
                 procstate.for_exec()
-                sh = envmod.script_shell()
-                os.execve(sh, [sh, "-c", script, "hpcimage", "env", "-0"], env)
+                os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage", "env", "-0"], env)
             finally:
                 os._exit(127)
         os.close(w)
