@@ -341,3 +341,35 @@ def test_shell_prompt_is_set_after_the_images_scripts(user, images, kind):
             env=dict(env, APPTAINERENV_PS1="mine> "))
     assert r.stdout == "[mine> ]\n", r.stderr
 
+
+
+def test_env_scripts_in_bash_syntax_run_under_the_images_bash(user, debian_sqfs, scratch):
+    """A Debian image (/bin/sh is dash): an env script written in bash's syntax
+    (`source`, `declare -x`, `[[ ]]`, as %environment sections often are) works, as in
+    Apptainer, whose interpreter takes bash's syntax; a POSIX one still runs under the
+    image's /bin/sh (bash through a fresh image mount costs ~20 ms a call)."""
+    bashy = scratch / "95-bashism.sh"
+    bashy.write_text('source /etc/os-release\ndeclare -x DISTRO="$ID"\n'
+                     '[[ -n "$DISTRO" ]] && export BASHISM=ok\n')
+    posix = scratch / "95-posix.sh"
+    posix.write_text('export SHELLSEEN="$(readlink /proc/$$/exe)"\n')
+    for f in (bashy, posix):
+        f.chmod(0o644)
+    r = run(user, debian_sqfs, "/bin/sh", "-c", 'echo "$DISTRO $BASHISM"',
+            opts=("-B", f"{bashy}:/.singularity.d/env/95-bashism.sh"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "debian ok\n" and r.stderr == "", r.stderr
+    r = run(user, debian_sqfs, "/bin/sh", "-c", 'echo "$SHELLSEEN"',
+            opts=("-B", f"{posix}:/.singularity.d/env/95-posix.sh"))
+    assert r.returncode == 0 and r.stdout == "/usr/bin/dash\n", (r.stdout, r.stderr)
+
+
+def test_needs_bash_is_the_joiners_test():
+    """command.needs_bash and hpcimage-join's test read the same tables."""
+    from hpcimage.runtime import command
+    src = (Path(__file__).resolve().parents[1] / "hpcimage" / "runtime" / "mpi"
+           / "join.c").read_text()
+    for word in command.BASH_STARTS + command.BASH_WITHIN:
+        assert '"' + word.replace("\t", "\\t") + '"' in src, word
+    assert command.needs_bash("x=1\n  source /a\n") and command.needs_bash("a=(1 2)\n")
+    assert not command.needs_bash("# source x\n. /a\nexport B=$(date)\n[ -n x ]\n")

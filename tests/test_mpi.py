@@ -442,3 +442,23 @@ def test_ranks_under_image_exec_get_cma_off_with_a_warning(user, slurm_cluster, 
     assert len(warnings) == 1 and warnings[0].startswith("image-exec: warning: an MPI rank "
                                                          "in a container of its own"), r.stderr
     assert "image-mpi runs a node's ranks in one container" in warnings[0]
+
+
+def test_joiner_runs_bash_syntax_env_scripts_under_bash(user, host_mpi, site, openmpi_sqfs,
+                                                        userdir):
+    """An env script in bash's syntax that reads a per-rank variable (no probed
+    environment: every rank runs the scripts): the joiner runs it under the image's bash,
+    as the Python rank does (command.script_shell)."""
+    script = userdir / "95-rank.sh"
+    script.write_text('source /etc/os-release\ndeclare -x MYRANK="$ID-$OMPI_COMM_WORLD_RANK"\n')
+    script.chmod(0o644)
+    r = user.run(["image-mpi", "--bind", f"{script}:/.singularity.d/env/95-rank.sh", "-n", "3",
+                  "--oversubscribe",
+                  "sh", "-c", 'echo "r $OMPI_COMM_WORLD_RANK $MYRANK"'],
+                 env=dict(env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1"), cwd=str(userdir))
+    assert r.returncode == 0, r.stderr
+    assert rows_of(r.stdout) == [["0", "debian-0"], ["1", "debian-1"], ["2", "debian-2"]]
+    joined, python = joiner_lines(r.stderr)
+    assert len(joined) == 3 and all("(the planned environment)" in ln for ln in joined), \
+        r.stderr
+    assert "not found" not in r.stderr

@@ -22,6 +22,47 @@ TESTSCRIPT = "/.singularity.d/test"
 ENV_DIR = "/.singularity.d/env"
 
 
+# Env scripts written in bash's syntax (Apptainer runs them with an interpreter that takes
+# it): a line that starts with one of BASH_STARTS, or holds one of BASH_WITHIN, outside a
+# comment. Such scripts run under the image's /bin/bash; all others under its /bin/sh
+# (bash read through a fresh squashfuse mount costs ~20 ms a call). hpcimage-join
+# (join.c) applies the same test.
+BASH_STARTS = ("source ", "source\t", "declare ", "typeset ", "function ", "shopt ", "[[ ")
+BASH_WITHIN = (" [[ ", "=(")
+
+
+def needs_bash(text):
+    """Whether shell text uses bash's syntax (BASH_STARTS, BASH_WITHIN)."""
+    for line in text.splitlines():
+        s = line.lstrip()
+        if s and s[0] != "#" and (s.startswith(BASH_STARTS) or any(w in s for w in BASH_WITHIN)):
+            return True
+    return False
+
+
+def script_shell(app=None):
+    """The shell that runs the prologue and the image's env scripts (in the container):
+    /bin/bash when the image has it and a script (/.singularity.d/env/*.sh, the legacy
+    /environment, the app's scif/env/*.sh) needs it, else /bin/sh."""
+    if not os.access("/bin/bash", os.X_OK):
+        return "/bin/sh"
+    dirs = [ENV_DIR] + ([app_dir(app) + "/scif/env"] if app else [])
+    files = [environ.LEGACY_ENVIRONMENT]
+    for d in dirs:
+        try:
+            files += [d + "/" + n for n in sorted(os.listdir(d)) if n.endswith(".sh")]
+        except OSError:
+            pass
+    for f in files:
+        try:
+            with open(f, errors="replace") as fh:
+                if needs_bash(fh.read(1 << 20)):
+                    return "/bin/bash"
+        except OSError:
+            pass
+    return "/bin/sh"
+
+
 def is_rank0(environ):
     """Not an MPI rank, or rank 0 (warnings are said once per job)."""
     return next((environ[k] for k in ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK",
@@ -139,7 +180,8 @@ def exec_command(verb, args, env, forced, prepend, append, prog, app=None, rcfil
         e = environ.shell_env(env, forced, prepend, append, label(prog), hint, late)
         script = environ.shell_prologue(forced, prepend, append, app, late) + environ.SHELL_EXEC
         procstate.for_exec()
-        os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage"] + argv, e)
+        sh = script_shell(app)
+        os.execve(sh, [sh, "-c", script, "hpcimage"] + argv, e)
     e = environ.direct_env(env, forced, prepend, append, late)
     path = which(cmd, e.get("PATH", environ.DEFAULT_PATH))
     if path is None:

@@ -523,6 +523,82 @@ static int has_env_scripts(void)
     return found;
 }
 
+/* command.script_shell(): /bin/bash when the image has it and an env script uses bash's
+ * syntax (a line, outside a comment, that starts with one of BASH_STARTS or holds one of
+ * BASH_WITHIN: command.py's tables), else /bin/sh. */
+static const char *const BASH_STARTS[] = {"source ", "source\t", "declare ", "typeset ",
+                                          "function ", "shopt ", "[[ ", NULL};
+static const char *const BASH_WITHIN[] = {" [[ ", "=(", NULL};
+
+static int line_needs_bash(const char *s, size_t len)
+{
+    while (len && (*s == ' ' || *s == '\t')) {
+        s++;
+        len--;
+    }
+    if (!len || *s == '#')
+        return 0;
+    for (int i = 0; BASH_STARTS[i]; i++) {
+        size_t l = strlen(BASH_STARTS[i]);
+        if (len >= l && !memcmp(s, BASH_STARTS[i], l))
+            return 1;
+    }
+    for (int i = 0; BASH_WITHIN[i]; i++) {
+        size_t l = strlen(BASH_WITHIN[i]);
+        for (size_t k = 0; k + l <= len; k++)
+            if (!memcmp(s + k, BASH_WITHIN[i], l))
+                return 1;
+    }
+    return 0;
+}
+
+static int file_needs_bash(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    static char buf[1 << 20];
+    size_t n = 0;
+    ssize_t got;
+    while (n < sizeof buf && (got = read(fd, buf + n, sizeof buf - n)) > 0)
+        n += (size_t)got;
+    close(fd);
+    for (size_t start = 0; start < n;) {
+        const char *nl = memchr(buf + start, '\n', n - start);
+        size_t end = nl ? (size_t)(nl - buf) : n;
+        if (line_needs_bash(buf + start, end - start))
+            return 1;
+        start = end + 1;
+    }
+    return 0;
+}
+
+static const char *script_shell(void)
+{
+    if (access("/bin/bash", X_OK) != 0)
+        return "/bin/sh";
+    if (file_needs_bash("/environment"))
+        return "/bin/bash";
+    DIR *d = opendir("/.singularity.d/env");
+    if (!d)
+        return "/bin/sh";
+    struct dirent *de;
+    const char *sh = "/bin/sh";
+    char path[4096];
+    while ((de = readdir(d))) {
+        size_t l = strlen(de->d_name);
+        if (l <= 3 || strcmp(de->d_name + l - 3, ".sh"))
+            continue;
+        snprintf(path, sizeof path, "/.singularity.d/env/%s", de->d_name);
+        if (file_needs_bash(path)) {
+            sh = "/bin/bash";
+            break;
+        }
+    }
+    closedir(d);
+    return sh;
+}
+
 /* -------------------------------------------------------------------- main */
 
 int main(int argc, char **argv)
@@ -677,14 +753,15 @@ int main(int argc, char **argv)
             char **av = calloc((size_t)ncmd + 5, sizeof(char *));
             if (!env || !av)
                 out_of_memory();
-            av[0] = "/bin/sh";
+            const char *sh = script_shell();
+            av[0] = (char *)sh;
             av[1] = "-c";
             av[2] = (char *)r.script;
             av[3] = "hpcimage";
             memcpy(av + 4, cmd, (size_t)ncmd * sizeof(char *));
             exec_signal_state();
-            execve("/bin/sh", av, env);
-            die(&r, "cannot_exec", (const char *[]){"cmd", "/bin/sh", "error", strerror(errno),
+            execve(sh, av, env);
+            die(&r, "cannot_exec", (const char *[]){"cmd", sh, "error", strerror(errno),
                                                     NULL});
         }
         /* The env scripts' result, found once by the holder (shared._probe_env), or, for

@@ -164,7 +164,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     variables through untouched and derive nothing from them, that environment (less
     `_`) serves every rank: hpcimage-join then execs the program without /bin/sh.
     Returns it as a dict, or None (scripts that read per-rank values, no env -0, ...)."""
-    from hpcimage.runtime.command import enter_workdir
+    from hpcimage.runtime.command import enter_workdir, script_shell   # loaded already
     if not os.access("/bin/sh", os.X_OK) or not _scripts_look_static(varies, shell_env):
         return None
 
@@ -179,7 +179,8 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
                 os.dup2(null, 2)
                 enter_workdir(workdir, home, False)
                 procstate.for_exec()
-                os.execve("/bin/sh", ["/bin/sh", "-c", script, "hpcimage", "env", "-0"], env)
+                sh = script_shell()
+                os.execve(sh, [sh, "-c", script, "hpcimage", "env", "-0"], env)
             finally:
                 os._exit(127)
         os.close(w)
