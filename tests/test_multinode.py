@@ -202,13 +202,15 @@ def test_srun_pmix_hybrid_across_two_nodes(nodes, user, site, jobdir, openmpi_sq
 def test_one_image_mount_per_node_while_the_job_runs(nodes, user, site, jobdir,
                                                      openmpi_sqfs):
     """Four ranks on each node: one squashfuse (one opening of the image file) per node,
-    not one per rank."""
+    not one per rank; on each node one rank is a Python runtime (it opens the image and
+    sets the container up), the other three join through hpcimage-join, which never
+    opens the image file."""
     marks = jobdir / "marks"
     marks.mkdir()
     os.chown(marks, user.uid, user.gid)
-    p = nodes.popen(user, ["srun", "-N2", "-n8", "--ntasks-per-node=4", "--mpi=pmix",
+    p = nodes.popen(user, ["srun", "-l", "-N2", "-n8", "--ntasks-per-node=4", "--mpi=pmix",
                            "image-mpi", "sh", "-c", f'touch {marks}/$PMIX_RANK; sleep 3'],
-                    env=env_for(site, openmpi_sqfs), cwd=jobdir)
+                    env=env_for(site, openmpi_sqfs, HPCIMAGE_TRACE="1"), cwd=jobdir)
     deadline = time.monotonic() + 60
     while len(os.listdir(marks)) < 8 and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.05)
@@ -217,6 +219,12 @@ def test_one_image_mount_per_node_while_the_job_runs(nodes, user, site, jobdir,
     assert p.returncode == 0, err
     assert sorted(os.listdir(marks), key=int) == [str(i) for i in range(8)]
     assert {n: len(v) for n, v in daemons.items()} == {"n1": 1, "n2": 1}, daemons
+    # srun -l: "TASK: ..."; tasks 0-3 on n1, 4-7 on n2 (--ntasks-per-node=4, block)
+    python = {int(ln.split(":")[0]) // 4 for ln in err.splitlines()
+              if "hpcimage-join:" in ln and "Python rank" in ln}
+    joined = [int(ln.split(":")[0]) // 4 for ln in err.splitlines()
+              if "hpcimage-join:" in ln and "joined holder" in ln]
+    assert python == {0, 1} and sorted(joined) == [0, 0, 0, 1, 1, 1], err
     assert nodes.leftovers(user) == {}
 
 
