@@ -19,7 +19,7 @@ import pytest
 
 from conftest import PY, REPO, cli_argv
 from mpitools import (host_mpi, slurm_cluster, openmpi_dir, openmpi_sqfs, nompi_sqfs,  # noqa: F401
-                      mpich_sqfs, mpi_hello, mpi_hello_mpich, parse_hello)
+                      mpi_hello, parse_hello)
 
 pytestmark = pytest.mark.slurm
 
@@ -270,25 +270,6 @@ def test_bind_model_across_two_nodes(nodes, user, site, jobdir, nompi_sqfs, mpi_
     assert [d["rank"] for d in rows] == [0, 1, 2, 3] and all(d["sum"] == 10 for d in rows)
     assert sorted({d["host"] for d in rows}) == ["n1", "n2"], r.stdout
     assert all(d["lib"] == "/.singularity.d/libs/libmpi.so.40" for d in rows), r.stdout
-    assert nodes.leftovers(user) == {}
-
-
-def test_mpich_hybrid_across_two_nodes(nodes, user, site, jobdir, mpich_sqfs, mpi_hello_mpich):
-    """The image's MPICH (ch4:ucx) under srun --mpi=pmi2 on two nodes. UCX_TLS=tcp,self:
-    in the containers UCX's shared-memory transport takes the ranks of the two simulated
-    nodes (one kernel) for one host and fails to attach; bare MPICH on these nodes does
-    not (an open point of issue 15, written in docs/mpi-setup.md)."""
-    prog = jobdir / "mpi_hello_mpich"
-    shutil.copy2(mpi_hello_mpich, prog)
-    os.chown(prog, user.uid, user.gid)
-    r = nodes.login(user, ["srun", "-N2", "-n4", "--mpi=pmi2", "image-mpi", str(prog)],
-                    env=env_for(site, mpich_sqfs, UCX_TLS="tcp,self"), cwd=jobdir)
-    assert r.returncode == 0, r.stderr
-    rows = parse_hello(r.stdout)
-    assert [d["rank"] for d in rows] == [0, 1, 2, 3] and all(d["sum"] == 10 for d in rows)
-    assert sorted({d["host"] for d in rows}) == ["n1", "n2"], r.stdout
-    assert all(d["lib"].startswith("/usr/lib/x86_64-linux-gnu/libmpich.so.12")
-               and d["version"].startswith("MPICH") for d in rows), r.stdout
     assert nodes.leftovers(user) == {}
 
 
