@@ -254,11 +254,19 @@ def host_platform():
     return "linux", arch, variant
 
 
-def select_platform(descs, where):
-    """The manifest of a list that runs here (linux/<host arch>[/variant])."""
-    os_, arch, variant = host_platform()
+def select_platform(descs, where, arch=None):
+    """The manifest of a list that runs here (linux/<host arch>[/variant]), or, with arch
+    (pull --arch), the one for linux/ARCH (its platform must name that architecture).
+    Errors: HpcimageError naming the platforms the list has."""
+    os_, here, variant = host_platform()
+    explicit = arch is not None
+    if explicit:
+        variant = None
+    else:
+        arch = here
     cands = [d for d in descs if (d.get("platform") or {}).get("os", "linux") == os_
-             and (d.get("platform") or {}).get("architecture", arch) == arch]
+             and (d.get("platform") or {}).get("architecture", None if explicit else arch)
+             == arch]
     if len(cands) > 1 and variant:
         exact = [d for d in cands if (d.get("platform") or {}).get("variant") in (variant, None)]
         cands = exact or cands

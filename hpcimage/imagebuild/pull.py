@@ -127,25 +127,12 @@ def _size(n):
 
 # ------------------------------------------------------------------ resolving
 
-def _select(descs, arch, where):
-    if arch is None:
-        return oci.select_platform(descs, where)
-    cands = [d for d in descs if (d.get("platform") or {}).get("os", "linux") == "linux"
-             and (d.get("platform") or {}).get("architecture") == arch]
-    if not cands:
-        have = ", ".join(sorted({f"{(d.get('platform') or {}).get('os')}/"
-                                 f"{(d.get('platform') or {}).get('architecture')}"
-                                 for d in descs})) or "none"
-        raise HpcimageError(f"{where}: no image for linux/{arch} (the image has: {have})")
-    return cands[0]
-
-
 def resolve(client, ref, where, arch=None):
     """(digest, manifest) of the image REF names for ARCH (default: this node's)."""
     mt, doc, digest = client.manifest(ref.repository, ref.ref)
     for _ in range(3):
         if mt in oci.INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
-            desc = _select(doc.get("manifests") or [], arch, f"{where}")
+            desc = oci.select_platform(doc.get("manifests") or [], where, arch)
             mt, doc, digest = client.manifest(ref.repository, desc["digest"])
             continue
         return digest, doc
