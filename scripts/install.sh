@@ -56,9 +56,12 @@ fi
 
 # ---------------------------------------------------------------- this node's packages
 # What a compute node needs to start containers (squashfuse_ll, /dev/fuse, newuidmap),
-# and what building the venv and the joiner needs (python3-venv, a C compiler).
+# writable layers (fuse-overlayfs, fuse2fs, mkfs.ext3), encrypted images (gocryptfs),
+# checking signatures (gpgv), and what building the venv and the joiner needs
+# (python3-venv, a C compiler).
 if [ "$packages" = 1 ]; then
-    pkgs=(python3 python3-venv squashfuse fuse3 uidmap gcc libc6-dev squashfs-tools)
+    pkgs=(python3 python3-venv squashfuse fuse3 uidmap gcc libc6-dev squashfs-tools
+          fuse-overlayfs fuse2fs e2fsprogs gocryptfs gpgv)
     if command -v dpkg-query >/dev/null 2>&1; then
         missing=()
         for p in "${pkgs[@]}"; do

@@ -30,7 +30,7 @@ fi
 # (install.sh adds the compute node's own: squashfuse, fuse3, uidmap, python3-venv, gcc.)
 pkgs=(lmod lua5.3 tcl squashfuse squashfs-tools fuse3 fuse2fs busybox-static debootstrap
       charliecloud-runtime python3 python3-venv python3-dev gcc libc6-dev make rsync passwd
-      util-linux procps uidmap docker-registry)
+      util-linux procps uidmap docker-registry gnupg fuse-overlayfs gocryptfs)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
