@@ -58,6 +58,11 @@ POLICY_KEYS = (
     ("mpi",                "{str: ...}", {},        "the host MPI for image-mpi (site.yaml mpi: "
                                                     "mode, launcher, srun_mpi, implementation, "
                                                     "prefix, libs, binds)"),
+    ("writable_tmpfs_size", "int",     64,          "--writable-tmpfs's size in MiB (Apptainer's "
+                                                    "sessiondir max size)"),
+    ("overlay_driver",     "str",      "auto",      "overlays: auto (the kernel's overlayfs where it "
+                                                    "can, else fuse-overlayfs), kernel, "
+                                                    "fuse-overlayfs"),
     ("lmod",               "LmodInImage", None,     "Lmod inside the images (site.yaml "
                                                     "lmod_in_image): modulepath, prefix; None: off"),
 )

@@ -87,6 +87,7 @@ class Site:
     extra_wrappers: Tuple[str, ...] = ()
     lmod_in_image: bool = False     # the host's Lmod and MODULEPATH inside the images
     lmod_prefix: Optional[str] = None   # the host's Lmod (LMOD_PKG); None: found at run time
+    overlay: Dict[str, object] = field(default_factory=dict)    # OVERLAY_KEYS given
 
     def roots(self, prefix=None):
         """Absolute output roots {"modulefiles", "tcl_modulefiles", "wrappers"}.
@@ -123,6 +124,7 @@ class Site:
             "version": POLICY_VERSION,
         }
         out.update(self.hardware)
+        out.update(self.overlay)
         if self.mpi:
             out["mpi"] = {k: (list(b.spec for b in v) if k == "binds" else
                               list(v) if isinstance(v, tuple) else v)
@@ -454,6 +456,17 @@ HARDWARE_KEYS = ("gpu", "gpu_devices", "gpu_extra_libs", "gpu_exclude_libs",
                  "ib_extra_libs", "ib_memlock_min")
 
 
+# Overlays (docs/overlays.md); flat keys, copied into site.json where given.
+OVERLAY_KEYS = ("writable_tmpfs_size", "overlay_driver")
+
+
+def parse_mib(ctx, node, keypath):
+    value = parse_count(ctx, node, keypath)
+    if value < 1:
+        raise ctx.error(node, keypath, "must be 1 (MiB) or more")
+    return value
+
+
 def parse_mpi(ctx, node, keypath):
     return _mapping(ctx, node, keypath, MPI_KEYS)
 
@@ -491,6 +504,11 @@ SITE_KEYS: Dict[str, Key] = {
                           doc="optional wrappers to render too (image-inspect)"),
     "lmod_in_image": Key(parse_bool, default=False,
                          doc="the host's Lmod and MODULEPATH inside the images (`module` works there)"),
+    "writable_tmpfs_size": Key(parse_mib, default=None,
+                               doc="--writable-tmpfs's size in MiB (default 64, as Apptainer's)"),
+    "overlay_driver": Key(choice("auto", "kernel", "fuse-overlayfs"), default=None,
+                          doc="overlays: the kernel's overlayfs where it can (auto), or "
+                              "always fuse-overlayfs"),
     "lmod_prefix": Key(parse_abs_path, default=None,
                        doc="the host's Lmod (holding libexec/lmod and init/); default: found "
                            "at run time from $LMOD_PKG, $LMOD_DIR, $LMOD_CMD, else /usr/share/lmod/lmod"),
@@ -604,7 +622,8 @@ def _build(ctx, root, values):
         images=tuple(images), mpi=dict(values["mpi"] or {}), hardware=hardware,
         local=values["local"], keep=values["keep"],
         extra_wrappers=tuple(values["extra_wrappers"]),
-        lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"])
+        lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"],
+        overlay={k: values[k] for k in OVERLAY_KEYS if values.get(k) is not None})
 
 
 def _loadable(ctx, inode, keypath, name, version):

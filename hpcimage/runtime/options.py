@@ -28,7 +28,7 @@ class Options:
                  "containall", "no_home", "home", "pwd", "env", "env_file", "no_eval",
                  "no_mount", "no_umask", "scratch", "workdir", "pid", "ipc", "uts",
                  "hostname", "no_init", "compat", "dry_run", "app", "nv", "rocm", "ib",
-                 "mpi_mode", "warnings")
+                 "mpi_mode", "overlays", "writable_tmpfs", "writable", "warnings")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -61,6 +61,9 @@ class Options:
         self.rocm = False
         self.ib = False
         self.mpi_mode = None
+        self.overlays = []       # raw --overlay specs PATH[:ro], in order (the one entry point)
+        self.writable_tmpfs = False
+        self.writable = False
         self.warnings = []       # said before the launch (plan.warnings)
 
 
@@ -133,7 +136,7 @@ FLAGS = (
     ("--no-init", "no_init", False, "ranks", ("NOSHIMINIT",),
      ("", "with --pid: the command itself is PID 1")),
     ("--compat", "compat", False, "ranks", ("COMPAT",),
-     ("", "--containall --no-init --no-umask --no-eval (no --writable-tmpfs yet)")),
+     ("", "--containall --no-init --no-umask --no-eval --writable-tmpfs")),
     ("--app", "app", True, "launcher", ("APP", "APPNAME"),
      ("NAME", "the SCI-F app NAME: its runscript (run), its environment")),
     ("--nv", "nv", False, "ranks", ("NV",),
@@ -142,6 +145,15 @@ FLAGS = (
      ("", "AMD GPUs: device nodes and driver libraries")),
     ("--ib", "ib", False, "ranks", (),
      ("", "InfiniBand/RDMA devices and verbs libraries")),
+    ("-o", "overlays", True, "launcher", (), None),
+    ("--overlay", "overlays", True, "ranks", ("OVERLAY", "OVERLAYIMAGE"),
+     ("PATH[:ro]", "an overlay: a directory, an ext3 image, a SquashFS file, a SIF's "
+      "overlay partition (repeatable; one writable, on top; docs/overlays.md)")),
+    ("--writable-tmpfs", "writable_tmpfs", False, "ranks", ("WRITABLE_TMPFS",),
+     ("", "a writable tmpfs layer (64 MiB; site.yaml writable_tmpfs_size), gone at the end")),
+    ("-w", "writable", False, "launcher", (), None),
+    ("--writable", "writable", False, "ranks", ("WRITABLE",),
+     ("", "write into the SIF's own overlay partition")),
     ("--dry-run", "dry_run", False, "image-mpi", (),
      ("", "print the launch plan and exit")),
     ("--mpi-mode", "mpi_mode", True, "image-mpi", (), None),
@@ -149,7 +161,7 @@ FLAGS = (
 
 # Apptainer 1.3/1.4 action options (exec, run, shell) that hpcimage does not have:
 # name -> Apptainer's variable names (the *_NAME that warns). "yet": coming with the
-# overlay/writable/fakeroot issue. Short forms: UNSUPPORTED_SHORT. The registry
+# fakeroot issue. Short forms: UNSUPPORTED_SHORT. The registry
 # options' variables (APPTAINER_DOCKER_USERNAME, _AUTHFILE, _NO_HTTPS, _DISABLE_CACHE)
 # do not warn: users export them for `pull` and `build`, which are not launches.
 UNSUPPORTED = {
@@ -171,16 +183,14 @@ UNSUPPORTED = {
     "--network-args": ("NETWORK_ARGS",), "--no-https": (), "--nohttps": (),
     "--no-nv": ("NV_OFF", "NO_NV"), "--no-privs": ("NO_PRIVS",),
     "--no-rocm": ("ROCM_OFF", "NO_ROCM"), "--nvccli": ("NVCCLI",),
-    "--oom-kill-disable": ("OOM_KILL_DISABLE",), "--overlay": ("OVERLAY", "OVERLAYIMAGE"),
+    "--oom-kill-disable": ("OOM_KILL_DISABLE",),
     "--passphrase": (), "--pem-path": (), "--pids-limit": ("PIDS_LIMIT",),
     "--security": ("SECURITY",), "--sharens": ("SHARENS",), "--shell": (),
     "--underlay": ("UNDERLAY",), "--unsquash": ("UNSQUASH",),
-    "--userns": ("USERNS", "UNSHARE_USERNS"), "--writable": ("WRITABLE",),
-    "--writable-tmpfs": ("WRITABLE_TMPFS",),
+    "--userns": ("USERNS", "UNSHARE_USERNS"),
 }
-UNSUPPORTED_SHORT = {"-f": "--fakeroot", "-n": "--net", "-o": "--overlay",
-                     "-s": "--shell", "-u": "--userns", "-w": "--writable"}
-NOT_YET = ("--fakeroot", "--overlay", "--writable", "--writable-tmpfs")
+UNSUPPORTED_SHORT = {"-f": "--fakeroot", "-n": "--net", "-s": "--shell", "-u": "--userns"}
+NOT_YET = ("--fakeroot",)
 
 HELP_WORDS = ("-h", "--help")
 
@@ -210,8 +220,8 @@ ENV_PREFIXES = ("APPTAINER_", "SINGULARITY_")
 # hpcimage's own bind variable, read after Apptainer's (as -B)
 HPCIMAGE_BIND = "HPCIMAGE_BIND"
 # What --compat and --containall stand for (Apptainer's actionCompatFlag and
-# actionContainAllFlag); --compat's --writable-tmpfs comes with the overlay issue.
-COMPAT = ("containall", "no_init", "no_umask", "no_eval")
+# actionContainAllFlag).
+COMPAT = ("containall", "no_init", "no_umask", "no_eval", "writable_tmpfs")
 CONTAINALL = ("contain", "cleanenv", "pid", "ipc")
 
 _FLAGS = SWITCHES
@@ -245,6 +255,10 @@ def _set(o, name, key, val, seen=None):
         setattr(o, key, True)
     elif key == "bind":
         o.binds.extend(split_binds(val))
+    elif key == "overlays":
+        if not val:
+            raise UsageError(f"option {name} needs a value")
+        o.overlays.append(val)
     elif key == "env":
         k, has, v = val.partition("=")
         if not has or not valid_name(k):
@@ -392,6 +406,9 @@ def from_environ(o, environ, seen=()):
         if attr in seen:
             continue
         seen.add(attr)
+        if attr == "overlays":      # a comma-separated list, as Apptainer's StringSlice
+            o.overlays.extend(v.strip() for v in val.split(",") if v.strip())
+            continue
         if not valued:
             word = val.strip()
             if word in FALSE_WORDS:
@@ -430,8 +447,6 @@ def settle(o):
     if o.compat:
         for k in COMPAT:
             setattr(o, k, True)
-        o.warnings.append("--compat: --writable-tmpfs is not supported yet (the image "
-                          "stays read-only)")
     if o.containall:
         for k in CONTAINALL:
             setattr(o, k, True)
