@@ -504,14 +504,14 @@ SITE_KEYS: Dict[str, Key] = {
                           doc="optional wrappers to render too (image-inspect)"),
     "lmod_in_image": Key(parse_bool, default=False,
                          doc="the host's Lmod and MODULEPATH inside the images (`module` works there)"),
+    "lmod_prefix": Key(parse_abs_path, default=None,
+                       doc="the host's Lmod (holding libexec/lmod and init/); default: found "
+                           "at run time from $LMOD_PKG, $LMOD_DIR, $LMOD_CMD, else /usr/share/lmod/lmod"),
     "writable_tmpfs_size": Key(parse_mib, default=None,
                                doc="--writable-tmpfs's size in MiB (default 64, as Apptainer's)"),
     "overlay_driver": Key(choice("auto", "kernel", "fuse-overlayfs"), default=None,
                           doc="overlays: the kernel's overlayfs where it can (auto), or "
-                              "always fuse-overlayfs"),
-    "lmod_prefix": Key(parse_abs_path, default=None,
-                       doc="the host's Lmod (holding libexec/lmod and init/); default: found "
-                           "at run time from $LMOD_PKG, $LMOD_DIR, $LMOD_CMD, else /usr/share/lmod/lmod"),
+                              "always one of them"),
 }
 
 
