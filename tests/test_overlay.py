@@ -318,6 +318,18 @@ def test_errors(user, demo_sqfs, demo_dir, userdir):
     r = run(user, demo_sqfs, "true", opts=("--overlay", str(e)))
     one_line_error(r, 1, "cannot create upper/ in")
     assert "--fakeroot" in r.stderr
+    # upper/ and work/ there, but root's (mkfs.ext3 -d of root's tree)
+    tree = userdir / "rootstree"
+    (tree / "upper").mkdir(parents=True)
+    (tree / "work").mkdir()
+    e2 = userdir / "root2.ext3"
+    subprocess.run(["mkfs.ext3", "-q", "-F", "-d", str(tree), "-E",
+                    f"root_owner={user.uid}:{user.gid}", str(e2), "8M"], check=True,
+                   capture_output=True)
+    os.chown(e2, user.uid, user.gid)
+    r = run(user, demo_sqfs, "true", opts=("--overlay", str(e2)))
+    one_line_error(r, 1, "cannot create upper/ in")
+    assert "--fakeroot" in r.stderr
 
 
 def test_tmpfs_with_a_writable_overlay_warns(user, demo_sqfs, userdir):

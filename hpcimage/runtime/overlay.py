@@ -78,10 +78,12 @@ def mount_layer(layer, at, path, prog, state):
         for d, mode in (("upper", 0o755), ("work", 0o700)):
             try:
                 os.makedirs(f"{at}/{d}", mode, exist_ok=True)
+                if not os.access(f"{at}/{d}", os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, "Permission denied")
             except OSError as e:
                 raise HpcimageError(
                     f"overlay {layer.spec}: cannot create {d}/ in {layer.path}: "
-                    f"{e.strerror}" + (" (its root belongs to another user: make it with "
+                    f"{e.strerror}" + (" (it belongs to another user: make it with "
                                        "'hpcimage overlay create', or use --fakeroot)"
                                        if e.errno in (errno.EACCES, errno.EPERM) else ""),
                     1) from None
