@@ -90,17 +90,19 @@ def host_devices(r, p):
 def mpi_rank_alone(r, p):
     """An MPI rank started by `srun image-exec` or `mpirun image-exec` (not image-mpi)
     runs in a container of its own: Open MPI's and MPICH's cross-memory attach between
-    ranks (CMA, process_vm_readv, refused across user namespaces) is switched off
-    (jobenv.NO_CMA, unless the caller set those variables), where its large messages
-    would hang; rank 0 says so once and names image-mpi, which shares one container
-    per node."""
+    ranks (CMA, process_vm_readv, refused across user namespaces) is switched off, where
+    its large messages would hang, and UCX attaches shared memory by name in /dev/shm
+    rather than through /proc/PID/fd, also refused there (MPI_Init fails with "Shared
+    memory error", openucx/ucx#4224) (jobenv.NO_CMA, unless the caller set those
+    variables); rank 0 says so once and names image-mpi, which shares one container per
+    node."""
     from hpcimage.runtime.mpi.jobenv import NO_CMA, RANK_MARKERS
     if r.opts.prog == "image-mpi" or not any(r.environ.get(k) for k in RANK_MARKERS):
         return
     off = {k: v for k, v in NO_CMA.items() if k not in r.environ}
     p.env_add.update(off)
     p.warnings.append("an MPI rank in a container of its own: cross-memory attach between "
-                      "ranks is off (" + " ".join(f"{k}={v}" for k, v in off.items())
+                      "ranks is off, shared memory is attached by name (" + " ".join(f"{k}={v}" for k, v in off.items())
                       + "); image-mpi runs a node's ranks in one container")
 
 
