@@ -87,6 +87,11 @@ def test_newpair_writes_apptainers_format(user, made):
         assert (keys / name).stat().st_uid == user.uid
         assert gpg_fingerprints(keys / name) == [fp]
     assert (keys / "pgp-public").read_bytes()[:1] != b"-"      # binary, not armoured
+    # gpg ran in a private home that is gone, its agent with it; ~/.gnupg untouched
+    agents = subprocess.run(["pgrep", "-f", "gpg-agent --homedir /tmp/hpcimage-gpg-"],
+                            capture_output=True, text=True).stdout
+    assert agents == ""
+    assert not (keys.parent.parent / ".gnupg").exists()
 
 
 def test_list_as_apptainer(user, home, made):
@@ -295,3 +300,54 @@ def test_newpair_push(user, userdir, server):
 def test_keyserver_command_still_refused(user, userdir):
     r = user.run(cli_argv("keyserver", "list"), cwd=str(userdir))
     assert r.returncode == 2 and "keyserver is an Apptainer command" in r.stderr
+
+
+def _interactive(user, argv, env, cwd, answers, timeout=120):
+    """Run ARGV on a pseudo-terminal (its controlling terminal), answering each prompt
+    of ANSWERS [(text awaited, line typed)]; (status, what the terminal showed)."""
+    import fcntl
+    import pty
+    import select
+    import termios
+    import time
+    master, slave = pty.openpty()
+    p = user.popen(argv, env=env, cwd=str(cwd), stdin=slave, stdout=slave, stderr=slave,
+                   start_new_session=True,
+                   preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    out, pending = b"", list(answers)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pending and pending[0][0].encode() in out:
+            os.write(master, pending.pop(0)[1].encode() + b"\n")
+            out += b"<answered>"
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif p.poll() is not None:
+            break
+    os.close(master)
+    p.wait(timeout)
+    return p.returncode, out.decode(errors="replace")
+
+
+def test_newpair_asks_on_a_terminal(user, userdir):
+    rc, tty = _interactive(user, cli_argv("key", "newpair", "-b", "1024"),
+                           {"HOME": str(userdir)}, userdir,
+                           [("Enter your name (e.g., John Doe) :", "Term User"),
+                            ("Enter your email address (e.g., john.doe@example.com) :",
+                             "term@example.com"),
+                            ("Enter optional comment (e.g., development keys) :", ""),
+                            ("Enter a passphrase :", "pw"),
+                            ("Retype your passphrase :", "pw")])
+    assert rc == 0, tty
+    assert "Generating Entity and OpenPGP Key Pair... done" in tty
+    assert "pw\r\n" not in tty.replace("<answered>", "")          # not echoed
+    out = ok(key(user, userdir, "list", "-s"))
+    assert "0) U: Term User () <term@example.com>" in out

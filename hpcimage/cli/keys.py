@@ -47,11 +47,12 @@ def newpair(name, email, comment, password, bits, push, keysdir):
     terminal; without a terminal -N (or -E) and -P are needed."""
     from hpcimage.signing import keyring
     if not _tty():
-        missing = [f for f, v in (("-N/--name", name), ("-E/--email", email),
-                                  ("-P/--password", password)) if v is None]
+        missing = ["-N/--name or -E/--email"] if name is None and email is None else []
+        missing += ["-P/--password"] if password is None else []
         if missing:
             raise UsageError("key newpair: no terminal to ask on: give " +
                              ", ".join(missing) + " (-P '' for a key without a password)")
+        name, email, comment = name or "", email or "", comment or ""
     if name is None:
         name = click.prompt("Enter your name (e.g., John Doe) ", default="",
                             show_default=False, prompt_suffix=": ")
@@ -59,7 +60,7 @@ def newpair(name, email, comment, password, bits, push, keysdir):
         email = click.prompt("Enter your email address (e.g., john.doe@example.com) ",
                              default="", show_default=False, prompt_suffix=": ")
     if comment is None:
-        comment = "" if not _tty() else click.prompt(
+        comment = click.prompt(
             "Enter optional comment (e.g., development keys) ", default="",
             show_default=False, prompt_suffix=": ")
     if password is None:
