@@ -351,3 +351,41 @@ def test_newpair_asks_on_a_terminal(user, userdir):
     assert "pw\r\n" not in tty.replace("<answered>", "")          # not echoed
     out = ok(key(user, userdir, "list", "-s"))
     assert "0) U: Term User () <term@example.com>" in out
+
+
+def test_import_writes_nothing_when_a_key_is_there(user, home, made):
+    """A file with a new key and one the keyring has: refused, neither keyring changed."""
+    fp = made[1]
+    keys = home / ".hpcimage" / "keys"
+    ok(key(user, home, "export", "--fingerprint", fp, str(home / "mine")))
+    two = home / "two"
+    corpus = subprocess.run(["gpg", "--dearmor"], input=CORPUS_KEY.read_bytes(),
+                            capture_output=True, check=True).stdout
+    two.write_bytes(corpus + (home / "mine").read_bytes())
+    os.chown(two, user.uid, user.gid)
+    before = {p.name: p.read_bytes() for p in keys.iterdir()}
+    one_line_error(key(user, home, "import", str(two)), 2, "already belongs")
+    assert {p.name: p.read_bytes() for p in keys.iterdir()} == before
+
+
+def test_hkp_urls_and_index_format():
+    from hpcimage.signing import hkp
+    assert hkp.server_url("hkp://keys.example.org") == "http://keys.example.org:11371"
+    assert hkp.server_url("hkps://keys.example.org/") == "https://keys.example.org"
+    assert hkp.server_url(None, {"HPCIMAGE_KEYSERVER": "http://h:8/x"}) == "http://h:8/x"
+    mr = ("info:1:2\n"
+          "pub:AAAABBBBCCCCDDDDEEEEFFFF0000111122223333:1:4096:1600000000::\n"
+          "uid:Jane%20Doe%20%3Cjane@example.com%3E:1600000000::\n"
+          "uid:Jane%20D.:1600000000::\n"
+          "pub:0000111122223333444455556666777788889999:22:256:1600000000::r\n")
+    count, text = hkp.format_index(mr)
+    assert count == 2
+    assert text.splitlines() == ["KEY ID    BITS  NAME/EMAIL",
+                                 "22223333  4096  Jane Doe <jane@example.com>",
+                                 "                Jane D.",
+                                 "",
+                                 "88889999  256"]
+    count, text = hkp.format_index(mr, long=True)
+    assert "[revoked]" in text and "RSA" in text and "unknown" in text
+    with pytest.raises(Exception, match="announces 3"):
+        hkp.format_index(mr.replace("info:1:2", "info:1:3"))

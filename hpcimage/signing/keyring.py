@@ -98,9 +98,14 @@ class Key:
         self.algo = self.bits = self.created = 0
         self.uids = []
 
-    def public_data(self):
-        """The key's public part (a secret key's packets made public ones)."""
-        return public_part(self.data) if self.secret else self.data
+    def public(self):
+        """The key's public part (a secret key's packets made public ones): a Key."""
+        if not self.secret:
+            return self
+        k = Key(public_part(self.data), False)
+        for a in ("fingerprint", "keyid", "algo", "bits", "created", "uids"):
+            setattr(k, a, getattr(self, a))
+        return k
 
 
 def _packets(data):
@@ -482,36 +487,34 @@ def list_text(secret=False, use_global=False, keysdir=None):
 def import_file(path, use_global=False, keysdir=None):
     """`key import FILE`: its secret keys into the secret keyring, every key's public
     part into the public keyring (the global one with --global: public keys only).
-    Returns the lines to print. A key already there: UsageError (Apptainer's)."""
+    Returns the lines to print. A key already there: UsageError (Apptainer's), and
+    nothing is written: every check comes before the first write."""
     keys = read_keys_file(path)
     pub = global_keyring() if use_global else personal(False, keysdir)
+    secrets = [k for k in keys if k.secret]
+    if secrets and use_global:
+        raise UsageError("the global keyring holds public keys only: "
+                         f"{path} holds a secret key")
+    sec = personal(True, keysdir) if secrets else None
     lines = []
-    if any(k.secret for k in keys):
-        if use_global:
-            raise UsageError("the global keyring holds public keys only: "
-                             f"{path} holds a secret key")
-        sec = personal(True, keysdir)
-        for k in (k for k in keys if k.secret):
-            if sec.find(k.fingerprint):
-                raise UsageError(f"the key with fingerprint {k.fingerprint} already "
-                                 "belongs to the keyring")
-            sec.keys.append(k)
-            lines.append(f"Key with fingerprint {k.fingerprint} successfully added to "
-                         "the private keyring")
-        sec.save()
+    for k in secrets:
+        if sec.find(k.fingerprint):
+            raise UsageError(f"the key with fingerprint {k.fingerprint} already "
+                             "belongs to the keyring")
+        sec.keys.append(k)
+        lines.append(f"Key with fingerprint {k.fingerprint} successfully added to "
+                     "the private keyring")
     for k in keys:
         if pub.find(k.fingerprint):
             if k.secret:
                 continue            # its secret half was new: the public one stays
             raise UsageError(f"the key with fingerprint {k.fingerprint} already "
                              "belongs to the keyring")
-        pk = Key(k.public_data(), False)
-        for a in Key.__slots__[1:]:
-            if a != "secret":
-                setattr(pk, a, getattr(k, a))
-        pub.keys.append(pk)
+        pub.keys.append(k.public())
         lines.append(f"Key with fingerprint {k.fingerprint} successfully added to the "
                      "public keyring")
+    if sec is not None:
+        sec.save()
     pub.save()
     return lines
 
