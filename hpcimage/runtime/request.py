@@ -56,8 +56,20 @@ def resolve(opts, environ, site=None, explain_missing=True):
     home, home_src = environ.get("HOME") or pw_home, None
     if opts.home:
         home_src, home = home_spec(opts.home)
+    elif getattr(opts, "fakeroot", False) and uid != 0:
+        home_src, home = fakeroot_home(opts, home)
     return Request(opts, image, environ, session_dir(environ), site, uid, gid, user,
                    home, gecos, shell, group, cwd, gone, home_src)
+
+
+def fakeroot_home(opts, host_home):
+    """--fakeroot without -H: the home is /root (as Apptainer's), the caller's home
+    directory bound there; (None, "/root") where --no-home, --no-mount home or
+    --contain leave it out (an empty one under --contain)."""
+    if (opts.no_home or opts.contain or "home" in opts.no_mount or not host_home
+            or host_home == "/"):
+        return None, "/root"
+    return host_home, "/root"
 
 
 def home_spec(spec):
