@@ -70,6 +70,8 @@ cli.add_command(_sif)
 cli.add_command(_build)
 from hpcimage.cli.pull import pull as _pull  # noqa: E402  (issue 14)
 cli.add_command(_pull)
+from hpcimage.cli.overlaycli import overlay as _overlay  # noqa: E402  (issue 16)
+cli.add_command(_overlay)
 
 
 @cli.command()
