@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import cli_argv
+from conftest import cli_argv, runtime_argv
 from hpcimage.image import sif
 
 
@@ -151,3 +151,77 @@ def test_overlay_create_refuses_signed_and_encrypted_sif(user, userdir, sif_copy
                    "overlay create: e.sif is an encrypted SIF")
     os.chmod(enc, 0o444)
     one_line_error(create(user, "e.sif", cwd=userdir), 2, "you cannot write this SIF image")
+
+
+# ------------------------------------------------------- site.yaml personal_overlay
+
+def _site(userdir, demo_sqfs, overlay):
+    """A site whose module Demo/1.0 (the Demo SquashFS) has personal_overlay: overlay,
+    rendered into userdir; the environment a loaded module gives the wrappers."""
+    store = userdir / "store"
+    store.mkdir()
+    shutil.copy(demo_sqfs, store / "demo.sqfs")
+    site = userdir / "site.yaml"
+    site.write_text(f"store: {store}\nimages:\n  - name: Demo\n    version: \"1.0\"\n"
+                    f"    file: demo.sqfs\n    personal_overlay: {overlay}\n")
+    r = subprocess.run(cli_argv("generate", "--site", str(site)), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    subprocess.run(["chmod", "-R", "a+rX", str(userdir)], check=True)
+    return {"HPCIMAGE_IMAGE": str(store / "demo.sqfs"), "HPCIMAGE_MODULE": "Demo/1.0",
+            "HPCIMAGE_SITE_CONFIG": str(userdir / "wrappers" / "site.json"),
+            "HPCIMAGE_LOCAL": str(userdir / "local")}
+
+
+def test_personal_overlay_made_on_first_use(user, userdir, demo_sqfs):
+    env = _site(userdir, demo_sqfs, "{size: 80, sparse: false}")
+    (userdir / "local").mkdir()
+    os.chown(userdir / "local", user.uid, user.gid)
+    import json
+    policy = json.loads((userdir / "wrappers" / "site.json").read_text())
+    assert policy["personal_overlays"] == {"Demo/1.0": {"size": 80, "sparse": False}}
+    r = user.run(runtime_argv("image-exec", "true"), env=env, cwd="/")
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    img = userdir / "local" / "overlay-Demo-1.0.img"
+    st = img.stat()
+    assert st.st_size == 80 << 20 and st.st_uid == user.uid
+    assert ls(img)["upper"][1:] == (user.uid, user.gid) and fsck_clean(img)
+    # the next launch uses the same file; `hpcimage exec` (no module) makes none
+    r = user.run(runtime_argv("image-exec", "true"), env=env, cwd="/")
+    assert r.returncode == 0 and img.stat().st_ino == st.st_ino
+    assert sorted(os.listdir(userdir / "local")) == ["overlay-Demo-1.0.img"]
+
+
+def test_personal_overlay_cannot_be_made(user, userdir, demo_sqfs):
+    env = _site(userdir, demo_sqfs, "true")
+    r = user.run(runtime_argv("image-exec", "true"), env=dict(env, HPCIMAGE_LOCAL="/proc/x"),
+                 cwd="/")
+    one_line_error(r, 1, "image-exec: error: personal overlay of Demo/1.0: /proc/x: ")
+
+
+def test_personal_overlay_site_errors(userdir):
+    from hpcimage.config import site
+    from hpcimage.errors import UsageError
+    base = "store: /s\nimages:\n  - name: A\n    version: \"1\"\n    file: a.sqfs\n"
+    assert site.loads(base + "    personal_overlay: true\n").images[0].personal_overlay \
+        == (1024, True)
+    assert site.loads(base + "    personal_overlay: false\n").policy().get(
+        "personal_overlays") is None
+    for bad, msg in (("{size: 10}", "personal_overlay.size: must be at least 64 (MiB)"),
+                     ("{siz: 100}", "personal_overlay.siz: unknown key"),
+                     ("yes please", "personal_overlay: expected true or false")):
+        with pytest.raises(UsageError) as e:
+            site.loads(base + f"    personal_overlay: {bad}\n")
+        assert msg in str(e.value.message)
+
+
+@pytest.mark.xfail(strict=True, reason="needs --overlay (branch overlay)")
+def test_personal_overlay_is_used_by_every_wrapper(user, userdir, demo_sqfs):
+    env = _site(userdir, demo_sqfs, "true")
+    (userdir / "local").mkdir()
+    os.chown(userdir / "local", user.uid, user.gid)
+    r = user.run(runtime_argv("image-exec", "sh", "-c", "echo kept > /opt/mine"), env=env,
+                 cwd="/")
+    assert r.returncode == 0, r.stderr
+    r = user.run(runtime_argv("image-shell", "-c", "cat /opt/mine"), env=env, cwd="/")
+    assert (r.returncode, r.stdout) == (0, "kept\n"), r.stderr

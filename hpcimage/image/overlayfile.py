@@ -108,12 +108,18 @@ def _check_sif(path):
                                 f"partition (object {d.id})", 2)
 
 
-def create(path, size=DEFAULT_SIZE, sparse=False, dirs=(), fakeroot=False, environ=None):
-    """Make the overlay FILE (module doc); returns "ext3" or "sif" (what was written)."""
+def create(path, size=DEFAULT_SIZE, sparse=False, dirs=(), fakeroot=False, environ=None,
+           exist_ok=False):
+    """Make the overlay FILE (module doc); returns "ext3" or "sif" (what was written).
+    exist_ok (a personal overlay, which two launches may make at once): a new file is
+    linked into place, never over another; a FILE that exists (before, or made
+    meanwhile) is left as it is ("exists")."""
     import tempfile
     path = os.fspath(path)
     n = _size(size)
     kind = "ext3"
+    if exist_ok and os.path.lexists(path):
+        return "exists"
     if os.path.lexists(path):
         from hpcimage.image.magic import head_kind
         try:
@@ -152,7 +158,14 @@ def create(path, size=DEFAULT_SIZE, sparse=False, dirs=(), fakeroot=False, envir
                 raise HpcimageError(f"overlay create: {path}: {e.strerror}", 1) from None
             _mkfs(mkfs, tree, a.tmp, fakeroot, sparse)
             a.sync()
-            a.commit()
+            if exist_ok:
+                try:
+                    os.link(a.tmp, target)      # never over one made meanwhile
+                except FileExistsError:
+                    return "exists"
+                fsutil.fsync_dir(d)
+            else:
+                a.commit()
         finally:
             a.discard()
         if kind == "sif":

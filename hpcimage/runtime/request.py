@@ -50,6 +50,8 @@ def resolve(opts, environ, site=None, explain_missing=True):
         from hpcimage.runtime import localcopy as local
         path = local.choose(path, site, environ)
     image = _open_image(path, opts, environ) if explain_missing else _open(path)
+    if opts.prog.startswith("image-") and site.personal_overlays:
+        _personal_overlay(opts, site, environ)
     environ = dict(environ)
     uid, gid, user, pw_home, gecos, shell, group = _user(environ)
     cwd, gone = _cwd()
@@ -60,6 +62,35 @@ def resolve(opts, environ, site=None, explain_missing=True):
         home_src, home = fakeroot_home(opts, home)
     return Request(opts, image, environ, session_dir(environ), site, uid, gid, user,
                    home, gecos, shell, group, cwd, gone, home_src)
+
+
+def _personal_overlay(opts, site, environ):
+    """site.json personal_overlays: the loaded module's overlay file in the user's local
+    image directory, made on first use (image.overlayfile: mkfs.ext3, once), appended
+    to opts.overlays (the one entry point of the overlays: --overlay's list)."""
+    module = environ.get("HPCIMAGE_MODULE")
+    want = site.personal_overlays.get(module or "")
+    if not want:
+        return
+    from hpcimage.runtime import localcopy as local
+    directory = local.local_dir(site, environ)
+    if directory is None:
+        raise HpcimageError(f"personal overlay of {module}: the local image directory "
+                            f"{site.local!r} cannot be resolved", 1)
+    path = local.personal_overlay(module, directory)
+    if not os.path.exists(path):
+        from hpcimage.image import overlayfile
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+            overlayfile.create(path, want.get("size", 1024), want.get("sparse", True),
+                               environ=environ, exist_ok=True)
+        except OSError as e:
+            raise HpcimageError(f"personal overlay of {module}: {directory}: "
+                                f"{e.strerror}", 1) from None
+        except HpcimageError as e:
+            raise HpcimageError(f"personal overlay of {module}: {e.message}", e.status) \
+                from None
+    opts.overlays.append(path)
 
 
 def fakeroot_home(opts, host_home):
