@@ -40,7 +40,9 @@ def resolve(opts, environ, site=None, explain_missing=True):
     """The Request of options opts (runtime.options.parse) in environ: the site's policy
     (site.json, unless site is given), the image (a wrapper's: the user's local copy
     when it is current, image-update) opened once, the user, the directories. opts is
-    not changed: the image chosen is request.image (its path: request.image.path).
+    not changed (but for opts.overlays, which gains the module's personal overlay,
+    site.json personal_overlays): the image chosen is request.image (its path:
+    request.image.path).
     explain_missing: a missing image's error says what the user can do about it."""
     if site is None:
         site = load_policy(environ)
