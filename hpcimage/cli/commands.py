@@ -73,6 +73,8 @@ cli.add_command(_pull)
 from hpcimage.cli.keys import key as _key  # noqa: E402  (issue 18)
 cli.add_command(_key)
 cli.add_command(_key, "keys")
+from hpcimage.cli.overlaycli import overlay as _overlay  # noqa: E402  (issue 16)
+cli.add_command(_overlay)
 
 
 @cli.command()
