@@ -11,7 +11,7 @@ from hpcimage.errors import HpcimageError
 # "no such command" as if they were a typo. A command registered here later wins.
 APPTAINER_ONLY = ("cache", "capability", "checkpoint", "completion", "config", "delete",
                   "instance", "key", "keyserver", "oci", "overlay", "plugin", "push",
-                  "registry", "remote", "search", "sign", "verify")
+                  "registry", "remote", "search")
 
 
 class _Group(click.Group):
@@ -70,6 +70,9 @@ cli.add_command(_sif)
 cli.add_command(_build)
 from hpcimage.cli.pull import pull as _pull  # noqa: E402  (issue 14)
 cli.add_command(_pull)
+from hpcimage.cli.signcli import sign as _sign, verify as _verify  # noqa: E402  (issue 18)
+cli.add_command(_sign)
+cli.add_command(_verify)
 
 
 @cli.command()
