@@ -177,11 +177,13 @@ def apps(image):
 @click.option("--definition", type=click.Path(dir_okay=False), metavar="FILE",
               help="The definition file IMAGE was built from (its sha256 goes into the "
                    "manifest; default: the one inside IMAGE).")
-def publish(image, name, version, site_path, definition):
+@click.option("--sign", is_flag=True, help="Sign a copy of IMAGE with the site's key "
+              "(site.yaml signing.sign_key) and publish that (docs/signing.md).")
+def publish(image, name, version, site_path, definition, sign):
     """Place IMAGE in the store as NAME/VERSION (the `file` site.yaml gives), atomically,
     and record it in the store's manifest (docs/store.md)."""
     from hpcimage.store.publish import publish
-    publish(site_path, image, name, version, definition=definition)
+    publish(site_path, image, name, version, definition=definition, sign=sign)
 
 
 @cli.command("update", context_settings={"help_option_names": ["-h", "--help"]})
