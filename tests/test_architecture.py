@@ -5,8 +5,8 @@ The import graph is read from the source (ast): every `import hpcimage...` and
 `from hpcimage... import ...`, at the top of a module or inside a function alike (a
 lazy import is still a dependency). Rooms, bottom first:
 
-    errors, fsutil  <  linux  <  config  <  image  <  signing  <  host  <  runtime (with runtime.mpi
-    and the doctors)  <  store  <  imagebuild  <  generate  <  cli
+    errors, fsutil  <  linux  <  config  <  image  <  host  <  runtime (with runtime.mpi
+    and the doctors)  <  signing  <  store  <  imagebuild  <  generate  <  cli
 
 A module may import from its own room or the rooms below it. `hpcimage` itself (the
 package's __init__: the version) is at the bottom.
@@ -24,9 +24,9 @@ ROOMS = [
     ("hpcimage.linux",),
     ("hpcimage.config",),
     ("hpcimage.image",),
-    ("hpcimage.signing",),
     ("hpcimage.host",),
     ("hpcimage.runtime",),
+    ("hpcimage.signing",),
     ("hpcimage.store",),
     ("hpcimage.imagebuild",),
     ("hpcimage.generate",),

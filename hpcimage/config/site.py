@@ -24,7 +24,7 @@ from hpcimage.errors import UsageError
 
 DEFAULT_PYTHON = "/opt/hpcimage/venv/bin/python3"
 from hpcimage.config import bindspec  # noqa: E402
-from hpcimage.config.policy import DEFAULT_LOCAL, MPI_DEFAULTS  # noqa: E402
+from hpcimage.config.policy import DEFAULT_LOCAL, MPI_DEFAULTS, VERIFY_MODES  # noqa: E402
 DEFAULT_KEEP = 2                         # previous versions publish keeps in the store
 POLICY_VERSION = 1                       # the format of site.json; hpcimage doctor compares it
 
@@ -64,6 +64,7 @@ class Image:
     url: str = ""
     line: int = 0                   # line of the image's entry in site.yaml
     personal_overlay: Optional[Tuple[int, bool]] = None     # (MiB, sparse): per user
+    verify: Optional[str] = None    # signature policy (None: the site's, signing.verify)
 
     @property
     def module(self):
@@ -88,6 +89,7 @@ class Site:
     extra_wrappers: Tuple[str, ...] = ()
     lmod_in_image: bool = False     # the host's Lmod and MODULEPATH inside the images
     lmod_prefix: Optional[str] = None   # the host's Lmod (LMOD_PKG); None: found at run time
+    signing: Dict[str, object] = field(default_factory=dict)    # site.yaml signing:
 
     def roots(self, prefix=None):
         """Absolute output roots {"modulefiles", "tcl_modulefiles", "wrappers"}.
@@ -134,6 +136,15 @@ class Site:
             out["mpi"] = {k: (list(b.spec for b in v) if k == "binds" else
                               list(v) if isinstance(v, tuple) else v)
                           for k, v in self.mpi.items() if v not in (None, (), "")}
+        if self.signing:
+            sg = self.signing
+            out["verify"] = sg.get("verify") or "off"
+            out["signing"] = {k: list(v) if isinstance(v, tuple) else v
+                              for k, v in sg.items() if k in ("trusted", "keyring", "pem_keys")
+                              and v not in (None, ())}
+        image_verify = {img.module: img.verify for img in self.images if img.verify}
+        if image_verify:
+            out["image_verify"] = image_verify
         if self.lmod_in_image:
             roots = roots or self.roots()
             lmod = {"modulepath": [posixpath.relpath(roots["modulefiles"], roots["wrappers"])]}
@@ -445,6 +456,8 @@ IMAGE_KEYS: Dict[str, Key] = {
     "personal_overlay": Key(parse_personal_overlay, default=None,
                             doc="each user's writable ext3 overlay for this module: true or "
                                 "{size: MiB, sparse: bool}; made on first use"),
+    "verify": Key(lambda c, n, k: parse_verify_mode(c, n, k), default=None,
+                  doc="signature policy of this image: off|warn|require (docs/signing.md)"),
 }
 
 
@@ -494,6 +507,45 @@ HARDWARE_KEYS = ("gpu", "gpu_devices", "gpu_extra_libs", "gpu_exclude_libs",
                  "ib_extra_libs", "ib_memlock_min")
 
 
+def parse_verify_mode(ctx, node, keypath):
+    """off|warn|require; YAML 1.1 reads a bare `off` as false: that is "off" too."""
+    if getattr(node, "tag", "") == "tag:yaml.org,2002:bool" and node.value.lower() in ("off", "no", "false"):
+        return "off"
+    return choice(*VERIFY_MODES)(ctx, node, keypath)
+
+
+def parse_fingerprint(ctx, node, keypath):
+    """An OpenPGP fingerprint (40 hex digits, spaces allowed: upper-cased) or a DSSE key
+    ID (SHA256:base64, as `hpcimage verify --key` prints it)."""
+    value = _expect_str(ctx, node, keypath)
+    if value.startswith("SHA256:") and re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", value):
+        return value
+    fp = value.replace(" ", "").upper()
+    if not re.fullmatch(r"[0-9A-F]{40}", fp):
+        raise ctx.error(node, keypath, f"not an OpenPGP fingerprint (40 hex digits) or a "
+                                       f"DSSE key ID (SHA256:...): {value!r}")
+    return fp
+
+
+SIGNING_KEYS: Dict[str, Key] = {
+    "verify": Key(parse_verify_mode, default="off",
+                  doc="every image's signature policy: off|warn|require"),
+    "trusted": Key(list_of(parse_fingerprint), default=(),
+                   doc="signers trusted: OpenPGP fingerprints, DSSE key IDs"),
+    "keyring": Key(parse_abs_path, default=None,
+                   doc="OpenPGP public keyring to verify with (default: the global ones)"),
+    "pem_keys": Key(list_of(parse_abs_path), default=(),
+                    doc="PEM public keys to verify DSSE signatures with"),
+    "sign_key": Key(parse_abs_path, default=None,
+                    doc="what `hpcimage publish --sign` signs with: a PEM private key "
+                        "(DSSE) or an OpenPGP secret keyring (its first key)"),
+}
+
+
+def parse_signing(ctx, node, keypath):
+    return _mapping(ctx, node, keypath, SIGNING_KEYS)
+
+
 def parse_mpi(ctx, node, keypath):
     return _mapping(ctx, node, keypath, MPI_KEYS)
 
@@ -523,6 +575,8 @@ SITE_KEYS: Dict[str, Key] = {
        for k in HARDWARE_KEYS},
     "mpi": Key(parse_mpi, default=None,
                doc="the host MPI for image-mpi (see docs/site-yaml.md)"),
+    "signing": Key(parse_signing, default=None,
+                   doc="signature policy and keys (docs/signing.md)"),
     "local": Key(parse_local_dir, default=DEFAULT_LOCAL,
                  doc="each user's local image directory (image-update); ~ and $VAR at run time"),
     "keep": Key(parse_count, default=DEFAULT_KEEP,
@@ -611,7 +665,8 @@ def _build(ctx, root, values):
             path=posixpath.normpath(posixpath.join(values["store"], raw["file"])),
             description=raw["description"], default=raw["default"],
             binds=raw["binds"], help=raw["help"], url=raw["url"], line=raw["line"],
-            personal_overlay=raw["personal_overlay"]))
+            personal_overlay=raw["personal_overlay"],
+            verify=raw["verify"]))
 
     roots = {k: values[k] for k in ("modulefiles", "tcl_modulefiles", "wrappers")}
     keys = list(roots)
@@ -645,7 +700,8 @@ def _build(ctx, root, values):
         images=tuple(images), mpi=dict(values["mpi"] or {}), hardware=hardware,
         local=values["local"], keep=values["keep"],
         extra_wrappers=tuple(values["extra_wrappers"]),
-        lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"])
+        lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"],
+        signing=dict(values["signing"] or {}))
 
 
 def _loadable(ctx, inode, keypath, name, version):

@@ -990,3 +990,63 @@ def append_partition(path, part_path, fstype, parttype, arch=None):
     finally:
         os.close(fd)
     return SifImage.open(path).descriptor(new_id)
+
+
+def signature_extra(hash_code, fingerprint=b""):
+    """A signature descriptor's extra field: hash type and the signer's fingerprint."""
+    return _SIGNATURE.pack(hash_code, fingerprint.ljust(20, b"\x00")[:256])
+
+
+def has_signatures(path):
+    """True if the SIF at PATH carries a signature object (header and table only)."""
+    return any(d.data_type == DATA_SIGNATURE for d in SifImage.open(path).descriptors)
+
+
+def append_object(path, data_type, data, extra=b"", link=0, link_group=False, group=0):
+    """Append one data object (bytes DATA) to the SIF at PATH, as the sif library's
+    AddObject does: the first free descriptor, the next object ID, the data at the end
+    of the file, the header's free count, data size and modification time updated.
+
+    Atomic: the image is copied to a temporary name beside it (copy_file_range: a
+    reflink or an in-kernel copy), changed there, fsync'ed and renamed into place
+    (fsutil.AtomicFile); the original is untouched on any error. Returns the new ID."""
+    import time
+
+    path = os.fspath(path)
+    img = SifImage.open(path)
+    h = img.header
+    if h.descriptors_free <= 0:
+        raise UsageError(f"{path}: no free descriptor left to add an object "
+                         f"(all {h.descriptors_total} used)")
+    fd = _open_regular(path)
+    try:
+        raw = _pread_exact(fd, h.descriptors_total * DESCRIPTOR_SIZE, h.descriptors_offset,
+                           path, "descriptor table")
+        slot = next(i for i in range(h.descriptors_total) if not raw[i * DESCRIPTOR_SIZE + 4])
+        new_id = max((d.id for d in img.descriptors), default=0) + 1
+        now = int(time.time())
+        size = img.file_size
+        mode = os.fstat(fd).st_mode & 0o7777
+        a = fsutil.AtomicFile(path, mode, _temp_beside(path))
+        try:
+            out = a.open()
+            _copy_range(fd, out.fileno(), 0, 0, size)
+            os.pwrite(out.fileno(), data, size)
+            desc = _DESCRIPTOR.pack(
+                data_type, True, new_id, (GROUP_MASK | group) & 0xFFFFFFFF,
+                (link | (GROUP_MASK if link_group else 0)) & 0xFFFFFFFF,
+                size, len(data), len(data), now, now, 0, 0, b"", extra)
+            os.pwrite(out.fileno(), desc, h.descriptors_offset + slot * DESCRIPTOR_SIZE)
+            header = _HEADER.pack(
+                h.launch_script, h.magic, h.version, h.arch, h.id, h.created_at, now,
+                h.descriptors_free - 1, h.descriptors_total, h.descriptors_offset,
+                h.descriptors_size, h.data_offset, size + len(data) - h.data_offset)
+            os.pwrite(out.fileno(), header, 0)
+            a.commit()
+        except OSError as e:
+            raise HpcimageError(f"{path}: cannot add an object: {e.strerror or e}") from None
+        finally:
+            a.discard()
+    finally:
+        os.close(fd)
+    return new_id

@@ -369,7 +369,26 @@ def command(r, p):
                opts.app, p.rcfile, late))
 
 
-STEPS = (session, host_devices, mpi_rank_alone, lmod_inside, system_binds, home, site_binds, user_binds,
+def signature_policy(r, p):
+    """site.json verify/image_verify (docs/signing.md): a wrapper's image not recorded
+    as signed by a key the site trusts is refused (require: exit 2) or warned about
+    (warn). Reads only the records publish and image-update wrote; nothing when off."""
+    if r.site.verify == "off" and not r.site.image_verify:
+        return
+    if not r.opts.prog.startswith("image-"):
+        return
+    from hpcimage.runtime.localcopy import signature_problem
+    problem = signature_problem(r.opts.image, r.image.path, r.environ.get("HPCIMAGE_MODULE"),
+                                r.site, r.environ)
+    if problem is None:
+        p.notes.append("signature: recorded as signed by a key the site trusts")
+    elif problem[0] == "require":
+        raise UsageError(problem[1])
+    else:
+        p.warnings.append(problem[1])
+
+
+STEPS = (signature_policy, session, host_devices, mpi_rank_alone, lmod_inside, system_binds, home, site_binds, user_binds,
          scratch, contributed_binds, cwd, root, process, command)
 
 

@@ -52,6 +52,15 @@ def global_public_path():
     return os.path.join(GLOBAL_DIR, GLOBAL)
 
 
+def keys_dirs(environ=None):
+    """The personal key directories: hpcimage's first, then Apptainer's."""
+    return [keys_dir(environ), apptainer_keys_dir(environ)]
+
+
+GLOBAL_PUBLIC = (os.path.join(GLOBAL_DIR, GLOBAL),
+                 *(os.path.join(d, GLOBAL) for d in APPTAINER_GLOBAL_DIRS))
+
+
 def _home(env):
     return env.get("HOME") or os.path.expanduser("~")
 
