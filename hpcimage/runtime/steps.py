@@ -68,7 +68,11 @@ def session(r, p):
     p.add(UserNs(r.uid, r.gid, o.ipc, o.uts, o.hostname))
     p.add(Private())
     p.add(Session(r.session_dir, 0 if o.workdir else len(o.scratch)))
-    p.add(MountImage(r.image, r.session_dir + "/image"))
+    image = r.image
+    if getattr(image, "crypt", None):     # an encrypted SIF: gocryptfs first (runtime/crypt)
+        from hpcimage.runtime import crypt
+        image = crypt.decrypt(r, p)
+    p.add(MountImage(image, r.session_dir + "/image"))
 
 
 def host_devices(r, p):
