@@ -216,6 +216,56 @@ class _Range:
         return data
 
 
+PASSPHRASE_VARS = ("HPCIMAGE_ENCRYPTION_PASSPHRASE", "APPTAINER_ENCRYPTION_PASSPHRASE",
+                   "SINGULARITY_ENCRYPTION_PASSPHRASE")
+PEM_VARS = ("HPCIMAGE_ENCRYPTION_PEM_PATH", "APPTAINER_ENCRYPTION_PEM_PATH",
+            "SINGULARITY_ENCRYPTION_PEM_PATH")
+
+
+def build_key(passphrase, encrypt, pem_path, environ, warn):
+    """The Key `hpcimage build` encrypts with, or None (as Apptainer's build: --pem-path
+    FILE, --passphrase (asked on the terminal; without one, the variable), -e/--encrypt
+    (the *_ENCRYPTION_PEM_PATH, then the *_ENCRYPTION_PASSPHRASE variable)); the
+    public key is checked here, before the build."""
+    var = next((v for v in PASSPHRASE_VARS if environ.get(v)), None)
+    pem_var = next((v for v in PEM_VARS if environ.get(v)), None)
+    if not (passphrase or encrypt or pem_path):
+        if var or pem_var:
+            warn(f"{var or pem_var} is set, but not --encrypt: the image is NOT encrypted")
+        return None
+    if passphrase and pem_path:
+        raise UsageError("--passphrase and --pem-path: choose one")
+    if pem_path or (encrypt and not passphrase and pem_var and not var):
+        path = pem_path or environ[pem_var]
+        load_public_pem(path)
+        return Key("pem", path=os.path.abspath(path))
+    if passphrase:
+        from hpcimage.runtime import crypt as rtcrypt
+        if rtcrypt._tty_ok():
+            return Key("passphrase", rtcrypt.ask_terminal(
+                "Enter encryption passphrase: ", "Retype encryption passphrase: "))
+        if not var:
+            raise UsageError("--passphrase: no terminal to ask for the passphrase on: set "
+                             "APPTAINER_ENCRYPTION_PASSPHRASE (with --encrypt) instead")
+    if not var:
+        raise UsageError("--encrypt: no key: set APPTAINER_ENCRYPTION_PASSPHRASE or "
+                         "APPTAINER_ENCRYPTION_PEM_PATH, or give --passphrase or --pem-path")
+    return Key("passphrase", environ[var].encode())
+
+
+def encrypted_build(out, build, key):
+    """Run build(plain_out) to a plain SIF in a private (0700) directory beside out,
+    then write out, encrypted with key, and remove the plain one."""
+    d = tempfile.mkdtemp(prefix=".hpcimage-encrypt-", dir=os.path.dirname(os.path.abspath(out)))
+    try:
+        plain = os.path.join(d, "plain.sif")
+        kind = build(plain)
+        encrypt_image(plain, out, key, tmpdir=d)
+        return kind
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def outer_squashfs(image, out_path, password, tmpdir):
     """Write at out_path the uncompressed SquashFS that holds gocryptfs.conf and the
     encrypted SquashFS of image (an hpcimage.image.Image: a SquashFS file, or a SIF's

@@ -114,6 +114,8 @@ class Decrypt:
 
     def run(self, state):
         password = password_for(self.image, self.key)
+        for v in PASSPHRASE_VARS:       # the helper daemons inherit no passphrase
+            os.environ.pop(v, None)
         base = self.base
         outer, plain = base + "/outer", base + "/plain"
         os.mkdir(base, 0o700)
@@ -195,31 +197,36 @@ def password_for(image, key):
     return pem_password(image.path, key.value)
 
 
-def ask_terminal():
+def ask_terminal(prompt=PROMPT, confirm=None, what="--passphrase"):
+    """A passphrase read on /dev/tty without echo (twice where confirm is a prompt);
+    UsageError without a terminal, for an empty one or two that differ."""
     import termios
     try:
         fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
     except OSError:
-        raise UsageError("--passphrase: no terminal to ask on: set "
+        raise UsageError(f"{what}: no terminal to ask on: set "
                          "APPTAINER_ENCRYPTION_PASSPHRASE instead") from None
     try:
         old = termios.tcgetattr(fd)
         new = list(old)
         new[3] &= ~termios.ECHO
-        os.write(fd, PROMPT.encode())
-        termios.tcsetattr(fd, termios.TCSAFLUSH, new)
-        try:
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                line = f.readline()
-        finally:
-            termios.tcsetattr(fd, termios.TCSAFLUSH, old)
-            os.write(fd, b"\n")
+        answers = []
+        for p in (prompt, confirm) if confirm else (prompt,):
+            os.write(fd, p.encode())
+            termios.tcsetattr(fd, termios.TCSADRAIN, new)
+            try:
+                with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                    answers.append(f.readline().rstrip(b"\n"))
+            finally:
+                termios.tcsetattr(fd, termios.TCSADRAIN, old)
+                os.write(fd, b"\n")
     finally:
         os.close(fd)
-    pw = line.rstrip(b"\n")
-    if not pw:
-        raise UsageError("--passphrase: an empty passphrase")
-    return pw
+    if not answers[0]:
+        raise UsageError(f"{what}: an empty passphrase")
+    if len(answers) == 2 and answers[0] != answers[1]:
+        raise UsageError(f"{what}: the passphrases do not match")
+    return answers[0]
 
 
 def pem_kind(data):
