@@ -504,8 +504,8 @@ def _primary_squashfs_of(img, d):
     if d.fstype not in (FS_SQUASH, FS_GOCRYPTFS_SQUASH):
         hint = ""
         if d.fstype == FS_ENCRYPTED_SQUASH:
-            hint = (" (dm-crypt encrypted SIF images, built by root, are not supported; "
-                    "gocryptfs ones are)")
+            hint = (" (encrypted SIF images of the dm-crypt kind, built by root, are not "
+                    "supported; gocryptfs ones are)")
         raise UsageError(f"{img.path}: primary partition (object {d.id}) is "
                          f"{d.fstype_name}, not SquashFS{hint}")
     fd = _open_regular(img.path)
