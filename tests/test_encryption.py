@@ -316,3 +316,24 @@ def test_build_errors(user, demo_dir, userdir, built):
 def test_build_from_encrypted_source_refused(user, built, userdir):
     r = user.run(cli_argv("build", str(userdir / "y.sqfs"), built["pw"]), cwd=str(userdir))
     assert r.returncode == 2 and "encrypted" in r.stderr
+
+
+# ------------------------------------------------------------------ the store
+
+from test_store import Store, store  # noqa: E402,F401  (the store fixture)
+
+
+def test_publish_and_image_update_carry_encrypted_images(store, built):
+    store.publish(built["pw"], "Other", "1")
+    env = {"HPCIMAGE_IMAGE": str(store.dir / "Other-1.sqfs"), "HPCIMAGE_MODULE": "Other/1"}
+    r = store.update(env=env)
+    assert r.returncode == 0, r.stderr
+    local = store.local / "Other-1.sqfs"
+    assert local.read_bytes() == Path(built["pw"]).read_bytes()
+    env["APPTAINER_ENCRYPTION_PASSPHRASE"] = PASS
+    r = store.run_image("cat", "/etc/os-release", env=env)
+    assert r.returncode == 0 and "hpcimage Demo" in r.stdout, r.stderr
+    env["APPTAINER_ENCRYPTION_PASSPHRASE"] = "wrong"
+    r = store.run_image("true", env=env)
+    assert r.returncode == 2 and "wrong passphrase" in r.stderr
+    assert_clean(store.user)
