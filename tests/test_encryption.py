@@ -337,3 +337,11 @@ def test_publish_and_image_update_carry_encrypted_images(store, built):
     r = store.run_image("true", env=env)
     assert r.returncode == 2 and "wrong passphrase" in r.stderr
     assert_clean(store.user)
+
+
+def test_dry_run_shows_the_decrypt_op_never_the_key(user, built):
+    r = run(user, built, "--dry-run", built["pw"], "true",
+            env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS})
+    assert r.returncode == 0, r.stderr
+    assert "decrypt " + built["pw"] in r.stdout and "$APPTAINER_ENCRYPTION_PASSPHRASE" in r.stdout
+    assert PASS not in r.stdout
