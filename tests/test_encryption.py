@@ -345,3 +345,12 @@ def test_dry_run_shows_the_decrypt_op_never_the_key(user, built):
     assert r.returncode == 0, r.stderr
     assert "decrypt " + built["pw"] in r.stdout and "$APPTAINER_ENCRYPTION_PASSPHRASE" in r.stdout
     assert PASS not in r.stdout
+
+
+def test_image_mpi_runs_an_encrypted_image(user, built):
+    r = user.run(runtime_argv("image-mpi", "-n", "2", "cat", "/etc/os-release"),
+                 env={"HPCIMAGE_IMAGE": built["pw"], "APPTAINER_ENCRYPTION_PASSPHRASE": PASS},
+                 cwd=str(built["dir"]))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("hpcimage Demo 1.0") == 2
+    assert_clean(user)
