@@ -308,9 +308,20 @@ def test_build_errors(user, demo_dir, userdir, built):
                  env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS}, cwd=str(userdir))
     assert r.returncode == 2 and "is a SIF" in r.stderr
     assert os.listdir(userdir) == []        # nothing half-written
+    r = user.run(cli_argv("build", "--encrypt", str(built["dir"].parent / "x.sif"),
+                          str(demo_dir)), env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS})
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"hpcimage: error: {built['dir'].parent}/x.sif: cannot write beside it: "
+        "Permission denied"]
     r = user.run(cli_argv("build", out, str(demo_dir)),
                  env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS}, cwd=str(userdir))
     assert r.returncode == 0 and "NOT encrypted" in r.stderr
+    r = user.run(cli_argv("build", "--encrypt", str(userdir / "e.sif"), str(demo_dir)),
+                 env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS}, cwd=str(userdir))
+    assert r.returncode == 0 and "NOT encrypted" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"hpcimage: built {userdir}/e.sif (sif, encrypted: passphrase) from {demo_dir}")
+    assert sorted(os.listdir(userdir)) == ["e.sif", "x.sif"]   # no temporary left
 
 
 def test_build_from_encrypted_source_refused(user, built, userdir):

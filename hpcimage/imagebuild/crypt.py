@@ -256,11 +256,19 @@ def build_key(passphrase, encrypt, pem_path, environ, warn):
 def encrypted_build(out, build, key):
     """Run build(plain_out) to a plain SIF in a private (0700) directory beside out,
     then write out, encrypted with key, and remove the plain one."""
-    d = tempfile.mkdtemp(prefix=".hpcimage-encrypt-", dir=os.path.dirname(os.path.abspath(out)))
+    try:
+        d = tempfile.mkdtemp(prefix=".hpcimage-encrypt-",
+                             dir=os.path.dirname(os.path.abspath(out)))
+    except OSError as e:
+        raise HpcimageError(f"{out}: cannot write beside it: {e.strerror}") from None
     try:
         plain = os.path.join(d, "plain.sif")
         kind = build(plain)
-        encrypt_image(plain, out, key, tmpdir=d)
+        try:
+            encrypt_image(plain, out, key, tmpdir=d)
+        except OSError as e:
+            raise HpcimageError(f"{out}: cannot write the encrypted image: "
+                                f"{e.strerror or e}") from None
         return kind
     finally:
         shutil.rmtree(d, ignore_errors=True)
