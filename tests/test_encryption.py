@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, cli_argv, runtime_argv
+from conftest import cli_argv, readable, runtime_argv
 
 PASS = "correct horse battery staple"
 VARS = ("HPCIMAGE_ENCRYPTION_PASSPHRASE", "APPTAINER_ENCRYPTION_PASSPHRASE",
@@ -88,17 +88,19 @@ def built(user, demo_dir):
     d = Path(tempfile.mkdtemp(dir=base, prefix="crypt-"))
     d.chmod(0o755)
     os.chown(d, user.uid, user.gid)
-    keys = write_keys(d, user)
-    pw = str(d / "pw.sif")
-    r = user.run(cli_argv("build", "--encrypt", pw, str(demo_dir)),
-                 env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS}, cwd=str(d))
-    assert r.returncode == 0, r.stderr
-    pem = str(d / "pem.sif")
-    r = user.run(cli_argv("build", "--pem-path", keys["rsa_pub.pem"], pem, str(demo_dir)),
-                 cwd=str(d))
-    assert r.returncode == 0, r.stderr
-    yield {"dir": d, "pw": pw, "pem": pem, **keys}
-    shutil.rmtree(d, ignore_errors=True)
+    try:
+        keys = write_keys(d, user)
+        pw = str(d / "pw.sif")
+        r = user.run(cli_argv("build", "--encrypt", pw, str(demo_dir)),
+                     env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS}, cwd=str(d))
+        assert r.returncode == 0, r.stderr
+        pem = str(d / "pem.sif")
+        r = user.run(cli_argv("build", "--pem-path", keys["rsa_pub.pem"], pem, str(demo_dir)),
+                     cwd=str(d))
+        assert r.returncode == 0, r.stderr
+        yield {"dir": d, "pw": pw, "pem": pem, **keys}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def run(user, built, *args, env=None, prog="exec"):
@@ -322,6 +324,21 @@ def test_build_errors(user, demo_dir, userdir, built):
     assert r.stderr.strip().splitlines()[-1] == (
         f"hpcimage: built {userdir}/e.sif (sif, encrypted: passphrase) from {demo_dir}")
     assert sorted(os.listdir(userdir)) == ["e.sif", "x.sif"]   # no temporary left
+
+
+def test_build_a_definition_file_for_an_rsa_key(user, built, userdir):
+    """The definition-file builder (a user namespace) then the encryption, with the
+    definition file object in clear, as Apptainer keeps it."""
+    out = str(userdir / "def.sif")
+    r = user.run(cli_argv("build", "--pem-path", built["rsa_pub.pem"], out,
+                          str(readable("images/Demo.def"))), cwd=str(userdir), timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = user.run(runtime_argv("run", "--pem-path", built["rsa_pri.pem"], out),
+                 cwd=str(userdir))
+    assert r.returncode == 0, r.stderr
+    r = user.run(cli_argv("inspect", "--deffile", out))
+    assert r.returncode == 0 and "Bootstrap:" in r.stdout, r.stdout
+    assert_clean(user)
 
 
 def test_build_from_encrypted_source_refused(user, built, userdir):
