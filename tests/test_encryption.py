@@ -382,3 +382,26 @@ def test_image_mpi_runs_an_encrypted_image(user, built):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("hpcimage Demo 1.0") == 2
     assert_clean(user)
+
+
+def test_key_source_order_and_kinds():
+    """Which key a launch takes (runtime/crypt.key_source), without a container."""
+    from hpcimage.errors import UsageError
+    from hpcimage.image import Image
+    from hpcimage.runtime import crypt, options
+    pw = Image("/x.sif", "sif", 4096, 10, "amd64", "passphrase")
+    pem = Image("/y.sif", "sif", 4096, 10, "amd64", "pem")
+    o = options.parse(["exec", "/x.sif", "true"], {})
+    env = {"SINGULARITY_ENCRYPTION_PASSPHRASE": "s", "APPTAINER_ENCRYPTION_PASSPHRASE": "a"}
+    assert crypt.key_source(pw, o, env) == crypt.KeySource(
+        "env", "APPTAINER_ENCRYPTION_PASSPHRASE", "a")
+    env["HPCIMAGE_ENCRYPTION_PASSPHRASE"] = "h"
+    assert crypt.key_source(pw, o, env).value == "h"
+    with pytest.raises(UsageError, match="encrypted for an RSA key"):
+        crypt.key_source(pem, o, env)
+    o = options.parse(["exec", "/y.sif", "true"], {"APPTAINER_ENCRYPTION_PEM_PATH": "/k.pem"})
+    assert crypt.key_source(pem, o, {}) == crypt.KeySource("pem", value="/k.pem")
+    with pytest.raises(UsageError, match="with a passphrase, not for an RSA key"):
+        crypt.key_source(pw, o, {})
+    assert "/k.pem" in repr(crypt.key_source(pem, o, {}))
+    assert "a" not in repr(crypt.KeySource("env", "X", "a secret")).replace("passphrase", "")

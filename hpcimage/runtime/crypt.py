@@ -16,6 +16,7 @@ import os
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.image import Image
 from hpcimage.linux import spawn, syscalls
+from hpcimage.runtime.ops import Op, quote
 
 PASSPHRASE_VARS = ("HPCIMAGE_ENCRYPTION_PASSPHRASE", "APPTAINER_ENCRYPTION_PASSPHRASE",
                    "SINGULARITY_ENCRYPTION_PASSPHRASE")
@@ -89,7 +90,7 @@ def decrypt(r, p):
     return Image(base + "/image", "squashfs", 0, None, r.image.arch)
 
 
-class Decrypt:
+class Decrypt(Op):
     """Mount image's partition and gocryptfs over it below base; base/image: a link to
     the decrypted SquashFS file. key: a KeySource."""
     __slots__ = ("image", "base", "key")
@@ -99,7 +100,6 @@ class Decrypt:
         self.image, self.base, self.key = image, base, key
 
     def describe(self):
-        from hpcimage.runtime.ops import quote
         return [f"decrypt {quote(self.image.path)} -> {quote(self.base)}/image  # "
                 f"squashfuse + gocryptfs, {self.key!r}"]
 
