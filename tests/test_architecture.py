@@ -5,7 +5,7 @@ The import graph is read from the source (ast): every `import hpcimage...` and
 `from hpcimage... import ...`, at the top of a module or inside a function alike (a
 lazy import is still a dependency). Rooms, bottom first:
 
-    errors, fsutil  <  linux  <  config  <  image  <  host  <  runtime (with runtime.mpi
+    errors, fsutil  <  linux  <  config  <  image  <  signing  <  host  <  runtime (with runtime.mpi
     and the doctors)  <  store  <  imagebuild  <  generate  <  cli
 
 A module may import from its own room or the rooms below it. `hpcimage` itself (the
@@ -24,6 +24,7 @@ ROOMS = [
     ("hpcimage.linux",),
     ("hpcimage.config",),
     ("hpcimage.image",),
+    ("hpcimage.signing",),
     ("hpcimage.host",),
     ("hpcimage.runtime",),
     ("hpcimage.store",),

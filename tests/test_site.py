@@ -189,7 +189,7 @@ BAD = [
      "site.yaml:4: mpi.libs[0]: not a library name: '$(evil)'"),
     ("unknown-image", "store: /s\nimages:\n" + IMG + "    descripton: x\n",
      "site.yaml:6: images[0].descripton: unknown key (did you mean 'description'? known keys: "
-     "name, version, file, description, default, binds, help, url)"),
+     "name, version, file, description, default, binds, help, url, personal_overlay)"),
     ("duplicate-key", "store: /s\nimages: []\nstore: /t\n",
      "site.yaml:3: store: duplicate key (first at line 1)"),
     ("images-not-list", "store: /s\nimages: {name: A}\n",

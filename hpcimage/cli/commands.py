@@ -10,7 +10,7 @@ from hpcimage.errors import HpcimageError
 # Apptainer's commands that hpcimage does not have: refused by name (exit 2), never
 # "no such command" as if they were a typo. A command registered here later wins.
 APPTAINER_ONLY = ("cache", "capability", "checkpoint", "completion", "config", "delete",
-                  "instance", "key", "keyserver", "oci", "overlay", "plugin", "push",
+                  "instance", "keyserver", "oci", "overlay", "plugin", "push",
                   "registry", "remote", "search", "sign", "verify")
 
 
@@ -70,6 +70,11 @@ cli.add_command(_sif)
 cli.add_command(_build)
 from hpcimage.cli.pull import pull as _pull  # noqa: E402  (issue 14)
 cli.add_command(_pull)
+from hpcimage.cli.keys import key as _key  # noqa: E402  (issue 18)
+cli.add_command(_key)
+cli.add_command(_key, "keys")
+from hpcimage.cli.overlaycli import overlay as _overlay  # noqa: E402  (issue 16)
+cli.add_command(_overlay)
 
 
 @cli.command()

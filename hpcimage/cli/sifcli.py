@@ -104,10 +104,14 @@ def dump(object_id, image):
                    "none, or the modules (Name or Name/version) to build.")
 @click.option("--site", "site_path", default="site.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="With --all: the site description.")
+@click.option("--fakeroot", "-f", "fakeroot", is_flag=True,
+              help="Accepted (Apptainer's): a definition file is always built as root of "
+                   "a user namespace, through /etc/subuid and /etc/subgid where you have "
+                   "ranges (else your own ids only).")
 @click.argument("out", required=False)
 @click.argument("source", required=False)
 def build(sandbox, force, notest, build_args, all_, site_path, out, source, verbose,
-          warn_unused, encrypt, passphrase, pem_path):
+          warn_unused, fakeroot, encrypt, passphrase, pem_path):
     """Build OUT (.sif, .sqfs or, with --sandbox, a directory) from SOURCE.
 
     SOURCE is a definition file (.def, Apptainer syntax; built without root in a

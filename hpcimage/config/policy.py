@@ -58,6 +58,9 @@ POLICY_KEYS = (
     ("mpi",                "{str: ...}", {},        "the host MPI for image-mpi (site.yaml mpi: "
                                                     "mode, launcher, srun_mpi, implementation, "
                                                     "prefix, libs, binds)"),
+    ("personal_overlays",  "{str: {...}}", {},      "each user's overlay file per module "
+                                                    "(site.yaml personal_overlay): size "
+                                                    "(MiB), sparse; made on first use"),
     ("lmod",               "LmodInImage", None,     "Lmod inside the images (site.yaml "
                                                     "lmod_in_image): modulepath, prefix; None: off"),
 )

@@ -63,6 +63,7 @@ class Image:
     help: str = ""
     url: str = ""
     line: int = 0                   # line of the image's entry in site.yaml
+    personal_overlay: Optional[Tuple[int, bool]] = None     # (MiB, sparse): per user
 
     @property
     def module(self):
@@ -113,9 +114,13 @@ class Site:
         the Lua modulefiles root relative to the wrappers directory, where site.json
         lives, so that a rendered tree can be moved as a whole."""
         image_binds = {}
+        overlays = {}
         for img in self.images:
             if img.binds:
                 image_binds[img.module] = [b.spec for b in img.binds]
+            if img.personal_overlay:
+                size, sparse = img.personal_overlay
+                overlays[img.module] = {"size": size, "sparse": sparse}
         out = {
             "binds": [b.spec for b in self.binds],
             "image_binds": image_binds,
@@ -123,6 +128,8 @@ class Site:
             "version": POLICY_VERSION,
         }
         out.update(self.hardware)
+        if overlays:
+            out["personal_overlays"] = overlays
         if self.mpi:
             out["mpi"] = {k: (list(b.spec for b in v) if k == "binds" else
                               list(v) if isinstance(v, tuple) else v)
@@ -390,6 +397,36 @@ def _mapping(ctx, node, keypath, schema):
     return values
 
 
+PERSONAL_OVERLAY_SIZE = 1024        # MiB, personal_overlay: true
+OVERLAY_MIN_SIZE = 64               # MiB, as `overlay create`
+
+
+def parse_overlay_size(ctx, node, keypath):
+    value = _scalar(ctx, node, keypath)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.error(node, keypath, f"expected a size in MiB, got {_describe(node)}")
+    if value < OVERLAY_MIN_SIZE:
+        raise ctx.error(node, keypath, f"must be at least {OVERLAY_MIN_SIZE} (MiB), got {value}")
+    return value
+
+
+PERSONAL_OVERLAY_KEYS: Dict[str, Key] = {
+    "size": Key(parse_overlay_size, default=PERSONAL_OVERLAY_SIZE,
+                doc="MiB of the ext3 file (at least 64)"),
+    "sparse": Key(parse_bool, default=True,
+                  doc="blocks allocated on use (false: all of them at creation)"),
+}
+
+
+def parse_personal_overlay(ctx, node, keypath):
+    """true, false, or {size: MiB, sparse: bool}: (size, sparse) or None (off)."""
+    if isinstance(node, yaml.ScalarNode):
+        on = parse_bool(ctx, node, keypath)
+        return (PERSONAL_OVERLAY_SIZE, True) if on else None
+    values = _mapping(ctx, node, keypath, PERSONAL_OVERLAY_KEYS)
+    return (values["size"], values["sparse"])
+
+
 IMAGE_KEYS: Dict[str, Key] = {
     "name": Key(parse_name, required=True,
                 doc="module name; [A-Za-z0-9][A-Za-z0-9._+-]*"),
@@ -405,6 +442,9 @@ IMAGE_KEYS: Dict[str, Key] = {
                  doc="binds for this image only, added to the site's"),
     "help": Key(parse_text, default="", doc="extra text for `module help`"),
     "url": Key(parse_line, default="", doc="a web page about the image"),
+    "personal_overlay": Key(parse_personal_overlay, default=None,
+                            doc="each user's writable ext3 overlay for this module: true or "
+                                "{size: MiB, sparse: bool}; made on first use"),
 }
 
 
@@ -570,7 +610,8 @@ def _build(ctx, root, values):
             name=raw["name"], version=raw["version"],
             path=posixpath.normpath(posixpath.join(values["store"], raw["file"])),
             description=raw["description"], default=raw["default"],
-            binds=raw["binds"], help=raw["help"], url=raw["url"], line=raw["line"]))
+            binds=raw["binds"], help=raw["help"], url=raw["url"], line=raw["line"],
+            personal_overlay=raw["personal_overlay"]))
 
     roots = {k: values[k] for k in ("modulefiles", "tcl_modulefiles", "wrappers")}
     keys = list(roots)

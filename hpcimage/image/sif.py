@@ -951,3 +951,75 @@ def _copy_range(src, dst, src_off, dst_off, count):
         src_off += n
         dst_off += n
         count -= n
+
+
+# ------------------------------------------------------------ adding one partition
+
+def signed(img):
+    """The signature objects of SifImage img (DATA_SIGNATURE descriptors)."""
+    return [d for d in img.descriptors if d.data_type == DATA_SIGNATURE]
+
+
+def encrypted(img):
+    """The encrypted partitions of img (Encrypted squashfs) and its crypto messages."""
+    return [d for d in img.descriptors
+            if (d.data_type == DATA_PARTITION and d.fstype == FS_ENCRYPTED_SQUASH)
+            or d.data_type == DATA_CRYPTO_MESSAGE]
+
+
+def append_partition(path, part_path, fstype, parttype, arch=None):
+    """Add the file part_path to the SIF at path as one more partition (fstype,
+    parttype; arch: a Go name, default the primary partition's, else this machine's),
+    aligned to 4096 at the end of the data, in object group 1, in the first free
+    descriptor, as the sif library's AddObject does. Atomic: the SIF is copied (holes
+    kept) to a temporary name beside it, changed there and renamed into place; the
+    copy keeps the original's mode. Returns the new object's descriptor."""
+    import time
+    path = os.fspath(path)
+    img = SifImage.open(path)
+    h = img.header
+    if h.descriptors_free <= 0:
+        raise UsageError(f"{path}: no free descriptor in the SIF's table "
+                         f"({h.descriptors_total} used)")
+    if arch is None:
+        p = [d for d in img.descriptors if d.is_primary_partition]
+        arch = goarch_name(p[0].arch) if p else "unknown"
+        if arch == "unknown":
+            arch = host_goarch()
+    code = _GOARCH_CODES.get(arch)
+    if code is None:
+        raise UsageError(f"unknown architecture {arch!r}")
+    fd = _open_regular(path)
+    try:
+        used = {d.index for d in img.descriptors}
+        slot = next(i for i in range(h.descriptors_total) if i not in used)
+        new_id = max((d.id for d in img.descriptors), default=0) + 1
+        mode = os.fstat(fd).st_mode & 0o7777
+        src = _open_regular(os.fspath(part_path))
+        try:
+            with fsutil.AtomicFile(path, mode, _temp_beside(path)) as f:
+                out = f.fileno()
+                _copy_sparse(fd, out, 0)
+                end = h.data_offset + h.data_size
+                start = end + (-end % PARTITION_ALIGNMENT)
+                n = _copy_sparse(src, out, start)
+                os.ftruncate(out, start + n)
+                now = int(time.time())
+                raw = _DESCRIPTOR.pack(DATA_PARTITION, True, new_id, GROUP_MASK | 1, 0,
+                                       start, n, start - end + n, now, now, 0, 0, b"",
+                                       _PARTITION.pack(fstype, parttype, code))
+                os.pwrite(out, raw, h.descriptors_offset + slot * DESCRIPTOR_SIZE)
+                header = _HEADER.pack(h.launch_script, h.magic, h.version, h.arch, h.id,
+                                      h.created_at, now, h.descriptors_free - 1,
+                                      h.descriptors_total, h.descriptors_offset,
+                                      h.descriptors_size, h.data_offset,
+                                      start + n - h.data_offset)
+                os.pwrite(out, header, 0)
+        except OSError as e:
+            raise HpcimageError(f"{path}: cannot add the partition: "
+                                f"{e.strerror or e}") from None
+        finally:
+            os.close(src)
+    finally:
+        os.close(fd)
+    return SifImage.open(path).descriptor(new_id)

@@ -24,6 +24,9 @@ Layout (DIR is the local image directory: HPCIMAGE_LOCAL, else site.json's
     DIR/.NAME.hpcimage-lock          image-update's flock
     DIR/.NAME.hpcimage-tmp.PID       a copy in progress (removed by the next run)
 
+    DIR/overlay-Name-version.img     the user's personal overlay of module Name/version
+                                     (site.yaml personal_overlay; made on first use)
+
     STOREDIR/hpcimage-manifest.json  the manifest of the store directory holding NAME
 """
 import os
@@ -86,6 +89,11 @@ def local_dir(site, environ):
     """The local image directory, or None when it cannot be resolved."""
     raw = environ.get("HPCIMAGE_LOCAL") or site.local or DEFAULT_LOCAL
     return expand(raw, environ) if isinstance(raw, str) else None
+
+
+def personal_overlay(module, directory):
+    """The personal overlay file of module Name/version in the local directory."""
+    return os.path.join(directory, "overlay-" + module.replace("/", "-") + ".img")
 
 
 def paths(image, directory):

@@ -28,7 +28,8 @@ class Options:
                  "containall", "no_home", "home", "pwd", "env", "env_file", "no_eval",
                  "no_mount", "no_umask", "scratch", "workdir", "pid", "ipc", "uts",
                  "hostname", "no_init", "compat", "dry_run", "app", "nv", "rocm", "ib",
-                 "mpi_mode", "passphrase", "pem_path", "warnings")
+                 "mpi_mode", "warnings",
+                 "fakeroot", "writable", "overlays", "passphrase", "pem_path")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -64,6 +65,9 @@ class Options:
         self.passphrase = False  # encrypted images (runtime/crypt.py)
         self.pem_path = None
         self.warnings = []       # said before the launch (plan.warnings)
+        self.fakeroot = False    # root inside (subordinate ids, else a single id)
+        self.writable = False    # a sandbox directory mounted read-write
+        self.overlays = []       # raw PATH[:ro] overlay specs (the personal overlay's)
 
 
 # The options: one table, read by parse() below, by usage() (the help), by image-mpi's
@@ -144,6 +148,13 @@ FLAGS = (
      ("", "AMD GPUs: device nodes and driver libraries")),
     ("--ib", "ib", False, "ranks", (),
      ("", "InfiniBand/RDMA devices and verbs libraries")),
+    ("-f", "fakeroot", False, "launcher", (), None),
+    ("--fakeroot", "fakeroot", False, "ranks", ("FAKEROOT",),
+     ("", "root inside: ids mapped through /etc/subuid and /etc/subgid (else only "
+      "yours, with a warning); HOME=/root")),
+    ("-w", "writable", False, "launcher", (), None),
+    ("--writable", "writable", False, "ranks", ("WRITABLE",),
+     ("", "a sandbox directory you can write: mounted read-write")),
     ("--passphrase", "passphrase", False, "ranks", (),
      ("", "an encrypted image's passphrase, asked on the terminal (else "
       "APPTAINER_ENCRYPTION_PASSPHRASE)")),
@@ -169,7 +180,7 @@ UNSUPPORTED = {
     "--dmtcp-restart": ("DMTCP_RESTART",), "--dns": ("DNS",),
     "--docker-host": (), "--docker-login": (),
     "--docker-password": (), "--docker-username": (),
-    "--drop-caps": ("DROP_CAPS",), "--fakeroot": ("FAKEROOT",),
+    "--drop-caps": ("DROP_CAPS",),
     "--fusemount": ("FUSESPEC",), "--ignore-fakeroot-command": ("IGNORE_FAKEROOT_COMMAND",),
     "--ignore-subuid": ("IGNORE_SUBUID",), "--ignore-userns": ("IGNORE_USERNS",),
     "--keep-privs": ("KEEP_PRIVS",), "--memory": ("MEMORY",),
@@ -182,12 +193,12 @@ UNSUPPORTED = {
     "--pids-limit": ("PIDS_LIMIT",),
     "--security": ("SECURITY",), "--sharens": ("SHARENS",), "--shell": (),
     "--underlay": ("UNDERLAY",), "--unsquash": ("UNSQUASH",),
-    "--userns": ("USERNS", "UNSHARE_USERNS"), "--writable": ("WRITABLE",),
+    "--userns": ("USERNS", "UNSHARE_USERNS"),
     "--writable-tmpfs": ("WRITABLE_TMPFS",),
 }
-UNSUPPORTED_SHORT = {"-f": "--fakeroot", "-n": "--net", "-o": "--overlay",
-                     "-s": "--shell", "-u": "--userns", "-w": "--writable"}
-NOT_YET = ("--fakeroot", "--overlay", "--writable", "--writable-tmpfs")
+UNSUPPORTED_SHORT = {"-n": "--net", "-o": "--overlay",
+                     "-s": "--shell", "-u": "--userns"}
+NOT_YET = ("--overlay", "--writable-tmpfs")
 
 HELP_WORDS = ("-h", "--help")
 
