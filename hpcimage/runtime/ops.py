@@ -510,7 +510,7 @@ class Exec(Op):
 
 # The session directory's own names: sources there are the launch's, not the user's.
 SESSION_NAMES = ("image", "home", "tmp", "vartmp", "dev", "passwd", "group", "root",
-                 "image.log", "data-images", "scratch")
+                 "image.log", "data-images", "scratch", "crypt")
 
 
 def pin_sources(ops):

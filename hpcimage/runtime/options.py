@@ -29,7 +29,7 @@ class Options:
                  "no_mount", "no_umask", "scratch", "workdir", "pid", "ipc", "uts",
                  "hostname", "no_init", "compat", "dry_run", "app", "nv", "rocm", "ib",
                  "mpi_mode", "warnings",
-                 "fakeroot", "writable", "overlays")
+                 "fakeroot", "writable", "overlays", "passphrase", "pem_path")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -62,6 +62,8 @@ class Options:
         self.rocm = False
         self.ib = False
         self.mpi_mode = None
+        self.passphrase = False  # encrypted images (runtime/crypt.py)
+        self.pem_path = None
         self.warnings = []       # said before the launch (plan.warnings)
         self.fakeroot = False    # root inside (subordinate ids, else a single id)
         self.writable = False    # a sandbox directory mounted read-write
@@ -153,6 +155,11 @@ FLAGS = (
     ("-w", "writable", False, "launcher", (), None),
     ("--writable", "writable", False, "ranks", ("WRITABLE",),
      ("", "a sandbox directory you can write: mounted read-write")),
+    ("--passphrase", "passphrase", False, "ranks", (),
+     ("", "an encrypted image's passphrase, asked on the terminal (else "
+      "APPTAINER_ENCRYPTION_PASSPHRASE)")),
+    ("--pem-path", "pem_path", True, "ranks", ("ENCRYPTION_PEM_PATH",),
+     ("FILE", "an encrypted image's key: a PKCS#1 RSA private key (PEM)")),
     ("--dry-run", "dry_run", False, "image-mpi", (),
      ("", "print the launch plan and exit")),
     ("--mpi-mode", "mpi_mode", True, "image-mpi", (), None),
@@ -183,7 +190,7 @@ UNSUPPORTED = {
     "--no-nv": ("NV_OFF", "NO_NV"), "--no-privs": ("NO_PRIVS",),
     "--no-rocm": ("ROCM_OFF", "NO_ROCM"), "--nvccli": ("NVCCLI",),
     "--oom-kill-disable": ("OOM_KILL_DISABLE",), "--overlay": ("OVERLAY", "OVERLAYIMAGE"),
-    "--passphrase": (), "--pem-path": (), "--pids-limit": ("PIDS_LIMIT",),
+    "--pids-limit": ("PIDS_LIMIT",),
     "--security": ("SECURITY",), "--sharens": ("SHARENS",), "--shell": (),
     "--underlay": ("UNDERLAY",), "--unsquash": ("UNSQUASH",),
     "--userns": ("USERNS", "UNSHARE_USERNS"),

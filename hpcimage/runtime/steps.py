@@ -68,7 +68,11 @@ def session(r, p):
     p.add(UserNs(r.uid, r.gid, o.ipc, o.uts, o.hostname, fakeroot_map(r, p)))
     p.add(Private())
     p.add(Session(r.session_dir, 0 if o.workdir else len(o.scratch)))
-    p.add(MountImage(r.image, r.session_dir + "/image", writable=writable_image(r)))
+    image = r.image
+    if getattr(image, "crypt", None):     # an encrypted SIF: gocryptfs first (runtime/crypt)
+        from hpcimage.runtime import crypt
+        image = crypt.decrypt(r, p)
+    p.add(MountImage(image, r.session_dir + "/image", writable=writable_image(r)))
 
 
 def fakeroot_map(r, p):
