@@ -58,6 +58,8 @@ POLICY_KEYS = (
     ("mpi",                "{str: ...}", {},        "the host MPI for image-mpi (site.yaml mpi: "
                                                     "mode, launcher, srun_mpi, implementation, "
                                                     "prefix, libs, binds)"),
+    ("warm",               "int",      0,           "seconds image-exec's container stays standing "
+                                                    "idle for the next call to join (0: off)"),
     ("lmod",               "LmodInImage", None,     "Lmod inside the images (site.yaml "
                                                     "lmod_in_image): modulepath, prefix; None: off"),
 )

@@ -87,6 +87,7 @@ class Site:
     extra_wrappers: Tuple[str, ...] = ()
     lmod_in_image: bool = False     # the host's Lmod and MODULEPATH inside the images
     lmod_prefix: Optional[str] = None   # the host's Lmod (LMOD_PKG); None: found at run time
+    warm: int = 0                   # seconds a warm container stays idle (0: off; docs/warm.md)
 
     def roots(self, prefix=None):
         """Absolute output roots {"modulefiles", "tcl_modulefiles", "wrappers"}.
@@ -127,6 +128,8 @@ class Site:
             out["mpi"] = {k: (list(b.spec for b in v) if k == "binds" else
                               list(v) if isinstance(v, tuple) else v)
                           for k, v in self.mpi.items() if v not in (None, (), "")}
+        if self.warm:
+            out["warm"] = self.warm
         if self.lmod_in_image:
             roots = roots or self.roots()
             lmod = {"modulepath": [posixpath.relpath(roots["modulefiles"], roots["wrappers"])]}
@@ -325,6 +328,16 @@ def parse_count(ctx, node, keypath):
     return value
 
 
+WARM_MAX = 86400       # a day: a warm container is for a workflow's burst of short tasks
+
+
+def parse_warm(ctx, node, keypath):
+    value = parse_count(ctx, node, keypath)
+    if value > WARM_MAX:
+        raise ctx.error(node, keypath, f"at most {WARM_MAX} seconds, got {value}")
+    return value
+
+
 def list_of(item_parser):
     def parse(ctx, node, keypath):
         if not isinstance(node, yaml.SequenceNode):
@@ -491,6 +504,9 @@ SITE_KEYS: Dict[str, Key] = {
                           doc="optional wrappers to render too (image-inspect)"),
     "lmod_in_image": Key(parse_bool, default=False,
                          doc="the host's Lmod and MODULEPATH inside the images (`module` works there)"),
+    "warm": Key(parse_warm, default=0,
+                doc="seconds image-exec's container stays standing idle for the next call "
+                    "of the same user, image and options to join (0: off; docs/warm.md)"),
     "lmod_prefix": Key(parse_abs_path, default=None,
                        doc="the host's Lmod (holding libexec/lmod and init/); default: found "
                            "at run time from $LMOD_PKG, $LMOD_DIR, $LMOD_CMD, else /usr/share/lmod/lmod"),
@@ -604,7 +620,8 @@ def _build(ctx, root, values):
         images=tuple(images), mpi=dict(values["mpi"] or {}), hardware=hardware,
         local=values["local"], keep=values["keep"],
         extra_wrappers=tuple(values["extra_wrappers"]),
-        lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"])
+        lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"],
+        warm=values["warm"])
 
 
 def _loadable(ctx, inode, keypath, name, version):

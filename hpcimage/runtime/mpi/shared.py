@@ -210,10 +210,14 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     return first
 
 
-def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
+def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, idle=0,
+                 leader=None):
     """Fork the holder: it carries out head (up to pivot_root), runs the environment
     probe (probe: _probe_env's arguments), reports ready, warms the page cache for the
     program (warm: (command, PATH)), then waits until no rank holds `refs`, and exits.
+    idle (warm starts, runtime.warm): it waits instead until no call has held `refs`
+    nor joined for `idle` seconds, or the process `leader` (the caller's session
+    leader, watched through a pidfd) has exited, or its state directory was retired.
     Returns (pid, the probe's environment or None)."""
     r, w = os.pipe()
     pid = os.fork()
@@ -229,6 +233,11 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             procstate.helper_signals()      # signals are for the program; the holder
                                             # lives while any rank does (refs)
             from hpcimage.runtime.execute import execute
+            if idle:                    # after pivot_root the standard library is gone
+                import select  # noqa: F401
+                import time  # noqa: F401
+                if leader is not None:
+                    leader = os.pidfd_open(leader)
             if warm:                    # what _warm needs, imported while the host is seen
                 from hpcimage.host import elf, ldcache  # noqa: F401
             # The state directory by descriptors, opened while the host's paths are
@@ -262,8 +271,21 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
                     _warm(*warm)
                 except Exception:               # noqa: BLE001  (only a speed-up)
                     pass
-            fcntl.flock(fd, fcntl.LOCK_EX)         # every rank has exited
-            fcntl.flock(base_fd, fcntl.LOCK_EX)
+            if idle:
+                if wait_idle(fd, base_fd, state_fd, os.path.basename(state), idle, leader):
+                    remove_state(base_fd, os.path.basename(state), state_fd)
+                    try:
+                        os.rmdir(os.path.basename(base), dir_fd=parent_fd)
+                    except OSError:
+                        pass
+                fcntl.flock(base_fd, fcntl.LOCK_UN)
+                # No call joins now; one still running keeps the image mounted (the
+                # mount's daemon lives while this process does) until it exits.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os._exit(0)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_EX)         # every rank has exited
+                fcntl.flock(base_fd, fcntl.LOCK_EX)
             remove_state(base_fd, os.path.basename(state), state_fd)
             try:        # the user's directory too, when this was its last job here
                 os.rmdir(os.path.basename(base), dir_fd=parent_fd)
@@ -288,6 +310,64 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             k, _eq, v = item.partition(b"=")
             final[os.fsdecode(k)] = os.fsdecode(v)
     return pid, final
+
+
+def wait_idle(refs, base_fd, state_fd, name, idle, leader=None):
+    """The warm holder's wait (after pivot_root: descriptors only). Idle means no call
+    holds `refs` (each joined call holds it shared until it exits) and none joined
+    (a join touches refs' mtime) for `idle` seconds. Returns, holding the base's lock,
+    True when the state is to be removed (idle, or the session leader -- its pidfd
+    `leader` -- has exited), False when the state directory was retired meanwhile (a
+    call found it made for another image or options, or stale)."""
+    import select
+    import time
+    busy_at, busy = 0.0, False
+    while True:
+        now = time.time()
+        if busy:
+            due = now + min(idle, 1.0)
+        else:
+            try:
+                joined = os.stat(refs).st_mtime
+            except OSError:
+                joined = 0.0
+            due = max(joined, busy_at) + idle
+        wait = min(max(0.0, due - now), 2.0)  # a retired holder goes within 2 s
+        if leader is not None:
+            if select.select([leader], [], [], wait)[0]:
+                fcntl.flock(base_fd, fcntl.LOCK_EX)
+                return _still_ours(base_fd, state_fd, name)
+        else:
+            time.sleep(wait)
+        if not _still_ours(base_fd, state_fd, name):
+            fcntl.flock(base_fd, fcntl.LOCK_EX)
+            return False
+        if time.time() < due:
+            continue
+        fcntl.flock(base_fd, fcntl.LOCK_EX)
+        if not _still_ours(base_fd, state_fd, name):
+            return False
+        try:
+            fcntl.flock(refs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:                 # a call runs: look again in a second
+            fcntl.flock(base_fd, fcntl.LOCK_UN)
+            busy_at, busy = time.time(), True
+            continue
+        if busy:                        # the last call ended within the last second
+            busy_at, busy = time.time(), False
+        if time.time() - max(os.stat(refs).st_mtime, busy_at) >= idle:
+            return True                 # base and refs locked: no call can join now
+        fcntl.flock(refs, fcntl.LOCK_UN)
+        fcntl.flock(base_fd, fcntl.LOCK_UN)
+
+
+def _still_ours(base_fd, state_fd, name):
+    try:
+        a = os.stat(name, dir_fd=base_fd, follow_symlinks=False)
+        b = os.fstat(state_fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _open_dir(path):
