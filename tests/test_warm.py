@@ -288,3 +288,15 @@ def test_users_never_share(user, warm_site):
     assert "joined holder" not in r.stderr and r.stdout != out
     assert wait_gone(user.uid) == ({}, [])
     assert wait_gone(0) == ({}, [])
+
+
+def test_a_cold_only_call_leaves_no_state_directory(user, warm_site):
+    """--contain never starts warm: nothing is made under /tmp for it (the joiner
+    makes no state directory, only the runtime does, for a container it keeps)."""
+    wrappers, image = warm_site
+    base = Path(f"/tmp/hpcimage-{user.uid}")
+    shutil.rmtree(base, ignore_errors=True)
+    r = session(user, wrappers, image, "image-exec --contain true")
+    assert r.returncode == 0, r.stderr
+    assert "Python rank: state directory missing" in r.stderr, r.stderr
+    assert not base.exists()

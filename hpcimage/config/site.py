@@ -504,12 +504,12 @@ SITE_KEYS: Dict[str, Key] = {
                           doc="optional wrappers to render too (image-inspect)"),
     "lmod_in_image": Key(parse_bool, default=False,
                          doc="the host's Lmod and MODULEPATH inside the images (`module` works there)"),
-    "warm": Key(parse_warm, default=0,
-                doc="seconds image-exec's container stays standing idle for the next call "
-                    "of the same user, image and options to join (0: off; docs/warm.md)"),
     "lmod_prefix": Key(parse_abs_path, default=None,
                        doc="the host's Lmod (holding libexec/lmod and init/); default: found "
                            "at run time from $LMOD_PKG, $LMOD_DIR, $LMOD_CMD, else /usr/share/lmod/lmod"),
+    "warm": Key(parse_warm, default=0,
+                doc="seconds image-exec's container stays standing idle for the next call "
+                    "of the same user, image and options to join (0: off; docs/warm.md)"),
 }
 
 

@@ -749,7 +749,8 @@ int main(int argc, char **argv)
     snprintf(base, sizeof base, "%s/hpcimage-%u", state_root ? state_root : "/tmp",
              (unsigned)getuid());
     struct stat st;
-    mkdir(base, 0700);      /* as shared.state_base(): the last holder removes it */
+    if (!warmmode)          /* warm: nothing there, nothing to join (and nothing made) */
+        mkdir(base, 0700);  /* as shared.state_base(): the last holder removes it */
     if (lstat(base, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != getuid()
         || (warmmode && (st.st_mode & 077)))
         fallback_why(-1, "state directory missing or not ours");

@@ -123,7 +123,7 @@ def recipe(r):
     items += [(b"translate", enc(f"{a}={b}")) for a, b in PMIX_TRANSLATE.items()]
     items += [(b"switch", enc(n)) for n in SWITCHES]      # the runtime's option table
     items += [(b"valued", enc(n)) for n in VALUED]
-    items += [(b"message", enc(f"{name}\x1f{status}\x1f{r.label}: error: {text}"))
+    items += [(b"message", enc(f"{name}\x1f{status}\x1f{getattr(r, 'label', ERROR_LABEL)}: error: {text}"))
               for name, (status, text) in messages().items()]
     items += [(b"host", enc(f"{k}={v}")) for k, v in environ.items()
               if not varies(k) and not f"{k}=".startswith(ignore or ("\0",))]
@@ -133,7 +133,7 @@ def recipe(r):
         items += [(b"final", enc(f"{k}={v}")) for k, v in r.final.items()]
         items += [(b"final_keep", enc(k)) for k, v in r.final.items()
                   if varies(k) and environ.get(k) != v]
-    items += [(enc(k), enc(v)) for k, v in r.extra]
+    items += [(enc(k), enc(v)) for k, v in getattr(r, "extra", ())]
     if any(b"\0" in v for _, v in items):
         return None
     return MAGIC + b"\0" + b"".join(k + b"\0" + v + b"\0" for k, v in items)
