@@ -300,3 +300,25 @@ def test_a_cold_only_call_leaves_no_state_directory(user, warm_site):
     assert r.returncode == 0, r.stderr
     assert "Python rank: state directory missing" in r.stderr, r.stderr
     assert not base.exists()
+
+
+@needs_joiner
+@pytest.mark.slurm
+def test_gone_at_the_end_of_the_slurm_job(user, warm_site):
+    """In a batch job the second call joins; the container goes with the job (the batch
+    script is its session's leader; the holder is in the job's cgroup too), though the
+    idle time (30 s) has not passed."""
+    from mpitools import sbatch, slurm_start
+    ok, msg = slurm_start()
+    if not ok:
+        pytest.skip("no Slurm test cluster: " + " | ".join(msg.splitlines()[-3:]))
+    wrappers, image = warm_site
+    script = (f"#!/bin/sh\nexport PATH={wrappers}:/usr/bin:/bin HPCIMAGE_IMAGE={image} "
+              "HPCIMAGE_TRACE=1\n"
+              f"image-exec sh -c '{NS}'\nimage-exec sh -c '{NS}'\n")
+    b = sbatch(user, script, image.parent)
+    assert b.state == "COMPLETED" and b.rc == 0, b.output
+    out = [ln for ln in b.output.splitlines() if ln.startswith("mnt:[")]
+    assert len(out) == 2 and out[0] == out[1], b.output
+    assert b.output.count("joined holder") == 1, b.output
+    assert wait_gone(user.uid, 10.0) == ({}, []), "gone with the job"

@@ -92,14 +92,36 @@ def why_cold(r, p, environ):
     kinds = [type(op) for op in p.ops]
     if Chdir not in kinds or kinds[kinds.index(Chdir):] != [Chdir, Exec]:
         return "the command needs more than chdir and exec in the container"
-    if not _leader_alive():
+    if not owner(environ):
         return "this session's leader has exited (nothing to end the container with)"
     return None
 
 
-def _leader_alive():
+def _stat(pid):
+    """(comm, ppid) of a process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def owner(environ):
+    """The process whose end ends the warm container: in a Slurm job (SLURM_JOB_ID), the
+    job's slurmstepd above this call (a batch script's session leader is gone: Slurm
+    starts it from a short-lived child); else the session leader. 0: none alive."""
+    if environ.get("SLURM_JOB_ID"):
+        pid = os.getppid()
+        for _ in range(64):
+            st = _stat(pid)
+            if st is None or pid <= 1:
+                break
+            if st[0] == "slurmstepd":
+                return pid
+            pid = st[1]
     sid = os.getsid(0)
-    return sid > 0 and shared._alive(sid)
+    return sid if sid > 0 and shared._alive(sid) else 0
 
 
 def signature(argv, opts):
@@ -224,15 +246,23 @@ def launch(r, p, environ, sig, secs):
                 shared.write_head(state, digest)
                 with open(os.path.join(state, "ident"), "w") as f:
                     f.write(_ident_text(ident))
+                rec.extra = [("ident", f"{p}\x1f{v}") for p, v in ident]
+
+                def late(final):            # in the holder, in the container
+                    ns = _ns_ids("self")
+                    if sig is None or not rec.ok or not ns:
+                        return None
+                    rec.final = final
+                    rec.extra += [("mntns", ns.split()[0]), ("userns", ns.split()[1])]
+                    return rec.encode()
                 try:
-                    pid, final = shared.start_holder(
+                    pid, _final = shared.start_holder(
                         head, state, refs_path, (refs, m), shared.warm_arg(tail),
                         rec.probe_args() if rec.ok else None, idle=secs,
-                        leader=os.getsid(0))
+                        leader=owner(environ), late_recipe=late)
                 except HpcimageError:
                     shared.remove_state(m, name)
                     raise
-                rec.final = final
                 tmp = os.path.join(state, "holder.tmp")
                 with open(tmp, "w") as f:
                     f.write(str(pid))

@@ -211,13 +211,16 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
 
 
 def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, idle=0,
-                 leader=None):
+                 leader=None, late_recipe=None):
     """Fork the holder: it carries out head (up to pivot_root), runs the environment
     probe (probe: _probe_env's arguments), reports ready, warms the page cache for the
     program (warm: (command, PATH)), then waits until no rank holds `refs`, and exits.
     idle (warm starts, runtime.warm): it waits instead until no call has held `refs`
     nor joined for `idle` seconds, or the process `leader` (the caller's session
     leader, watched through a pidfd) has exited, or its state directory was retired.
+    late_recipe (warm starts): the probe runs after the holder reports ready (the
+    caller does not wait for it) and the holder writes late_recipe(its result) as the
+    state's recipe (under the base's lock, while the state is still its own).
     Returns (pid, the probe's environment or None)."""
     r, w = os.pipe()
     pid = os.fork()
@@ -255,7 +258,7 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, id
                 os._exit(1)
             os.dup2(null, 2)
             final = None
-            if probe:
+            if probe and late_recipe is None:
                 try:
                     final = _probe_env(*probe)
                 except Exception:               # noqa: BLE001  (only a speed-up)
@@ -266,6 +269,12 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, id
             while reply:
                 reply = reply[os.write(w, reply):]
             os.close(w)
+            if probe and late_recipe is not None:
+                try:
+                    _write_late(late_recipe, _probe_env(*probe), base_fd, state_fd,
+                                os.path.basename(state))
+                except Exception:               # noqa: BLE001  (only a speed-up)
+                    pass
             if warm:
                 try:
                     _warm(*warm)
@@ -358,6 +367,29 @@ def wait_idle(refs, base_fd, state_fd, name, idle, leader=None):
         if time.time() - max(os.stat(refs).st_mtime, busy_at) >= idle:
             return True                 # base and refs locked: no call can join now
         fcntl.flock(refs, fcntl.LOCK_UN)
+        fcntl.flock(base_fd, fcntl.LOCK_UN)
+
+
+def _write_late(late_recipe, final, base_fd, state_fd, name):
+    """The holder's recipe with the probe's result (descriptors only: after pivot_root)."""
+    if final is None:
+        return
+    data = late_recipe(final)
+    if not data:
+        return
+    fcntl.flock(base_fd, fcntl.LOCK_EX)
+    try:
+        if not _still_ours(base_fd, state_fd, name):
+            return
+        fd = os.open("recipe.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     0o600, dir_fd=state_fd)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        os.rename("recipe.tmp", "recipe", src_dir_fd=state_fd, dst_dir_fd=state_fd)
+    finally:
         fcntl.flock(base_fd, fcntl.LOCK_UN)
 
 
