@@ -219,14 +219,15 @@ def test_gone_at_the_end_of_the_session_and_a_running_call_finishes(user, warm_s
 @needs_joiner
 def test_sigkill_of_the_holder_leaves_nothing_used(user, warm_site):
     wrappers, image = warm_site
+    mark = image.parent / "first-done"
     p = user.popen(["setsid", "-w", "sh", "-c",
-                    f"image-exec sh -c '{NS}'; read go; image-exec sh -c '{NS}'"],
+                    f"image-exec sh -c '{NS}'; touch {mark}; read go; image-exec sh -c '{NS}'"],
                    env={"PATH": f"{wrappers}:/usr/bin:/bin", "HPCIMAGE_IMAGE": str(image),
                         "HPCIMAGE_TRACE": "1"},
                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                    text=True)
     deadline = time.monotonic() + 20
-    while not all(holders(user.uid).values()) or not holders(user.uid):
+    while not mark.exists() or not all(holders(user.uid).values()) or not holders(user.uid):
         assert time.monotonic() < deadline, "no holder"
         time.sleep(0.05)
     (name, pid), = holders(user.uid).items()
@@ -238,6 +239,7 @@ def test_sigkill_of_the_holder_leaves_nothing_used(user, warm_site):
     assert fuse_processes(user.uid) == [], "the image mount went with the holder"
     out, err = p.communicate("go\n", timeout=60)
     assert p.returncode == 0, err
+    assert len(out.split()) == 2, (out, err)
     first, second = out.split()
     assert first != second, "a new container"
     assert "holder gone" in err and "joined holder" not in err, err
