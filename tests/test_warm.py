@@ -125,9 +125,15 @@ def test_joined_call_exit_status_and_signal_are_the_command_s(user, warm_site):
     wrappers, image = warm_site
     r = session(user, wrappers, image,
                 "image-exec true; image-exec sh -c 'exit 3'; echo status=$?; "
-                "image-exec sh -c 'kill -TERM $$'; echo status=$?")
-    assert r.stdout.split() == ["status=3", f"status={128 + signal.SIGTERM}"], r.stderr
-    assert r.stderr.count("joined holder") == 2, r.stderr
+                "image-exec sh -c 'kill -TERM $$'; echo status=$?; "
+                "image-exec no-such-prog; echo status=$?; "
+                "HPCIMAGE_WARM=0 image-exec no-such-prog; echo status=$?")
+    assert r.stdout.split() == ["status=3", f"status={128 + signal.SIGTERM}", "status=127",
+                                "status=127"], r.stderr
+    assert r.stderr.count("joined holder") == 3, r.stderr
+    said = [ln.split(" (PATH=")[0] for ln in r.stderr.splitlines() if "error" in ln]
+    assert said == ["image-exec: error: no-such-prog: command not found in the image"] * 2, \
+        "a joined call says what a cold one says"
 
 
 @needs_joiner

@@ -240,7 +240,7 @@ def launch(r, p, environ, sig, secs):
                 import time
                 time.sleep(0.05)
                 continue
-            rec = Recipe(tail, environ, sig, os.getcwd(), label="image-exec", vary=())
+            rec = Recipe(tail, environ, sig, os.getcwd(), error_label="image-exec", vary=())
             if not pid:
                 shared.sweep_dead(m, name)
                 shared.write_head(state, digest)

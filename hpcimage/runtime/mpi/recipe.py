@@ -62,7 +62,7 @@ class Recipe:
     """What hpcimage-join needs to do what a rank's `tail` (chdir, exec) does, for any
     rank of the job. environ: the planning environment (a rank's, or the launcher's)."""
 
-    def __init__(self, tail, environ, signature, cwd, cleanenv=False, label=ERROR_LABEL,
+    def __init__(self, tail, environ, signature, cwd, cleanenv=False, error_label=ERROR_LABEL,
                  vary=None):
         from hpcimage.runtime import environ as envmod
         from hpcimage.runtime.command import label
@@ -87,7 +87,7 @@ class Recipe:
             self.ignore = LAUNCHER_EXTRA if cleanenv else ()
         else:                   # a warm start's (runtime.warm): nothing may differ
             self.vary, self.ignore = tuple(vary), ()
-        self.label = label
+        self.error_label = error_label    # "PROG: error: " of the joiner's messages
         self.extra = []         # more (key, value) items: runtime.warm's checks
         self.environ, self.signature, self.cwd = dict(environ), signature, cwd
         self.keep = sorted({k for out in (self.direct, self.shell) for k, v in out.items()
@@ -123,7 +123,7 @@ def recipe(r):
     items += [(b"translate", enc(f"{a}={b}")) for a, b in PMIX_TRANSLATE.items()]
     items += [(b"switch", enc(n)) for n in SWITCHES]      # the runtime's option table
     items += [(b"valued", enc(n)) for n in VALUED]
-    items += [(b"message", enc(f"{name}\x1f{status}\x1f{getattr(r, 'label', ERROR_LABEL)}: error: {text}"))
+    items += [(b"message", enc(f"{name}\x1f{status}\x1f{getattr(r, 'error_label', ERROR_LABEL)}: error: {text}"))
               for name, (status, text) in messages().items()]
     items += [(b"host", enc(f"{k}={v}")) for k, v in environ.items()
               if not varies(k) and not f"{k}=".startswith(ignore or ("\0",))]
