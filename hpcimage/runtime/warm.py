@@ -173,7 +173,7 @@ def describe(r, p, environ, site):
     """--dry-run's line: whether this call will join a warm container."""
     secs = seconds(site, environ)
     if not secs:
-        return "# warm start: off (site.yaml warm)\n"
+        return "# warm start: off (site.yaml warm, or HPCIMAGE_WARM=0)\n"
     why = why_cold(r, p, environ)
     if why:
         return f"# warm start: no, cold: {why}\n"
