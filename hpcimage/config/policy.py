@@ -67,6 +67,8 @@ POLICY_KEYS = (
     ("image_verify",       "{str: str}", {},        "the signature policy of one module (Name/version)"),
     ("signing",            "{str: ...}", {},        "what image-update verifies with: trusted, "
                                                     "keyring, pem_keys (site.yaml signing:)"),
+    ("warm",               "int",      0,           "seconds image-exec's container stays standing "
+                                                    "idle for the next call to join (0: off)"),
     ("lmod",               "LmodInImage", None,     "Lmod inside the images (site.yaml "
                                                     "lmod_in_image): modulepath, prefix; None: off"),
 )

@@ -90,6 +90,7 @@ class Site:
     lmod_in_image: bool = False     # the host's Lmod and MODULEPATH inside the images
     lmod_prefix: Optional[str] = None   # the host's Lmod (LMOD_PKG); None: found at run time
     signing: Dict[str, object] = field(default_factory=dict)    # site.yaml signing:
+    warm: int = 0                   # seconds a warm container stays idle (0: off; docs/warm.md)
 
     def roots(self, prefix=None):
         """Absolute output roots {"modulefiles", "tcl_modulefiles", "wrappers"}.
@@ -145,6 +146,8 @@ class Site:
         image_verify = {img.module: img.verify for img in self.images if img.verify}
         if image_verify:
             out["image_verify"] = image_verify
+        if self.warm:
+            out["warm"] = self.warm
         if self.lmod_in_image:
             roots = roots or self.roots()
             lmod = {"modulepath": [posixpath.relpath(roots["modulefiles"], roots["wrappers"])]}
@@ -340,6 +343,16 @@ def parse_count(ctx, node, keypath):
         raise ctx.error(node, keypath, f"expected a whole number, got {_describe(node)}")
     if value < 0:
         raise ctx.error(node, keypath, f"must be 0 or more, got {value}")
+    return value
+
+
+WARM_MAX = 86400       # a day: a warm container is for a workflow's burst of short tasks
+
+
+def parse_warm(ctx, node, keypath):
+    value = parse_count(ctx, node, keypath)
+    if value > WARM_MAX:
+        raise ctx.error(node, keypath, f"at most {WARM_MAX} seconds, got {value}")
     return value
 
 
@@ -588,6 +601,9 @@ SITE_KEYS: Dict[str, Key] = {
     "lmod_prefix": Key(parse_abs_path, default=None,
                        doc="the host's Lmod (holding libexec/lmod and init/); default: found "
                            "at run time from $LMOD_PKG, $LMOD_DIR, $LMOD_CMD, else /usr/share/lmod/lmod"),
+    "warm": Key(parse_warm, default=0,
+                doc="seconds image-exec's container stays standing idle for the next call "
+                    "of the same user, image and options to join (0: off; docs/warm.md)"),
 }
 
 
@@ -701,7 +717,8 @@ def _build(ctx, root, values):
         local=values["local"], keep=values["keep"],
         extra_wrappers=tuple(values["extra_wrappers"]),
         lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"],
-        signing=dict(values["signing"] or {}))
+        signing=dict(values["signing"] or {}),
+        warm=values["warm"])
 
 
 def _loadable(ctx, inode, keypath, name, version):
