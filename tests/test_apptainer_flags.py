@@ -217,12 +217,6 @@ def test_apptainer_options_hpcimage_lacks(user, demo_dir, words, name):
     one_line_error(cli(user, demo_dir, "true", opts=words), 2, "hpcimage: error: " + want)
 
 
-def test_fakeroot_not_yet(user, demo_dir):
-    for words in (("--fakeroot",), ("-f",)):
-        r = wrap(user, demo_dir, "true", opts=words)
-        one_line_error(r, 2, "is an Apptainer option that hpcimage does not support yet")
-
-
 # ------------------------------------------------------------------ the variables
 
 def test_variables_of_the_options(user, demo_dir, userdir):

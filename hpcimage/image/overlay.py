@@ -124,15 +124,10 @@ def layers(specs, image, writable=False, writable_tmpfs=False, tmpfs_mib=TMPFS_M
         if part is not None:
             out.append(Layer(image.path, image.path, "ext3", writable, part[0], part[1]))
         elif writable:
-            raise UsageError(f"--writable: {image.path} is a SIF without an overlay partition "
-                             "(use --overlay or --writable-tmpfs, or add one with 'hpcimage "
-                             "overlay create')")
-    elif writable and image.kind == "squashfs":
-        raise UsageError(f"--writable: {image.path} is a SquashFS image, always read-only "
-                         "(use --overlay or --writable-tmpfs)")
-    elif writable and image.kind == "sandbox":
-        # --writable on a sandbox directory is the fakeroot part's (issue 16).
-        raise UsageError("--writable on a sandbox directory is not supported yet")
+            raise UsageError(f"--writable: {image.path} is a SIF image: writing it needs an "
+                             f"overlay partition (hpcimage overlay create {image.path}; or use "
+                             "--overlay or --writable-tmpfs)")
+    # --writable on a sandbox directory or a SquashFS file: runtime.steps.writable_image
     for spec in specs:
         out.append(layer(spec, cwd))
     rw = [x for x in out if x.writable]

@@ -28,7 +28,8 @@ class Options:
                  "containall", "no_home", "home", "pwd", "env", "env_file", "no_eval",
                  "no_mount", "no_umask", "scratch", "workdir", "pid", "ipc", "uts",
                  "hostname", "no_init", "compat", "dry_run", "app", "nv", "rocm", "ib",
-                 "mpi_mode", "overlays", "writable_tmpfs", "writable", "warnings")
+                 "mpi_mode", "warnings",
+                 "fakeroot", "writable", "overlays", "passphrase", "pem_path", "writable_tmpfs")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -61,10 +62,13 @@ class Options:
         self.rocm = False
         self.ib = False
         self.mpi_mode = None
-        self.overlays = []       # raw --overlay specs PATH[:ro], in order (the one entry point)
+        self.passphrase = False  # encrypted images (runtime/crypt.py)
+        self.pem_path = None
         self.writable_tmpfs = False
-        self.writable = False
         self.warnings = []       # said before the launch (plan.warnings)
+        self.fakeroot = False    # root inside (subordinate ids, else a single id)
+        self.writable = False    # a sandbox directory mounted read-write
+        self.overlays = []       # raw --overlay specs PATH[:ro], in order (the one entry point; the personal overlay last)
 
 
 # The options: one table, read by parse() below, by usage() (the help), by image-mpi's
@@ -145,15 +149,25 @@ FLAGS = (
      ("", "AMD GPUs: device nodes and driver libraries")),
     ("--ib", "ib", False, "ranks", (),
      ("", "InfiniBand/RDMA devices and verbs libraries")),
+    ("-f", "fakeroot", False, "launcher", (), None),
+    ("--fakeroot", "fakeroot", False, "ranks", ("FAKEROOT",),
+     ("", "root inside: ids mapped through /etc/subuid and /etc/subgid (else only "
+      "yours, with a warning); HOME=/root")),
+    ("-w", "writable", False, "launcher", (), None),
+    ("--writable", "writable", False, "ranks", ("WRITABLE",),
+     ("", "a sandbox directory you can write: mounted read-write; a SIF: its overlay "
+      "partition")),
     ("-o", "overlays", True, "launcher", (), None),
     ("--overlay", "overlays", True, "ranks", ("OVERLAY", "OVERLAYIMAGE"),
      ("PATH[:ro]", "an overlay: a directory, an ext3 image, a SquashFS file, a SIF's "
       "overlay partition (repeatable; one writable, on top; docs/overlays.md)")),
     ("--writable-tmpfs", "writable_tmpfs", False, "ranks", ("WRITABLE_TMPFS",),
      ("", "a writable tmpfs layer (64 MiB; site.yaml writable_tmpfs_size), gone at the end")),
-    ("-w", "writable", False, "launcher", (), None),
-    ("--writable", "writable", False, "ranks", ("WRITABLE",),
-     ("", "write into the SIF's own overlay partition")),
+    ("--passphrase", "passphrase", False, "ranks", (),
+     ("", "an encrypted image's passphrase, asked on the terminal (else "
+      "APPTAINER_ENCRYPTION_PASSPHRASE)")),
+    ("--pem-path", "pem_path", True, "ranks", ("ENCRYPTION_PEM_PATH",),
+     ("FILE", "an encrypted image's key: a PKCS#1 RSA private key (PEM)")),
     ("--dry-run", "dry_run", False, "image-mpi", (),
      ("", "print the launch plan and exit")),
     ("--mpi-mode", "mpi_mode", True, "image-mpi", (), None),
@@ -174,7 +188,7 @@ UNSUPPORTED = {
     "--dmtcp-restart": ("DMTCP_RESTART",), "--dns": ("DNS",),
     "--docker-host": (), "--docker-login": (),
     "--docker-password": (), "--docker-username": (),
-    "--drop-caps": ("DROP_CAPS",), "--fakeroot": ("FAKEROOT",),
+    "--drop-caps": ("DROP_CAPS",),
     "--fusemount": ("FUSESPEC",), "--ignore-fakeroot-command": ("IGNORE_FAKEROOT_COMMAND",),
     "--ignore-subuid": ("IGNORE_SUBUID",), "--ignore-userns": ("IGNORE_USERNS",),
     "--keep-privs": ("KEEP_PRIVS",), "--memory": ("MEMORY",),
@@ -184,13 +198,13 @@ UNSUPPORTED = {
     "--no-nv": ("NV_OFF", "NO_NV"), "--no-privs": ("NO_PRIVS",),
     "--no-rocm": ("ROCM_OFF", "NO_ROCM"), "--nvccli": ("NVCCLI",),
     "--oom-kill-disable": ("OOM_KILL_DISABLE",),
-    "--passphrase": (), "--pem-path": (), "--pids-limit": ("PIDS_LIMIT",),
+    "--pids-limit": ("PIDS_LIMIT",),
     "--security": ("SECURITY",), "--sharens": ("SHARENS",), "--shell": (),
     "--underlay": ("UNDERLAY",), "--unsquash": ("UNSQUASH",),
     "--userns": ("USERNS", "UNSHARE_USERNS"),
 }
-UNSUPPORTED_SHORT = {"-f": "--fakeroot", "-n": "--net", "-s": "--shell", "-u": "--userns"}
-NOT_YET = ("--fakeroot",)
+UNSUPPORTED_SHORT = {"-n": "--net", "-s": "--shell", "-u": "--userns"}
+NOT_YET = ()
 
 HELP_WORDS = ("-h", "--help")
 
