@@ -462,3 +462,20 @@ def test_ranks_asking_for_other_devices_get_a_container_made_for_them(user, demo
         assert wait_no_leaks(user.uid) == ([], [])
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("env, n", [
+    ({"SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "0"}, 4),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "2"}, 2),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}, 1),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "4"}, 0),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3", "SLURM_NODEID": "0"}, 0),
+    ({"SLURM_STEP_TASKS_PER_NODE": "8"}, 0),
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "16", "SLURM_STEP_TASKS_PER_NODE": "4",
+      "SLURM_NODEID": "0"}, 16),
+    ({"MPI_LOCALNRANKS": "3"}, 3),
+    ({}, 0),
+])
+def test_local_tasks_the_ranks_a_node_expects(env, n):
+    from hpcimage.runtime.mpi.jobenv import local_tasks
+    assert local_tasks(env) == n
