@@ -35,6 +35,8 @@ def _from_registry(verb, args):
     except HpcimageError:
         return args
     image = opts.image or ""
+    if image.startswith("instance://"):
+        return args
     i = len(args) - len(opts.args) - 1
     if "://" not in image or opts.args == ["--help"] or i < 1 or args[i] != image:
         return args
