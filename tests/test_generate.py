@@ -52,6 +52,7 @@ LAYOUT = {
     "wrappers/image-shell": 0o755,
     "wrappers/image-mpi": 0o755,
     "wrappers/image-update": 0o755,
+    "wrappers/image-instance": 0o755,
     "wrappers/site.json": 0o644,
     "wrappers/.hpcimage-generated.json": 0o644,      # the list of what generate rendered
 }
@@ -218,7 +219,8 @@ def test_stale_files_removed_only_when_generated(site_dir):
         "modulefiles/Debian/notes.txt", "modulefiles/Local/1.lua",
         "modulefiles-tcl/Demo/1.0", "modulefiles-tcl/Demo/2.0",
         "wrappers/image-exec", "wrappers/image-run", "wrappers/image-shell", "wrappers/image-mpi",
-        "wrappers/image-update", "wrappers/site.json", "wrappers/my-tool",
+        "wrappers/image-update", "wrappers/image-instance", "wrappers/site.json",
+        "wrappers/my-tool",
         "wrappers/.hpcimage-generated.json"])
     assert not (site_dir / "modulefiles-tcl/Debian").exists()   # emptied name dir removed
     assert (site_dir / "modulefiles/Debian").is_dir()            # still holds notes.txt
