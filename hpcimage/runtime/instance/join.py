@@ -18,7 +18,7 @@ from hpcimage.runtime.instance import state as st
 PREFIX = "instance://"
 
 # What a running instance's namespaces already fixed: given to `instance start`.
-START_ONLY = ("binds", "contain", "containall", "no_home", "home", "scratch", "workdir",
+START_ONLY = ("bind", "contain", "containall", "no_home", "home", "scratch", "workdir",
               "pid", "ipc", "uts", "hostname", "no_init", "nv", "rocm", "ib", "no_mount")
 NAMESPACES = (("user", sc.CLONE_NEWUSER), ("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS),
               ("mnt", sc.CLONE_NEWNS), ("pid", sc.CLONE_NEWPID))
