@@ -62,6 +62,12 @@ def parse(verb, args, environ, wrapper=False):
     """(options, name, the instance's ARGS). wrapper: image-instance (the image is the
     loaded module's)."""
     from hpcimage.runtime import options
+    for a in args:
+        if not a.startswith("-"):
+            break
+        if a.split("=", 1)[0] == "--pid-file":
+            raise UsageError("--pid-file is an Apptainer option that hpcimage does not "
+                             "support (the state file names the PIDs: instance list --json)")
     if args and args[0] in options.HELP_WORDS:
         raise UsageError(USAGE.format(verb=verb))
     o = options.parse(["image-exec" if wrapper else "run", *args], environ)
