@@ -31,18 +31,22 @@ def _instance_tree(demo_dir):
         s = Path(path) / ".singularity.d" / "startscript"
         s.write_text(STARTSCRIPT)
         s.chmod(0o755)
+        app = Path(path) / "scif" / "apps" / "svc" / "scif"
+        app.mkdir(parents=True)
+        (app / "startscript").write_text('#!/bin/sh\necho "appstart: $*"\nexec "$@"\n')
+        (app / "startscript").chmod(0o755)
     return build
 
 
 @pytest.fixture(scope="session")
 def inst_dir(demo_dir):
     """The demo image with a startscript that runs its arguments."""
-    return _cached("instance-v1", _instance_tree(demo_dir))
+    return _cached("instance-v2", _instance_tree(demo_dir))
 
 
 @pytest.fixture(scope="session")
 def inst_sqfs(inst_dir):
-    return _cached("instance-v1.sqfs", lambda p: _mksquashfs(inst_dir, p))
+    return _cached("instance-v2.sqfs", lambda p: _mksquashfs(inst_dir, p))
 
 
 @pytest.fixture
@@ -194,6 +198,20 @@ def test_instance_stays_after_the_startscript_and_reaps(user, home, inst_dir):
     r = hi(user, home, "instance", "stop", "--all")
     assert r.returncode == 0, r.stderr
     assert listed(user, home) == {}
+
+
+def test_app_startscript(user, home, inst_sqfs):
+    r = hi(user, home, "instance", "start", "--app", "svc", inst_sqfs, "app1", "sleep", "600")
+    assert r.returncode == 0, r.stderr
+    r = hi(user, home, "exec", "--app", "svc", "instance://app1", "sh", "-c",
+           "echo $APPTAINER_APPNAME; ps -o args | grep -c '^sleep 600'")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["svc", "1"]
+    assert (state_dir(home) / "app1.out").read_text() == "appstart: sleep 600\n"
+    r = hi(user, home, "instance", "start", "--app", "nope", inst_sqfs, "app2")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "did not start: no app 'nope' in this image" in r.stderr
+    assert set(listed(user, home)) == {"app1"}
 
 
 def test_stop_kills_a_startscript_that_traps_sigterm(user, home, inst_dir):

@@ -51,9 +51,8 @@ def enter(init=True, ready=None, stay=False):
         return
     pid = os.fork()
     if pid == 0:
-        if stay:
-            os.setpgid(0, 0)
-            os.close(ready)
+        if stay:        # `ready` stays open until the exec (close-on-exec): the
+            os.setpgid(0, 0)    # launcher's reader sees EOF once the command runs
         return
     if stay:
         _stay(pid, ready)

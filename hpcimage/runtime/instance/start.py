@@ -247,6 +247,11 @@ def supervise(p, info, files, lock_fd, report, anchor):
         elif line.startswith("E"):
             err = line[1:]
     if err is not None or not ready or init is None:
+        if init is not None:
+            try:
+                os.kill(init, 9)
+            except OSError:
+                pass
         os.waitpid(c, 0)
         _say(report, "E" + (err or "the container exited before it was up; see "
                             + files["err"]))
