@@ -442,3 +442,19 @@ echo done
     assert listed(user, home) == {}
     procs, mounts = wait_no_leaks(user.uid)
     assert procs == [] and mounts == []
+
+
+def test_joining_stays_on_the_hot_path_imports(user, home, inst_dir):
+    """image-exec --instance: the standard library and the runtime only (no click,
+    psutil, json, re, subprocess), as image-exec."""
+    r = hi(user, home, "instance", "start", inst_dir, "light", "sleep", "600")
+    assert r.returncode == 0, r.stderr
+    r = user.run([PY, "-X", "importtime", "-I", "-m", "hpcimage.runtime", "image-exec",
+                  "--instance", "light", "true"],
+                 env={"HOME": str(home), "HPCIMAGE_IMAGE": str(inst_dir)}, cwd=str(home))
+    assert r.returncode == 0, r.stderr
+    mods = [ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if "|" in ln]
+    assert "hpcimage.runtime.instance.join" in mods
+    for banned in ("click", "jinja2", "yaml", "psutil", "subprocess", "json", "re", "enum",
+                   "hpcimage.runtime.instance.manage"):
+        assert not any(m == banned or m.startswith(banned + ".") for m in mods), banned
