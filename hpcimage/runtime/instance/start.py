@@ -135,6 +135,17 @@ def slurm_anchor(environ):
 def start(verb, args, environ=None, wrapper=False):
     """The caller's part. Returns 0 once the instance is up; HpcimageError otherwise."""
     environ = os.environ if environ is None else environ
+    if args[:1] in (["-h"], ["--help"]):
+        from hpcimage.runtime import options
+        prog = "image-instance" if wrapper else "hpcimage instance"
+        sys.stdout.write(USAGE.format(verb=verb).replace("hpcimage instance", prog)
+                         .replace("IMAGE NAME", "NAME" if wrapper else "IMAGE NAME")
+                         + "\n\n" + ("the startscript (%startscript; --app: %appstart)"
+                                    if verb == "start" else "the runscript")
+                         + " in the background as instance NAME (docs/instances.md); "
+                         "options as exec's:\n"
+                         + options.format_rows(options.help_rows() + [("-h, --help", "this help")]))
+        return 0
     o, name, rest = parse(verb, args, environ, wrapper)
     r, p = build(verb, o, name, rest, environ)
     if o.dry_run:
