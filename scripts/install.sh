@@ -57,11 +57,11 @@ fi
 # ---------------------------------------------------------------- this node's packages
 # What a compute node needs to start containers (squashfuse_ll, /dev/fuse, newuidmap),
 # writable layers (fuse-overlayfs, fuse2fs, mkfs.ext3), encrypted images (gocryptfs),
-# checking signatures (gpgv), and what building the venv and the joiner needs
+# signatures and keys (gpgv; gpg for `hpcimage key`), and what building the venv and the joiner needs
 # (python3-venv, a C compiler).
 if [ "$packages" = 1 ]; then
     pkgs=(python3 python3-venv squashfuse fuse3 uidmap gcc libc6-dev squashfs-tools
-          fuse-overlayfs fuse2fs e2fsprogs gocryptfs gpgv)
+          fuse-overlayfs fuse2fs e2fsprogs gocryptfs gpgv gnupg)
     if command -v dpkg-query >/dev/null 2>&1; then
         missing=()
         for p in "${pkgs[@]}"; do

@@ -215,8 +215,7 @@ def test_apptainer_options_hpcimage_lacks(user, demo_dir, words, name):
 
 
 def test_overlay_writable_fakeroot_not_yet(user, demo_dir):
-    for words in (("--overlay", "o.img"), ("--writable",), ("--writable-tmpfs",),
-                  ("--fakeroot",), ("-f",)):
+    for words in (("--overlay", "o.img"), ("--writable-tmpfs",)):
         r = wrap(user, demo_dir, "true", opts=words)
         one_line_error(r, 2, "is an Apptainer option that hpcimage does not support yet")
 

@@ -6,7 +6,7 @@ The import graph is read from the source (ast): every `import hpcimage...` and
 lazy import is still a dependency). Rooms, bottom first:
 
     errors, fsutil  <  linux  <  config  <  image  <  host  <  runtime (with runtime.mpi
-    and the doctors)  <  store  <  imagebuild  <  generate  <  cli
+    and the doctors)  <  signing  <  store  <  imagebuild  <  generate  <  cli
 
 A module may import from its own room or the rooms below it. `hpcimage` itself (the
 package's __init__: the version) is at the bottom.
@@ -26,6 +26,7 @@ ROOMS = [
     ("hpcimage.image",),
     ("hpcimage.host",),
     ("hpcimage.runtime",),
+    ("hpcimage.signing",),
     ("hpcimage.store",),
     ("hpcimage.imagebuild",),
     ("hpcimage.generate",),

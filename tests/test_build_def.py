@@ -407,7 +407,8 @@ def test_failure_leaves_nothing(user, userdir, section, status, what):
 
 _DEFAULTS = {"sandbox": False, "force": False, "notest": False, "build_args": (),
              "all_": False, "site_path": "site.yaml", "verbose": False,
-             "warn_unused": False}
+             "warn_unused": False, "fakeroot": False, "encrypt": False, "passphrase": False,
+             "pem_path": None}
 
 
 @pytest.mark.parametrize("args, want", [

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import PY, cli_argv, fuse_processes, wait_no_leaks
 from mpitools import (host_mpi, slurm_cluster, mpi_hello, mpi_hello_mpich, openmpi_dir,  # noqa: F401
+                      mpich_sqfs,
                       openmpi_sqfs, nompi_sqfs, srun, sbatch, parse_hello, user_copy)
 
 pytestmark = pytest.mark.slurm
@@ -442,6 +443,27 @@ def test_ranks_under_image_exec_get_cma_off_with_a_warning(user, slurm_cluster, 
     assert len(warnings) == 1 and warnings[0].startswith("image-exec: warning: an MPI rank "
                                                          "in a container of its own"), r.stderr
     assert "image-mpi runs a node's ranks in one container" in warnings[0]
+
+
+def test_mpich_ranks_under_image_exec_each_in_its_own_container(user, slurm_cluster, site,
+                                                                mpich_sqfs, mpi_hello_mpich,
+                                                                userdir):
+    """`srun image-exec` with the image's MPICH (ch4:ucx): each rank in a user namespace
+    of its own, where UCX (Debian 12: 1.13) attaches a peer's shared memory through
+    /proc/PID/fd, which is refused across user namespaces ("Shared memory error" in
+    MPI_Init, openucx/ucx#4224); the runtime makes UCX name its segments in /dev/shm
+    instead (UCX_POSIX_USE_PROC_LINK=n), keeping shared memory."""
+    prog = userdir / "mpi_hello_mpich"
+    shutil.copy2(mpi_hello_mpich, prog)
+    os.chown(prog, user.uid, user.gid)
+    r = srun(user, ["image-exec", str(prog)], n=2, mpi="pmi2",
+             env=env_for(site, mpich_sqfs), cwd=str(userdir), timeout=90)
+    assert r.returncode == 0, r.stderr
+    rows = parse_hello(r.stdout)
+    assert [(d["rank"], d["size"], d["sum"]) for d in rows] == [(0, 2, 3), (1, 2, 3)], r.stdout
+    assert all(d["version"].startswith("MPICH") for d in rows), r.stdout
+    assert "UCX_POSIX_USE_PROC_LINK=n" in r.stderr, r.stderr
+    assert "unused" not in r.stderr, r.stderr           # UCX names variables it does not know
 
 
 def test_joiner_runs_bash_syntax_env_scripts_under_bash(user, host_mpi, site, openmpi_sqfs,

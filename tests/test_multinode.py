@@ -19,7 +19,7 @@ import pytest
 
 from conftest import PY, REPO, cli_argv
 from mpitools import (host_mpi, slurm_cluster, openmpi_dir, openmpi_sqfs, nompi_sqfs,  # noqa: F401
-                      mpi_hello, parse_hello)
+                      mpich_sqfs, mpi_hello, mpi_hello_mpich, parse_hello)
 
 pytestmark = pytest.mark.slurm
 
@@ -270,6 +270,26 @@ def test_bind_model_across_two_nodes(nodes, user, site, jobdir, nompi_sqfs, mpi_
     assert [d["rank"] for d in rows] == [0, 1, 2, 3] and all(d["sum"] == 10 for d in rows)
     assert sorted({d["host"] for d in rows}) == ["n1", "n2"], r.stdout
     assert all(d["lib"] == "/.singularity.d/libs/libmpi.so.40" for d in rows), r.stdout
+    assert nodes.leftovers(user) == {}
+
+
+def test_mpich_hybrid_across_two_nodes(nodes, user, site, jobdir, mpich_sqfs, mpi_hello_mpich):
+    """The image's MPICH (ch4:ucx) under srun --mpi=pmi2 on two nodes.
+    UCX_POSIX_USE_PROC_LINK=n: UCX takes ranks with one boot id for one host, so the
+    simulated nodes (one kernel) look like one to it and it attaches the other node's
+    shared memory through /proc/PID/fd, which is refused between the two nodes'
+    containers (user namespaces); real nodes differ in boot id (docs/mpi-setup.md)."""
+    prog = jobdir / "mpi_hello_mpich"
+    shutil.copy2(mpi_hello_mpich, prog)
+    os.chown(prog, user.uid, user.gid)
+    r = nodes.login(user, ["srun", "-N2", "-n4", "--mpi=pmi2", "image-mpi", str(prog)],
+                    env=env_for(site, mpich_sqfs, UCX_POSIX_USE_PROC_LINK="n"), cwd=jobdir)
+    assert r.returncode == 0, r.stderr
+    rows = parse_hello(r.stdout)
+    assert [d["rank"] for d in rows] == [0, 1, 2, 3] and all(d["sum"] == 10 for d in rows)
+    assert sorted({d["host"] for d in rows}) == ["n1", "n2"], r.stdout
+    assert all(d["lib"].startswith("/usr/lib/x86_64-linux-gnu/libmpich.so.12")
+               and d["version"].startswith("MPICH") for d in rows), r.stdout
     assert nodes.leftovers(user) == {}
 
 

@@ -157,8 +157,8 @@ BAD = [
      "site.yaml:2: stroe: unknown key (did you mean 'store'? known keys: store, modulefiles, "
      "tcl_modulefiles, wrappers, python, binds, images, gpu, gpu_devices, gpu_extra_libs, "
      "gpu_exclude_libs, gpu_extra_binaries, gpu_extra_devices, infiniband, ib_env, "
-     "ib_extra_libs, ib_memlock_min, mpi, local, keep, extra_wrappers, lmod_in_image, "
-     "lmod_prefix)"),
+     "ib_extra_libs, ib_memlock_min, mpi, signing, local, keep, extra_wrappers, lmod_in_image, "
+     "lmod_prefix, warm)"),
     ("lmod-misspelt", "store: /s\nimages: []\nlmod_inside: true\n",
      "site.yaml:3: lmod_inside: unknown key (did you mean 'lmod_in_image'?"),
     ("lmod-in-image-string", "store: /s\nimages: []\nlmod_in_image: 'yes'\n",
@@ -189,7 +189,7 @@ BAD = [
      "site.yaml:4: mpi.libs[0]: not a library name: '$(evil)'"),
     ("unknown-image", "store: /s\nimages:\n" + IMG + "    descripton: x\n",
      "site.yaml:6: images[0].descripton: unknown key (did you mean 'description'? known keys: "
-     "name, version, file, description, default, binds, help, url)"),
+     "name, version, file, description, default, binds, help, url, personal_overlay, verify)"),
     ("duplicate-key", "store: /s\nimages: []\nstore: /t\n",
      "site.yaml:3: store: duplicate key (first at line 1)"),
     ("images-not-list", "store: /s\nimages: {name: A}\n",

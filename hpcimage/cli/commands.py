@@ -10,8 +10,8 @@ from hpcimage.errors import HpcimageError
 # Apptainer's commands that hpcimage does not have: refused by name (exit 2), never
 # "no such command" as if they were a typo. A command registered here later wins.
 APPTAINER_ONLY = ("cache", "capability", "checkpoint", "completion", "config", "delete",
-                  "key", "keyserver", "oci", "overlay", "plugin", "push",
-                  "registry", "remote", "search", "sign", "verify")
+                  "keyserver", "oci", "overlay", "plugin", "push",
+                  "registry", "remote", "search")
 
 
 class _Group(click.Group):
@@ -72,6 +72,14 @@ from hpcimage.cli.pull import pull as _pull  # noqa: E402  (issue 14)
 cli.add_command(_pull)
 from hpcimage.cli.instance import instance as _instance  # noqa: E402  (issue 17)
 cli.add_command(_instance)
+from hpcimage.cli.keys import key as _key  # noqa: E402  (issue 18)
+cli.add_command(_key)
+cli.add_command(_key, "keys")
+from hpcimage.cli.overlaycli import overlay as _overlay  # noqa: E402  (issue 16)
+cli.add_command(_overlay)
+from hpcimage.cli.signcli import sign as _sign, verify as _verify  # noqa: E402  (issue 18)
+cli.add_command(_sign)
+cli.add_command(_verify)
 
 
 @cli.command()
@@ -176,11 +184,13 @@ def apps(image):
 @click.option("--definition", type=click.Path(dir_okay=False), metavar="FILE",
               help="The definition file IMAGE was built from (its sha256 goes into the "
                    "manifest; default: the one inside IMAGE).")
-def publish(image, name, version, site_path, definition):
+@click.option("--sign", is_flag=True, help="Sign a copy of IMAGE with the site's key "
+              "(site.yaml signing.sign_key) and publish that (docs/signing.md).")
+def publish(image, name, version, site_path, definition, sign):
     """Place IMAGE in the store as NAME/VERSION (the `file` site.yaml gives), atomically,
     and record it in the store's manifest (docs/store.md)."""
     from hpcimage.store.publish import publish
-    publish(site_path, image, name, version, definition=definition)
+    publish(site_path, image, name, version, definition=definition, sign=sign)
 
 
 @cli.command("update", context_settings={"help_option_names": ["-h", "--help"]})

@@ -91,16 +91,27 @@ def dump(object_id, image):
 @click.option("--verbose", "-v", is_flag=True,
               help="Show the bootstrap agent's output (debootstrap's), not only what "
                    "the build is doing.")
+@click.option("--encrypt", "-e", is_flag=True,
+              help="Encrypt the SIF (gocryptfs, as Apptainer's) with the key of "
+                   "APPTAINER_ENCRYPTION_PEM_PATH or APPTAINER_ENCRYPTION_PASSPHRASE.")
+@click.option("--passphrase", is_flag=True,
+              help="Encrypt the SIF with a passphrase asked on the terminal.")
+@click.option("--pem-path", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Encrypt the SIF for the PKCS#1 RSA public key FILE.")
 @click.option("--all", "all_", is_flag=True,
               help="Build every image of --site that has images/<Name>-<version>.def "
                    "(or images/<Name>.def) and publish it into the store; OUT/SOURCE: "
                    "none, or the modules (Name or Name/version) to build.")
 @click.option("--site", "site_path", default="site.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="With --all: the site description.")
+@click.option("--fakeroot", "-f", "fakeroot", is_flag=True,
+              help="Accepted (Apptainer's): a definition file is always built as root of "
+                   "a user namespace, through /etc/subuid and /etc/subgid where you have "
+                   "ranges (else your own ids only).")
 @click.argument("out", required=False)
 @click.argument("source", required=False)
 def build(sandbox, force, notest, build_args, all_, site_path, out, source, verbose,
-          warn_unused):
+          warn_unused, fakeroot, encrypt, passphrase, pem_path):
     """Build OUT (.sif, .sqfs or, with --sandbox, a directory) from SOURCE.
 
     SOURCE is a definition file (.def, Apptainer syntax; built without root in a
@@ -112,4 +123,4 @@ def build(sandbox, force, notest, build_args, all_, site_path, out, source, verb
     """
     from hpcimage.imagebuild import buildcmd
     buildcmd.run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose,
-                 warn_unused)
+                 warn_unused, passphrase, encrypt, pem_path)

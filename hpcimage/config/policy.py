@@ -27,6 +27,7 @@ def site_config(environ):
 GPU_MODES = ("auto", "nvidia", "rocm", "off")
 DEVICE_MODES = ("visible", "all")
 IB_MODES = ("auto", "on", "off")
+VERIFY_MODES = ("off", "warn", "require")
 
 
 # The keys of site.json, each with its type, its default (the value when the key is
@@ -58,6 +59,16 @@ POLICY_KEYS = (
     ("mpi",                "{str: ...}", {},        "the host MPI for image-mpi (site.yaml mpi: "
                                                     "mode, launcher, srun_mpi, implementation, "
                                                     "prefix, libs, binds)"),
+    ("personal_overlays",  "{str: {...}}", {},      "each user's overlay file per module "
+                                                    "(site.yaml personal_overlay): size "
+                                                    "(MiB), sparse; made on first use"),
+    ("verify",             "str",      "off",       "signature policy of every image: "
+                                                    "off|warn|require (docs/signing.md)"),
+    ("image_verify",       "{str: str}", {},        "the signature policy of one module (Name/version)"),
+    ("signing",            "{str: ...}", {},        "what image-update verifies with: trusted, "
+                                                    "keyring, pem_keys (site.yaml signing:)"),
+    ("warm",               "int",      0,           "seconds image-exec's container stays standing "
+                                                    "idle for the next call to join (0: off)"),
     ("lmod",               "LmodInImage", None,     "Lmod inside the images (site.yaml "
                                                     "lmod_in_image): modulepath, prefix; None: off"),
 )

@@ -24,7 +24,7 @@ from hpcimage.errors import UsageError
 
 DEFAULT_PYTHON = "/opt/hpcimage/venv/bin/python3"
 from hpcimage.config import bindspec  # noqa: E402
-from hpcimage.config.policy import DEFAULT_LOCAL, MPI_DEFAULTS  # noqa: E402
+from hpcimage.config.policy import DEFAULT_LOCAL, MPI_DEFAULTS, VERIFY_MODES  # noqa: E402
 DEFAULT_KEEP = 2                         # previous versions publish keeps in the store
 POLICY_VERSION = 1                       # the format of site.json; hpcimage doctor compares it
 
@@ -63,6 +63,8 @@ class Image:
     help: str = ""
     url: str = ""
     line: int = 0                   # line of the image's entry in site.yaml
+    personal_overlay: Optional[Tuple[int, bool]] = None     # (MiB, sparse): per user
+    verify: Optional[str] = None    # signature policy (None: the site's, signing.verify)
 
     @property
     def module(self):
@@ -87,6 +89,8 @@ class Site:
     extra_wrappers: Tuple[str, ...] = ()
     lmod_in_image: bool = False     # the host's Lmod and MODULEPATH inside the images
     lmod_prefix: Optional[str] = None   # the host's Lmod (LMOD_PKG); None: found at run time
+    signing: Dict[str, object] = field(default_factory=dict)    # site.yaml signing:
+    warm: int = 0                   # seconds a warm container stays idle (0: off; docs/warm.md)
 
     def roots(self, prefix=None):
         """Absolute output roots {"modulefiles", "tcl_modulefiles", "wrappers"}.
@@ -113,9 +117,13 @@ class Site:
         the Lua modulefiles root relative to the wrappers directory, where site.json
         lives, so that a rendered tree can be moved as a whole."""
         image_binds = {}
+        overlays = {}
         for img in self.images:
             if img.binds:
                 image_binds[img.module] = [b.spec for b in img.binds]
+            if img.personal_overlay:
+                size, sparse = img.personal_overlay
+                overlays[img.module] = {"size": size, "sparse": sparse}
         out = {
             "binds": [b.spec for b in self.binds],
             "image_binds": image_binds,
@@ -123,10 +131,23 @@ class Site:
             "version": POLICY_VERSION,
         }
         out.update(self.hardware)
+        if overlays:
+            out["personal_overlays"] = overlays
         if self.mpi:
             out["mpi"] = {k: (list(b.spec for b in v) if k == "binds" else
                               list(v) if isinstance(v, tuple) else v)
                           for k, v in self.mpi.items() if v not in (None, (), "")}
+        if self.signing:
+            sg = self.signing
+            out["verify"] = sg.get("verify") or "off"
+            out["signing"] = {k: list(v) if isinstance(v, tuple) else v
+                              for k, v in sg.items() if k in ("trusted", "keyring", "pem_keys")
+                              and v not in (None, ())}
+        image_verify = {img.module: img.verify for img in self.images if img.verify}
+        if image_verify:
+            out["image_verify"] = image_verify
+        if self.warm:
+            out["warm"] = self.warm
         if self.lmod_in_image:
             roots = roots or self.roots()
             lmod = {"modulepath": [posixpath.relpath(roots["modulefiles"], roots["wrappers"])]}
@@ -325,6 +346,16 @@ def parse_count(ctx, node, keypath):
     return value
 
 
+WARM_MAX = 86400       # a day: a warm container is for a workflow's burst of short tasks
+
+
+def parse_warm(ctx, node, keypath):
+    value = parse_count(ctx, node, keypath)
+    if value > WARM_MAX:
+        raise ctx.error(node, keypath, f"at most {WARM_MAX} seconds, got {value}")
+    return value
+
+
 def list_of(item_parser):
     def parse(ctx, node, keypath):
         if not isinstance(node, yaml.SequenceNode):
@@ -390,6 +421,36 @@ def _mapping(ctx, node, keypath, schema):
     return values
 
 
+PERSONAL_OVERLAY_SIZE = 1024        # MiB, personal_overlay: true
+OVERLAY_MIN_SIZE = 64               # MiB, as `overlay create`
+
+
+def parse_overlay_size(ctx, node, keypath):
+    value = _scalar(ctx, node, keypath)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.error(node, keypath, f"expected a size in MiB, got {_describe(node)}")
+    if value < OVERLAY_MIN_SIZE:
+        raise ctx.error(node, keypath, f"must be at least {OVERLAY_MIN_SIZE} (MiB), got {value}")
+    return value
+
+
+PERSONAL_OVERLAY_KEYS: Dict[str, Key] = {
+    "size": Key(parse_overlay_size, default=PERSONAL_OVERLAY_SIZE,
+                doc="MiB of the ext3 file (at least 64)"),
+    "sparse": Key(parse_bool, default=True,
+                  doc="blocks allocated on use (false: all of them at creation)"),
+}
+
+
+def parse_personal_overlay(ctx, node, keypath):
+    """true, false, or {size: MiB, sparse: bool}: (size, sparse) or None (off)."""
+    if isinstance(node, yaml.ScalarNode):
+        on = parse_bool(ctx, node, keypath)
+        return (PERSONAL_OVERLAY_SIZE, True) if on else None
+    values = _mapping(ctx, node, keypath, PERSONAL_OVERLAY_KEYS)
+    return (values["size"], values["sparse"])
+
+
 IMAGE_KEYS: Dict[str, Key] = {
     "name": Key(parse_name, required=True,
                 doc="module name; [A-Za-z0-9][A-Za-z0-9._+-]*"),
@@ -405,6 +466,11 @@ IMAGE_KEYS: Dict[str, Key] = {
                  doc="binds for this image only, added to the site's"),
     "help": Key(parse_text, default="", doc="extra text for `module help`"),
     "url": Key(parse_line, default="", doc="a web page about the image"),
+    "personal_overlay": Key(parse_personal_overlay, default=None,
+                            doc="each user's writable ext3 overlay for this module: true or "
+                                "{size: MiB, sparse: bool}; made on first use"),
+    "verify": Key(lambda c, n, k: parse_verify_mode(c, n, k), default=None,
+                  doc="signature policy of this image: off|warn|require (docs/signing.md)"),
 }
 
 
@@ -454,6 +520,45 @@ HARDWARE_KEYS = ("gpu", "gpu_devices", "gpu_extra_libs", "gpu_exclude_libs",
                  "ib_extra_libs", "ib_memlock_min")
 
 
+def parse_verify_mode(ctx, node, keypath):
+    """off|warn|require; YAML 1.1 reads a bare `off` as false: that is "off" too."""
+    if getattr(node, "tag", "") == "tag:yaml.org,2002:bool" and node.value.lower() in ("off", "no", "false"):
+        return "off"
+    return choice(*VERIFY_MODES)(ctx, node, keypath)
+
+
+def parse_fingerprint(ctx, node, keypath):
+    """An OpenPGP fingerprint (40 hex digits, spaces allowed: upper-cased) or a DSSE key
+    ID (SHA256:base64, as `hpcimage verify --key` prints it)."""
+    value = _expect_str(ctx, node, keypath)
+    if value.startswith("SHA256:") and re.fullmatch(r"SHA256:[A-Za-z0-9+/]{43}", value):
+        return value
+    fp = value.replace(" ", "").upper()
+    if not re.fullmatch(r"[0-9A-F]{40}", fp):
+        raise ctx.error(node, keypath, f"not an OpenPGP fingerprint (40 hex digits) or a "
+                                       f"DSSE key ID (SHA256:...): {value!r}")
+    return fp
+
+
+SIGNING_KEYS: Dict[str, Key] = {
+    "verify": Key(parse_verify_mode, default="off",
+                  doc="every image's signature policy: off|warn|require"),
+    "trusted": Key(list_of(parse_fingerprint), default=(),
+                   doc="signers trusted: OpenPGP fingerprints, DSSE key IDs"),
+    "keyring": Key(parse_abs_path, default=None,
+                   doc="OpenPGP public keyring to verify with (default: the global ones)"),
+    "pem_keys": Key(list_of(parse_abs_path), default=(),
+                    doc="PEM public keys to verify DSSE signatures with"),
+    "sign_key": Key(parse_abs_path, default=None,
+                    doc="what `hpcimage publish --sign` signs with: a PEM private key "
+                        "(DSSE) or an OpenPGP secret keyring (its first key)"),
+}
+
+
+def parse_signing(ctx, node, keypath):
+    return _mapping(ctx, node, keypath, SIGNING_KEYS)
+
+
 def parse_mpi(ctx, node, keypath):
     return _mapping(ctx, node, keypath, MPI_KEYS)
 
@@ -483,6 +588,8 @@ SITE_KEYS: Dict[str, Key] = {
        for k in HARDWARE_KEYS},
     "mpi": Key(parse_mpi, default=None,
                doc="the host MPI for image-mpi (see docs/site-yaml.md)"),
+    "signing": Key(parse_signing, default=None,
+                   doc="signature policy and keys (docs/signing.md)"),
     "local": Key(parse_local_dir, default=DEFAULT_LOCAL,
                  doc="each user's local image directory (image-update); ~ and $VAR at run time"),
     "keep": Key(parse_count, default=DEFAULT_KEEP,
@@ -494,6 +601,9 @@ SITE_KEYS: Dict[str, Key] = {
     "lmod_prefix": Key(parse_abs_path, default=None,
                        doc="the host's Lmod (holding libexec/lmod and init/); default: found "
                            "at run time from $LMOD_PKG, $LMOD_DIR, $LMOD_CMD, else /usr/share/lmod/lmod"),
+    "warm": Key(parse_warm, default=0,
+                doc="seconds image-exec's container stays standing idle for the next call "
+                    "of the same user, image and options to join (0: off; docs/warm.md)"),
 }
 
 
@@ -570,7 +680,9 @@ def _build(ctx, root, values):
             name=raw["name"], version=raw["version"],
             path=posixpath.normpath(posixpath.join(values["store"], raw["file"])),
             description=raw["description"], default=raw["default"],
-            binds=raw["binds"], help=raw["help"], url=raw["url"], line=raw["line"]))
+            binds=raw["binds"], help=raw["help"], url=raw["url"], line=raw["line"],
+            personal_overlay=raw["personal_overlay"],
+            verify=raw["verify"]))
 
     roots = {k: values[k] for k in ("modulefiles", "tcl_modulefiles", "wrappers")}
     keys = list(roots)
@@ -604,7 +716,9 @@ def _build(ctx, root, values):
         images=tuple(images), mpi=dict(values["mpi"] or {}), hardware=hardware,
         local=values["local"], keep=values["keep"],
         extra_wrappers=tuple(values["extra_wrappers"]),
-        lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"])
+        lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"],
+        signing=dict(values["signing"] or {}),
+        warm=values["warm"])
 
 
 def _loadable(ctx, inode, keypath, name, version):

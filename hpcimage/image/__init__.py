@@ -12,10 +12,13 @@ from hpcimage.image.magic import HEAD_SIZE, head_kind
 class Image:
     """An image the runtime can start: where it is, what kind, where its SquashFS is."""
 
-    __slots__ = ("path", "kind", "offset", "size", "arch")
+    __slots__ = ("path", "kind", "offset", "size", "arch", "crypt")
 
-    def __init__(self, path, kind, offset=0, size=None, arch=None):
+    def __init__(self, path, kind, offset=0, size=None, arch=None, crypt=None):
         self.path = path
+        # None, or how the SIF's partition is encrypted: "passphrase" or "pem"; the
+        # SquashFS at offset then holds gocryptfs.conf and the encrypted image
+        self.crypt = crypt
         self.arch = arch        # what a SIF says it was built for (Go's name), else None
         self.kind = kind        # "sandbox" | "squashfs" | "sif"
         self.offset = offset    # byte offset of the SquashFS inside the file
@@ -27,7 +30,8 @@ class Image:
 
     def __repr__(self):
         if self.kind == "sif":
-            return f"sif {self.path} (squashfs at offset {self.offset})"
+            return (f"sif {self.path} ({'encrypted ' if self.crypt else ''}squashfs at "
+                    f"offset {self.offset})")
         return f"{self.kind} {self.path}"
 
 
@@ -64,9 +68,9 @@ def open_image(path, check_arch=True):
         return Image(path, "squashfs", 0, os.path.getsize(path))
     if kind == "sif":
         from hpcimage.image import sif
-        offset, size, arch = sif.primary_squashfs(path, with_arch=True)
+        offset, size, arch, crypt = sif.primary_squashfs(path, with_arch=True)
         if check_arch:
             from hpcimage.image import arch as archmod
             archmod.check(path, arch)
-        return Image(path, "sif", offset, size, arch)
+        return Image(path, "sif", offset, size, arch, crypt)
     raise UsageError(f"{path}: not an image (neither a directory, a SquashFS file nor a SIF file)")

@@ -49,6 +49,11 @@ def metadata(path):
             env[n] = _text(rd.cat(f"{META}/env/{n}")) or ""
     info["environment"] = env
     info["apps"] = rd.listdir("scif/apps")
+    if image.crypt:
+        # only what is in clear: the SIF's definition file and labels objects
+        info["encrypted"] = ENCRYPTED[image.crypt]
+        info["deffile"] = info["deffile"] or _sif_deffile(image)
+        info["labels"] = info["labels"] or _sif_labels(image)
     if image.kind == "sif":
         from hpcimage.image import sif
         img = sif.SifImage.open(image.path)
@@ -57,9 +62,29 @@ def metadata(path):
     return info
 
 
+ENCRYPTED = {"passphrase": "encrypted with a passphrase (gocryptfs)",
+             "pem": "encrypted for an RSA key, PEM (gocryptfs)"}
+
+
+def _sif_labels(image):
+    from hpcimage.image import sif
+    img = sif.SifImage.open(image.path)
+    for d in img.descriptors:
+        if d.data_type == sif.DATA_LABELS:
+            try:
+                return json.loads(img.read_object(d.id, METADATA_LIMIT))
+            except ValueError:
+                return {}
+    return {}
+
+
 def render(info):
     out = [f"Image: {info['path']} ({info['kind']}"
-           + (f", {info['size']} bytes)" if "size" in info else ")")]
+           + (f", {info['size']} bytes" if "size" in info else "")
+           + (f", {info['encrypted']}" if info.get("encrypted") else "") + ")"]
+    if info.get("encrypted"):
+        out.append("  (without the key, only what the SIF holds in clear: its definition "
+                   "file and labels objects)")
     out.append("Labels:")
     if info["labels"]:
         for k in sorted(info["labels"]):
@@ -158,6 +183,9 @@ def inspect(path, sections=(), app=None, list_apps=False, all_=False, warn=None)
     warn = warn or (lambda msg: None)
     image = open_image(path, check_arch=False)
     rd = Reader(image)
+    if image.crypt:
+        warn(f"{path} is {ENCRYPTED[image.crypt]}: only the SIF's definition file and "
+             "labels objects are in clear")
     if all_:
         app, sections = None, SECTIONS
     elif not sections and not list_apps:
@@ -196,6 +224,9 @@ def inspect(path, sections=(), app=None, list_apps=False, all_=False, warn=None)
                         into["environment"]["/" + f] = text.rstrip("\n")
                 continue
             data = rd.cat(f"{meta}/{SECTION_FILES[section]}")
+            if data is None and section == "labels" and main and image.crypt:
+                into["labels"] = _sif_labels(image)
+                continue
             if data is None:
                 continue
             if section == "labels":

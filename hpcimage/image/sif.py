@@ -83,12 +83,14 @@ FS_EXT3 = 2
 FS_IMMUTABLE_OBJECTS = 3
 FS_RAW = 4
 FS_ENCRYPTED_SQUASH = 5
+FS_GOCRYPTFS_SQUASH = 6          # Apptainer 1.2+'s unprivileged encryption (docs/encryption.md)
 FS_TYPE_NAMES = {
     FS_SQUASH: "Squashfs",
     FS_EXT3: "Ext3",
     FS_IMMUTABLE_OBJECTS: "Archive",
     FS_RAW: "Raw",
     FS_ENCRYPTED_SQUASH: "Encrypted squashfs",
+    FS_GOCRYPTFS_SQUASH: "Gocryptfs squashfs",
 }
 
 # Partition types.
@@ -461,8 +463,9 @@ def is_sif(path):
 
 def primary_squashfs(path, with_arch=False):
     """(offset, size) of the SquashFS primary system partition of the SIF at `path`;
-    with_arch: (offset, size, arch), arch the Go name of what the partition (else the
-    header) says it was built for, "unknown" when neither says.
+    with_arch: (offset, size, arch, crypt), arch the Go name of what the partition
+    (else the header) says it was built for, "unknown" when neither says; crypt:
+    encryption() (an encrypted partition's offset and size are the outer SquashFS's).
 
     The runtime's hot path: header + descriptor table + the 4 bytes of SquashFS magic.
     UsageError if there is no primary system partition or it is not SquashFS.
@@ -471,15 +474,38 @@ def primary_squashfs(path, with_arch=False):
     d = img.primary_partition()
     if with_arch:
         arch = d.arch_name if d.arch_name != "unknown" else img.header.arch_name
-        return (*_primary_squashfs_of(img, d), arch)
+        return (*_primary_squashfs_of(img, d), arch, encryption(img, d))
+    if d.fstype == FS_GOCRYPTFS_SQUASH:
+        raise UsageError(f"{img.path}: an encrypted image (gocryptfs): it runs with its key "
+                         "but cannot be converted or used as a build source")
     return _primary_squashfs_of(img, d)
 
 
+def encryption(img, d=None):
+    """How the SIF img's primary partition (or d) is encrypted: None, "passphrase"
+    (gocryptfs, no key message) or "pem" (gocryptfs, with a PEM/RSA-OAEP crypto
+    message linked to it)."""
+    d = d or img.primary_partition()
+    if d.fstype != FS_GOCRYPTFS_SQUASH:
+        return None
+    return "pem" if crypto_message(img, d) is not None else "passphrase"
+
+
+def crypto_message(img, d):
+    """The descriptor of the PEM/RSA-OAEP crypto message linked to partition d, or None."""
+    for m in img.descriptors:
+        if (m.data_type == DATA_CRYPTO_MESSAGE and m.linked_id == (d.id, False)
+                and _CRYPTO.unpack_from(m.extra) == (2, 0x200)):
+            return m
+    return None
+
+
 def _primary_squashfs_of(img, d):
-    if d.fstype != FS_SQUASH:
+    if d.fstype not in (FS_SQUASH, FS_GOCRYPTFS_SQUASH):
         hint = ""
         if d.fstype == FS_ENCRYPTED_SQUASH:
-            hint = " (encrypted SIF images are not supported)"
+            hint = (" (encrypted SIF images of the dm-crypt kind, built by root, are not "
+                    "supported; gocryptfs ones are)")
         raise UsageError(f"{img.path}: primary partition (object {d.id}) is "
                          f"{d.fstype_name}, not SquashFS{hint}")
     fd = _open_regular(img.path)
@@ -793,14 +819,17 @@ def format_info(img, object_id):
 # ---------------------------------------------------------------------------- writer
 
 def write_sif(out_path, squashfs_path, deffile=None, labels=None, arch=None,
-              launch_script=LAUNCH_SCRIPT):
+              launch_script=LAUNCH_SCRIPT, fstype=FS_SQUASH, crypto_message=None):
     """Write a SIF around a SquashFS image, as `apptainer build` lays one out.
 
     Header, a table of 48 descriptors at 4096, then the objects from offset 32176:
     the definition file (`deffile`, bytes or str; DATA_DEFFILE), the labels (`labels`,
     a dict or JSON bytes/str; DATA_LABELS), then the SquashFS as the primary system
     partition, aligned to 4096, in object group 1. Fresh random UUID and the current
-    time. `arch` is a Go architecture name (default: this machine's).
+    time. `arch` is a Go architecture name (default: this machine's). `fstype`:
+    FS_GOCRYPTFS_SQUASH for an encrypted image (imagebuild.crypt), whose
+    `crypto_message` (bytes: a PEM MESSAGE) follows as a crypto message object
+    (PEM, RSA-OAEP) linked to the partition, as Apptainer writes it.
 
     Written under a temporary name beside `out_path` and renamed into place; the
     SquashFS is streamed (holes stay holes), never read into memory. Returns the
@@ -830,8 +859,11 @@ def write_sif(out_path, squashfs_path, deffile=None, labels=None, arch=None,
         if os.pread(src, 4, 0) != SQUASHFS_MAGIC:
             raise UsageError(f"{squashfs_path}: not a SquashFS image (bad magic)")
         objects.append((DATA_PARTITION, src,
-                        _PARTITION.pack(FS_SQUASH, PART_PRIMARY_SYSTEM, code),
+                        _PARTITION.pack(fstype, PART_PRIMARY_SYSTEM, code),
                         PARTITION_ALIGNMENT))
+        if crypto_message is not None:
+            objects.append((DATA_CRYPTO_MESSAGE, _as_bytes(crypto_message),
+                            _CRYPTO.pack(2, 0x200), 0, len(objects)))
         now = int(time.time())
         try:                    # fsutil: temporary name, fsync, rename, fsync the directory
             with fsutil.AtomicFile(out_path, 0o755, _temp_beside(out_path)) as f:
@@ -857,7 +889,7 @@ def _write_objects(fd, objects, arch_code, now, launch_script):
     data_offset = DESCRIPTORS_OFFSET + table_size
     pos = data_offset
     table = bytearray(table_size)
-    for i, (dtype, payload, extra, align) in enumerate(objects):
+    for i, (dtype, payload, extra, align, *link) in enumerate(objects):
         start = pos
         if align and start % align:
             start += align - start % align
@@ -868,7 +900,8 @@ def _write_objects(fd, objects, arch_code, now, launch_script):
         else:
             n = _copy_sparse(payload, fd, start)
         _DESCRIPTOR.pack_into(
-            table, i * DESCRIPTOR_SIZE, dtype, True, i + 1, GROUP_MASK | 1, 0,
+            table, i * DESCRIPTOR_SIZE, dtype, True, i + 1, GROUP_MASK | 1,
+            link[0] if link else 0,
             start, n, start - pos + n, now, now, 0, 0, b"", extra)
         pos = start + n
     os.ftruncate(fd, pos)
@@ -918,3 +951,135 @@ def _copy_range(src, dst, src_off, dst_off, count):
         src_off += n
         dst_off += n
         count -= n
+
+
+# ------------------------------------------------------------ adding one partition
+
+def signed(img):
+    """The signature objects of SifImage img (DATA_SIGNATURE descriptors)."""
+    return [d for d in img.descriptors if d.data_type == DATA_SIGNATURE]
+
+
+def encrypted(img):
+    """The encrypted partitions of img (Encrypted squashfs) and its crypto messages."""
+    return [d for d in img.descriptors
+            if (d.data_type == DATA_PARTITION and d.fstype == FS_ENCRYPTED_SQUASH)
+            or d.data_type == DATA_CRYPTO_MESSAGE]
+
+
+def append_partition(path, part_path, fstype, parttype, arch=None):
+    """Add the file part_path to the SIF at path as one more partition (fstype,
+    parttype; arch: a Go name, default the primary partition's, else this machine's),
+    aligned to 4096 at the end of the data, in object group 1, in the first free
+    descriptor, as the sif library's AddObject does. Atomic: the SIF is copied (holes
+    kept) to a temporary name beside it, changed there and renamed into place; the
+    copy keeps the original's mode. Returns the new object's descriptor."""
+    import time
+    path = os.fspath(path)
+    img = SifImage.open(path)
+    h = img.header
+    if h.descriptors_free <= 0:
+        raise UsageError(f"{path}: no free descriptor in the SIF's table "
+                         f"({h.descriptors_total} used)")
+    if arch is None:
+        p = [d for d in img.descriptors if d.is_primary_partition]
+        arch = goarch_name(p[0].arch) if p else "unknown"
+        if arch == "unknown":
+            arch = host_goarch()
+    code = _GOARCH_CODES.get(arch)
+    if code is None:
+        raise UsageError(f"unknown architecture {arch!r}")
+    fd = _open_regular(path)
+    try:
+        used = {d.index for d in img.descriptors}
+        slot = next(i for i in range(h.descriptors_total) if i not in used)
+        new_id = max((d.id for d in img.descriptors), default=0) + 1
+        mode = os.fstat(fd).st_mode & 0o7777
+        src = _open_regular(os.fspath(part_path))
+        try:
+            with fsutil.AtomicFile(path, mode, _temp_beside(path)) as f:
+                out = f.fileno()
+                _copy_sparse(fd, out, 0)
+                end = h.data_offset + h.data_size
+                start = end + (-end % PARTITION_ALIGNMENT)
+                n = _copy_sparse(src, out, start)
+                os.ftruncate(out, start + n)
+                now = int(time.time())
+                raw = _DESCRIPTOR.pack(DATA_PARTITION, True, new_id, GROUP_MASK | 1, 0,
+                                       start, n, start - end + n, now, now, 0, 0, b"",
+                                       _PARTITION.pack(fstype, parttype, code))
+                os.pwrite(out, raw, h.descriptors_offset + slot * DESCRIPTOR_SIZE)
+                header = _HEADER.pack(h.launch_script, h.magic, h.version, h.arch, h.id,
+                                      h.created_at, now, h.descriptors_free - 1,
+                                      h.descriptors_total, h.descriptors_offset,
+                                      h.descriptors_size, h.data_offset,
+                                      start + n - h.data_offset)
+                os.pwrite(out, header, 0)
+        except OSError as e:
+            raise HpcimageError(f"{path}: cannot add the partition: "
+                                f"{e.strerror or e}") from None
+        finally:
+            os.close(src)
+    finally:
+        os.close(fd)
+    return SifImage.open(path).descriptor(new_id)
+
+
+def signature_extra(hash_code, fingerprint=b""):
+    """A signature descriptor's extra field: hash type and the signer's fingerprint."""
+    return _SIGNATURE.pack(hash_code, fingerprint.ljust(20, b"\x00")[:256])
+
+
+def has_signatures(path):
+    """True if the SIF at PATH carries a signature object (header and table only)."""
+    return any(d.data_type == DATA_SIGNATURE for d in SifImage.open(path).descriptors)
+
+
+def append_object(path, data_type, data, extra=b"", link=0, link_group=False, group=0):
+    """Append one data object (bytes DATA) to the SIF at PATH, as the sif library's
+    AddObject does: the first free descriptor, the next object ID, the data at the end
+    of the file, the header's free count, data size and modification time updated.
+
+    Atomic: the image is copied to a temporary name beside it (copy_file_range: a
+    reflink or an in-kernel copy), changed there, fsync'ed and renamed into place
+    (fsutil.AtomicFile); the original is untouched on any error. Returns the new ID."""
+    import time
+
+    path = os.fspath(path)
+    img = SifImage.open(path)
+    h = img.header
+    if h.descriptors_free <= 0:
+        raise UsageError(f"{path}: no free descriptor left to add an object "
+                         f"(all {h.descriptors_total} used)")
+    fd = _open_regular(path)
+    try:
+        raw = _pread_exact(fd, h.descriptors_total * DESCRIPTOR_SIZE, h.descriptors_offset,
+                           path, "descriptor table")
+        slot = next(i for i in range(h.descriptors_total) if not raw[i * DESCRIPTOR_SIZE + 4])
+        new_id = max((d.id for d in img.descriptors), default=0) + 1
+        now = int(time.time())
+        size = img.file_size
+        mode = os.fstat(fd).st_mode & 0o7777
+        a = fsutil.AtomicFile(path, mode, _temp_beside(path))
+        try:
+            out = a.open()
+            _copy_range(fd, out.fileno(), 0, 0, size)
+            os.pwrite(out.fileno(), data, size)
+            desc = _DESCRIPTOR.pack(
+                data_type, True, new_id, (GROUP_MASK | group) & 0xFFFFFFFF,
+                (link | (GROUP_MASK if link_group else 0)) & 0xFFFFFFFF,
+                size, len(data), len(data), now, now, 0, 0, b"", extra)
+            os.pwrite(out.fileno(), desc, h.descriptors_offset + slot * DESCRIPTOR_SIZE)
+            header = _HEADER.pack(
+                h.launch_script, h.magic, h.version, h.arch, h.id, h.created_at, now,
+                h.descriptors_free - 1, h.descriptors_total, h.descriptors_offset,
+                h.descriptors_size, h.data_offset, size + len(data) - h.data_offset)
+            os.pwrite(out.fileno(), header, 0)
+            a.commit()
+        except OSError as e:
+            raise HpcimageError(f"{path}: cannot add an object: {e.strerror or e}") from None
+        finally:
+            a.discard()
+    finally:
+        os.close(fd)
+    return new_id

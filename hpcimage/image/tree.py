@@ -57,11 +57,15 @@ class Reader:
         self.image = image
 
     def cat(self, inner):
+        if getattr(self.image, "crypt", None):
+            return None         # encrypted (gocryptfs): nothing inside is in clear
         if self.image.kind == "sandbox":
             return read_small(os.path.join(self.image.path, inner))
         return unsquashfs_cat(self.image.path, inner, self.image.offset)
 
     def listdir(self, inner):
+        if getattr(self.image, "crypt", None):
+            return []
         if self.image.kind == "sandbox":
             try:
                 return sorted(os.listdir(os.path.join(self.image.path, inner)))

@@ -9,9 +9,26 @@ def _echo(text):
 
 
 def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbose=False,
-        warn_unused=False):
+        warn_unused=False, passphrase=False, encrypt=False, pem_path=None, say=None):
     """Build OUT from SOURCE (see `hpcimage build --help`); verbose: the bootstrap
-    agent's own output (debootstrap's) on stderr too, not only the phases."""
+    agent's own output (debootstrap's) on stderr too, not only the phases;
+    passphrase/encrypt/pem_path: an encrypted SIF (imagebuild.crypt)."""
+    import os
+    from hpcimage.imagebuild import crypt
+    key = None if say else crypt.build_key(passphrase, encrypt, pem_path, os.environ,
+                                           lambda m: _echo(f"hpcimage: warning: {m}"))
+    if key is not None:
+        from hpcimage.errors import UsageError
+        if all_ or sandbox or not out or not out.lower().endswith(".sif"):
+            raise UsageError("an encrypted image is a SIF: build OUT.sif (not --sandbox, "
+                             ".sqfs or --all)")
+        from hpcimage.imagebuild import convert
+        convert.check_out(os.path.abspath(out), force)
+        crypt.encrypted_build(out, lambda plain: run(
+            sandbox, False, notest, build_args, all_, site_path, plain, source, verbose,
+            warn_unused, say=lambda *a: None), key)
+        _echo(f"hpcimage: built {out} (sif, encrypted: {key.kind}) from {source}")
+        return
     from hpcimage.imagebuild import convert
     from hpcimage.errors import UsageError
     if verbose:
@@ -44,7 +61,7 @@ def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbos
                                  build_args=args, warn_unused_build_args=warn_unused,
                                  text=f"Bootstrap: {scheme}\n"
                                  f"From: {source[len(scheme) + 3:]}\n")
-            _echo(f"hpcimage: built {out} ({kind}) from {source}")
+            (say or _built)(out, kind, source)
             return
     src = convert.resolve_source(source)
     if src.kind == "def":
@@ -55,4 +72,8 @@ def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbos
         if args or notest:
             raise UsageError("--build-arg and --notest apply to definition files only")
         kind = convert.build(out, src, sandbox=sandbox, force=force)
+    (say or _built)(out, kind, source)
+
+
+def _built(out, kind, source):
     _echo(f"hpcimage: built {out} ({kind}) from {source}")

@@ -27,37 +27,12 @@ from hpcimage.linux import syscalls as sc
 from hpcimage.linux import procstate
 from hpcimage.linux.paths import resolve_in
 
-from hpcimage.linux.idmap import IdMap  # noqa: E402,F401  (builder: userns.IdMap)
-
-
-def _write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
+from hpcimage.linux.idmap import IdMap, write_maps  # noqa: E402,F401  (builder: userns.IdMap)
 
 
 def _map(pid, m):
     """Write the maps of process PID (which has unshared its user namespace)."""
-    if m.mode == "single":
-        _write(f"/proc/{pid}/setgroups", "deny")
-        _write(f"/proc/{pid}/uid_map", f"0 {m.uid} 1\n")
-        _write(f"/proc/{pid}/gid_map", f"0 {m.gid} 1\n")
-        return
-    import subprocess
-    # stdin /dev/null, stdout and stderr into one pipe; the caller's signal state
-    # (procstate.for_exec: SIGINT is ignored here meanwhile) and inherited descriptors
-    procs = [(tool, subprocess.Popen([tool, str(pid), "0", str(own), "1", "1", str(start),
-                                      str(count)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     close_fds=False, preexec_fn=procstate.for_exec))
-             for tool, own, (start, count) in (("newuidmap", m.uid, m.subuid),
-                                               ("newgidmap", m.gid, m.subgid))]
-    for tool, p in procs:                   # the two run side by side
-        out = p.communicate()[0]
-        rc = p.returncode
-        if rc != 0:
-            out = out.decode(errors="replace")
-            raise HpcimageError(f"build: {tool} failed: "
-                                f"{(out.strip() or '?').splitlines()[-1]}")
+    write_maps(pid, m, "build")
 
 
 def run_as_root(func, args=(), idmap=None):

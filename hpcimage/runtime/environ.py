@@ -26,7 +26,10 @@ CLEANENV_KEEP = ("HOME", "USER", "LOGNAME", "TERM", "LANG", "LANGUAGE", "TZ",
                  "DISPLAY", "XAUTHORITY", "COLUMNS", "LINES")
 CLEANENV_KEEP_PREFIXES = ("LC_",)
 DROP = ("PATH", "LD_LIBRARY_PATH", "PS1", "HPCIMAGE_SITE_CONFIG", "HPCIMAGE_PYTHON",
-        "PROMPT_COMMAND")
+        "PROMPT_COMMAND",
+        # an encrypted image's passphrase stays outside (runtime/crypt.py)
+        "HPCIMAGE_ENCRYPTION_PASSPHRASE", "APPTAINER_ENCRYPTION_PASSPHRASE",
+        "SINGULARITY_ENCRYPTION_PASSPHRASE")
 # Set by Apptainer inside the container, as APPTAINER_X and SINGULARITY_X.
 RUNTIME_PREFIXES = ("APPTAINER", "SINGULARITY")
 ENVIRONMENT_FILE = "/.singularity.d/env/91-environment.sh"

@@ -24,6 +24,9 @@ Layout (DIR is the local image directory: HPCIMAGE_LOCAL, else site.json's
     DIR/.NAME.hpcimage-lock          image-update's flock
     DIR/.NAME.hpcimage-tmp.PID       a copy in progress (removed by the next run)
 
+    DIR/overlay-Name-version.img     the user's personal overlay of module Name/version
+                                     (site.yaml personal_overlay; made on first use)
+
     STOREDIR/hpcimage-manifest.json  the manifest of the store directory holding NAME
 """
 import os
@@ -86,6 +89,11 @@ def local_dir(site, environ):
     """The local image directory, or None when it cannot be resolved."""
     raw = environ.get("HPCIMAGE_LOCAL") or site.local or DEFAULT_LOCAL
     return expand(raw, environ) if isinstance(raw, str) else None
+
+
+def personal_overlay(module, directory):
+    """The personal overlay file of module Name/version in the local directory."""
+    return os.path.join(directory, "overlay-" + module.replace("/", "-") + ".img")
 
 
 def paths(image, directory):
@@ -200,3 +208,76 @@ def choose(image, site, environ):
     except OSError:
         return copy
     return image
+
+
+# ---------------------------------------------------------------- the signature policy
+#
+# site.json "verify"/"image_verify" (site.yaml signing.verify, an image's verify:):
+# off, warn or require. The wrappers never read the image for it: `hpcimage publish`
+# records in the manifest entry whether the file it published is signed by a key the
+# site trusts ("signature": {"verified", "signers", "reason"}), bound to its sha256,
+# size and mtime; `image-update` verifies the copy it installs and records the answer
+# beside it (DIR/.NAME.hpcimage-trust: a symbolic link whose target is
+# "hpcimage-trust-v1 SHA256 yes|no REASON"), bound to the copy's sha256 in its state.
+
+TRUST_MAGIC = "hpcimage-trust-v1"
+
+
+def trust_path(state_path):
+    return state_path[:-len(".hpcimage-state")] + ".hpcimage-trust"
+
+
+def format_trust(sha256, verified, reason):
+    return f"{TRUST_MAGIC} {sha256} {'yes' if verified else 'no'} {reason or '-'}"
+
+
+def verify_mode(site, module):
+    """The signature policy of MODULE: off, warn or require."""
+    mode = site.image_verify.get(module or "") if site.image_verify else None
+    return mode or site.verify or "off"
+
+
+def signature_problem(image, chosen, module, site, environ):
+    """(mode, message) when the file the wrapper starts (CHOSEN: IMAGE, the store's
+    file, or the user's local copy of it) is not recorded as signed by a key the site
+    trusts and the module's policy is warn or require; None otherwise. A few stat()s
+    and readlink()s and the small manifest: the image itself is never read."""
+    mode = verify_mode(site, module)
+    if mode == "off" or not image:
+        return None
+    why = None
+    if chosen != image:                     # the local copy: image-update's record
+        directory = local_dir(site, environ)
+        _, state_path, _, _ = paths(image, directory) if directory else (0, "", 0, 0)
+        state = read_state(state_path) if directory else None
+        try:
+            parts = os.readlink(trust_path(state_path)).split(" ", 3) if directory else []
+        except OSError:
+            parts = []
+        if state is None or len(parts) != 4 or parts[0] != TRUST_MAGIC \
+                or parts[1] != state["sha256"]:
+            why = "its local copy was not verified by image-update (run image-update)"
+        elif parts[2] != "yes":
+            why = parts[3]
+    else:
+        try:
+            entry = current_entry(read_manifest(image), image)
+        except (Unreachable, ValueError):
+            entry = None
+        rec = entry.get("signature") if entry else None
+        if not isinstance(rec, dict):
+            why = "no signature record in the store's manifest (publish it again)"
+        elif rec.get("verified") is not True:
+            why = str(rec.get("reason") or "not verified")
+        else:
+            try:
+                st = os.stat(image)
+                same = st.st_size == entry.get("size") and st.st_mtime_ns == entry.get("mtime_ns")
+            except OSError:
+                same = False
+            if not same:
+                why = "the store's file is not the one published and verified"
+    if why is None:
+        return None
+    return mode, (f"{module or image}: image not signed by a key the site trusts: {why} "
+                  f"(site policy verify: {mode})")

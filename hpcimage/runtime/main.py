@@ -27,12 +27,24 @@ def run(argv, environ=None):
         return join(opts, argv, environ)
     r = request.resolve(opts, environ)
     p = launch.plan(r)
+    warm = None
+    if r.site.warm and opts.prog == "image-exec":     # site.yaml warm: docs/warm.md
+        from hpcimage.runtime import warm
     if opts.dry_run:
         sys.stdout.write(p.describe())
+        if warm:
+            sys.stdout.write(warm.describe(r, p, environ, r.site))
         return 0
     sys.stdout.flush()
     sys.stderr.flush()
     p.warn(opts.prog, environ)
+    if warm:
+        secs = warm.seconds(r.site, environ)
+        if secs and warm.why_cold(r, p, environ) is None:
+            tail = warm.launch(r, p, environ, warm.signature(argv, opts), secs)
+            if tail is not None:
+                execute(tail)
+                return 1
     execute(p)
     return 1
 

@@ -104,29 +104,90 @@ class HostDirs(Op):
 
 class UserNs(Op):
     """The user and mount namespaces (root: the mount namespace only), with ipc and
-    uts (bools) new IPC and UTS namespaces, hostname (or None) set in the latter."""
-    __slots__ = ("uid", "gid", "ipc", "uts", "hostname")
+    uts (bools) new IPC and UTS namespaces, hostname (or None) set in the latter.
+    fakeroot: None (uid/gid map onto themselves), or the linux.idmap.IdMap of
+    --fakeroot (uid/gid -> 0; "subid": the subordinate ranges -> 1..N, written by
+    newuidmap/newgidmap from a helper forked before the unshare, which stays in the
+    caller's namespace; "single": only uid/gid -> 0)."""
+    __slots__ = ("uid", "gid", "ipc", "uts", "hostname", "fakeroot")
     name = "userns"
 
-    def __init__(self, uid, gid, ipc=False, uts=False, hostname=None):
+    def __init__(self, uid, gid, ipc=False, uts=False, hostname=None, fakeroot=None):
         self.uid, self.gid = uid, gid
         self.ipc, self.uts, self.hostname = ipc, uts or bool(hostname), hostname
+        self.fakeroot = fakeroot
 
     def describe(self):
         more = (" ipc" if self.ipc else "") + (" uts" if self.uts else "")
+        if self.fakeroot is not None:
+            more += f" fakeroot  # {self.fakeroot.describe()}"
         if self.hostname:
-            more += f"  # hostname {quote(self.hostname)}"
+            more += f"{'; ' if self.fakeroot is not None else '  # '}hostname {quote(self.hostname)}"
         return [f"userns {self.uid} {self.gid}{more}"]
 
     def run(self, state):
         more = (sc.CLONE_NEWIPC if self.ipc else 0) | (sc.CLONE_NEWUTS if self.uts else 0)
-        if self.uid == 0:
+        if self.fakeroot is not None and self.uid != 0:
+            _fakeroot_unshare(self.fakeroot, more)
+        elif self.uid == 0:
             sc.unshare(sc.CLONE_NEWNS | more)
         else:
             sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS | more)
             map_ids(self.uid, self.gid)
         if self.hostname:
             sc.sethostname(self.hostname)
+
+
+def _fakeroot_unshare(m, more):
+    """unshare(user, mount, more) as root of the new user namespace, mapped as the
+    IdMap m says (UserNs)."""
+    from hpcimage.errors import HpcimageError
+    from hpcimage.linux.idmap import write_maps
+    flags = sc.CLONE_NEWUSER | sc.CLONE_NEWNS | more
+    if m.mode != "subid":
+        sc.unshare(flags)
+        write_maps("self", m, "--fakeroot")
+        return
+    # newuidmap must run in the caller's namespace: a helper forked before the
+    # unshare writes our maps once we have unshared, and says why where it cannot.
+    parent = os.getpid()
+    r_go, w_go = os.pipe()
+    r_err, w_err = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        code = 1
+        try:
+            os.close(w_go), os.close(r_err)
+            if os.read(r_go, 1) == b"g":
+                try:
+                    write_maps(parent, m, "--fakeroot")
+                    code = 0
+                except HpcimageError as e:
+                    os.write(w_err, e.message.encode()[:4000])
+                except OSError as e:
+                    os.write(w_err, f"--fakeroot: {e.strerror}".encode())
+        finally:
+            os._exit(code)
+    os.close(r_go), os.close(w_err)
+    try:
+        try:
+            sc.unshare(flags)
+        finally:
+            os.write(w_go, b"g")
+            os.close(w_go)
+        msg = b""
+        while True:
+            b = os.read(r_err, 4096)
+            if not b:
+                break
+            msg += b
+    finally:
+        os.close(r_err)
+        st = os.waitpid(helper, 0)[1]
+    if msg or st:
+        raise HpcimageError(msg.decode(errors="replace") or "--fakeroot: the id maps "
+                            "could not be written")
+    os.setgroups([])
 
 
 class Private(Op):
@@ -175,17 +236,20 @@ class Session(Op):
 
 class MountImage(Op):
     """image: an hpcimage.image.Image; fd: the image file opened by pin_sources (the
-    session tmpfs hides its path), else None."""
-    __slots__ = ("image", "at", "fd")
+    session tmpfs hides its path), else None; writable: a sandbox bound read-write
+    (--writable)."""
+    __slots__ = ("image", "at", "fd", "writable")
     name = "image"
 
-    def __init__(self, image, at, fd=None):
-        self.image, self.at, self.fd = image, at, fd
+    def __init__(self, image, at, fd=None, writable=False):
+        self.image, self.at, self.fd, self.writable = image, at, fd, writable
 
     def describe(self):
         image = self.image
         note = image.kind + (f", the squashfs partition at offset {image.offset}"
                              if getattr(image, "offset", 0) else "")
+        if self.writable:
+            note += ", read-write (--writable)"
         return [f"image {quote(image.path)} -> {quote(self.at)}  # {note}"]
 
     def run(self, state):
@@ -203,7 +267,8 @@ class MountImage(Op):
             state.mount_pid = squashfs.mount(image, at, at + ".log")
         else:
             sc.mount(image.path, at, None, sc.MS_BIND | sc.MS_REC)
-            remount_ro(at)
+            if not self.writable:
+                remount_ro(at)
         if check_tree:
             arch.check_tree(image.path, at)
 
@@ -445,7 +510,7 @@ class Exec(Op):
 
 # The session directory's own names: sources there are the launch's, not the user's.
 SESSION_NAMES = ("image", "home", "tmp", "vartmp", "dev", "passwd", "group", "root",
-                 "image.log", "data-images", "scratch")
+                 "image.log", "data-images", "scratch", "crypt")
 
 
 def pin_sources(ops):
@@ -476,7 +541,7 @@ def pin_sources(ops):
         elif t is MountImage and op.fd is None:
             fd = pin(op.image.path)
             if fd is not None:
-                op = MountImage(op.image, op.at, fd)
+                op = MountImage(op.image, op.at, fd, op.writable)
         elif t is MountData and op.fd is None:
             fd = pin(op.fs.path)
             if fd is not None:

@@ -28,7 +28,8 @@ class Options:
                  "containall", "no_home", "home", "pwd", "env", "env_file", "no_eval",
                  "no_mount", "no_umask", "scratch", "workdir", "pid", "ipc", "uts",
                  "hostname", "no_init", "compat", "dry_run", "app", "nv", "rocm", "ib",
-                 "mpi_mode", "instance", "warnings")
+                 "mpi_mode", "instance", "warnings",
+                 "fakeroot", "writable", "overlays", "passphrase", "pem_path")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -62,7 +63,12 @@ class Options:
         self.ib = False
         self.mpi_mode = None
         self.instance = None     # --instance NAME: the image word is instance://NAME
+        self.passphrase = False  # encrypted images (runtime/crypt.py)
+        self.pem_path = None
         self.warnings = []       # said before the launch (plan.warnings)
+        self.fakeroot = False    # root inside (subordinate ids, else a single id)
+        self.writable = False    # a sandbox directory mounted read-write
+        self.overlays = []       # raw PATH[:ro] overlay specs (the personal overlay's)
 
 
 # The options: one table, read by parse() below, by usage() (the help), by image-mpi's
@@ -143,6 +149,18 @@ FLAGS = (
      ("", "AMD GPUs: device nodes and driver libraries")),
     ("--ib", "ib", False, "ranks", (),
      ("", "InfiniBand/RDMA devices and verbs libraries")),
+    ("-f", "fakeroot", False, "launcher", (), None),
+    ("--fakeroot", "fakeroot", False, "ranks", ("FAKEROOT",),
+     ("", "root inside: ids mapped through /etc/subuid and /etc/subgid (else only "
+      "yours, with a warning); HOME=/root")),
+    ("-w", "writable", False, "launcher", (), None),
+    ("--writable", "writable", False, "ranks", ("WRITABLE",),
+     ("", "a sandbox directory you can write: mounted read-write")),
+    ("--passphrase", "passphrase", False, "ranks", (),
+     ("", "an encrypted image's passphrase, asked on the terminal (else "
+      "APPTAINER_ENCRYPTION_PASSPHRASE)")),
+    ("--pem-path", "pem_path", True, "ranks", ("ENCRYPTION_PEM_PATH",),
+     ("FILE", "an encrypted image's key: a PKCS#1 RSA private key (PEM)")),
     ("--dry-run", "dry_run", False, "image-mpi", (),
      ("", "print the launch plan and exit")),
     ("--mpi-mode", "mpi_mode", True, "image-mpi", (), None),
@@ -165,7 +183,7 @@ UNSUPPORTED = {
     "--dmtcp-restart": ("DMTCP_RESTART",), "--dns": ("DNS",),
     "--docker-host": (), "--docker-login": (),
     "--docker-password": (), "--docker-username": (),
-    "--drop-caps": ("DROP_CAPS",), "--fakeroot": ("FAKEROOT",),
+    "--drop-caps": ("DROP_CAPS",),
     "--fusemount": ("FUSESPEC",), "--ignore-fakeroot-command": ("IGNORE_FAKEROOT_COMMAND",),
     "--ignore-subuid": ("IGNORE_SUBUID",), "--ignore-userns": ("IGNORE_USERNS",),
     "--keep-privs": ("KEEP_PRIVS",), "--memory": ("MEMORY",),
@@ -175,15 +193,15 @@ UNSUPPORTED = {
     "--no-nv": ("NV_OFF", "NO_NV"), "--no-privs": ("NO_PRIVS",),
     "--no-rocm": ("ROCM_OFF", "NO_ROCM"), "--nvccli": ("NVCCLI",),
     "--oom-kill-disable": ("OOM_KILL_DISABLE",), "--overlay": ("OVERLAY", "OVERLAYIMAGE"),
-    "--passphrase": (), "--pem-path": (), "--pids-limit": ("PIDS_LIMIT",),
+    "--pids-limit": ("PIDS_LIMIT",),
     "--security": ("SECURITY",), "--sharens": ("SHARENS",), "--shell": (),
     "--underlay": ("UNDERLAY",), "--unsquash": ("UNSQUASH",),
-    "--userns": ("USERNS", "UNSHARE_USERNS"), "--writable": ("WRITABLE",),
+    "--userns": ("USERNS", "UNSHARE_USERNS"),
     "--writable-tmpfs": ("WRITABLE_TMPFS",),
 }
-UNSUPPORTED_SHORT = {"-f": "--fakeroot", "-n": "--net", "-o": "--overlay",
-                     "-s": "--shell", "-u": "--userns", "-w": "--writable"}
-NOT_YET = ("--fakeroot", "--overlay", "--writable", "--writable-tmpfs")
+UNSUPPORTED_SHORT = {"-n": "--net", "-o": "--overlay",
+                     "-s": "--shell", "-u": "--userns"}
+NOT_YET = ("--overlay", "--writable-tmpfs")
 
 HELP_WORDS = ("-h", "--help")
 

@@ -40,7 +40,9 @@ def resolve(opts, environ, site=None, explain_missing=True):
     """The Request of options opts (runtime.options.parse) in environ: the site's policy
     (site.json, unless site is given), the image (a wrapper's: the user's local copy
     when it is current, image-update) opened once, the user, the directories. opts is
-    not changed: the image chosen is request.image (its path: request.image.path).
+    not changed (but for opts.overlays, which gains the module's personal overlay,
+    site.json personal_overlays): the image chosen is request.image (its path:
+    request.image.path).
     explain_missing: a missing image's error says what the user can do about it."""
     if site is None:
         site = load_policy(environ)
@@ -50,14 +52,57 @@ def resolve(opts, environ, site=None, explain_missing=True):
         from hpcimage.runtime import localcopy as local
         path = local.choose(path, site, environ)
     image = _open_image(path, opts, environ) if explain_missing else _open(path)
+    if opts.prog.startswith("image-") and site.personal_overlays:
+        _personal_overlay(opts, site, environ)
     environ = dict(environ)
     uid, gid, user, pw_home, gecos, shell, group = _user(environ)
     cwd, gone = _cwd()
     home, home_src = environ.get("HOME") or pw_home, None
     if opts.home:
         home_src, home = home_spec(opts.home)
+    elif getattr(opts, "fakeroot", False) and uid != 0:
+        home_src, home = fakeroot_home(opts, home)
     return Request(opts, image, environ, session_dir(environ), site, uid, gid, user,
                    home, gecos, shell, group, cwd, gone, home_src)
+
+
+def _personal_overlay(opts, site, environ):
+    """site.json personal_overlays: the loaded module's overlay file in the user's local
+    image directory, made on first use (image.overlayfile: mkfs.ext3, once), appended
+    to opts.overlays (the one entry point of the overlays: --overlay's list)."""
+    module = environ.get("HPCIMAGE_MODULE")
+    want = site.personal_overlays.get(module or "")
+    if not want:
+        return
+    from hpcimage.runtime import localcopy as local
+    directory = local.local_dir(site, environ)
+    if directory is None:
+        raise HpcimageError(f"personal overlay of {module}: the local image directory "
+                            f"{site.local!r} cannot be resolved", 1)
+    path = local.personal_overlay(module, directory)
+    if not os.path.exists(path):
+        from hpcimage.image import overlayfile
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+            overlayfile.create(path, want.get("size", 1024), want.get("sparse", True),
+                               environ=environ, exist_ok=True)
+        except OSError as e:
+            raise HpcimageError(f"personal overlay of {module}: {directory}: "
+                                f"{e.strerror}", 1) from None
+        except HpcimageError as e:
+            raise HpcimageError(f"personal overlay of {module}: {e.message}", e.status) \
+                from None
+    opts.overlays.append(path)
+
+
+def fakeroot_home(opts, host_home):
+    """--fakeroot without -H: the home is /root (as Apptainer's), the caller's home
+    directory bound there; (None, "/root") where --no-home, --no-mount home or
+    --contain leave it out (an empty one under --contain)."""
+    if (opts.no_home or opts.contain or "home" in opts.no_mount or not host_home
+            or host_home == "/"):
+        return None, "/root"
+    return host_home, "/root"
 
 
 def home_spec(spec):

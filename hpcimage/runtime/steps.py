@@ -65,10 +65,48 @@ def session(r, p):
     dirs, tmp = workdir_dirs(o)
     if dirs or tmp:
         p.add(HostDirs(dirs, tmp))
-    p.add(UserNs(r.uid, r.gid, o.ipc, o.uts, o.hostname))
+    p.add(UserNs(r.uid, r.gid, o.ipc, o.uts, o.hostname, fakeroot_map(r, p)))
     p.add(Private())
     p.add(Session(r.session_dir, 0 if o.workdir else len(o.scratch)))
-    p.add(MountImage(r.image, r.session_dir + "/image"))
+    image = r.image
+    if getattr(image, "crypt", None):     # an encrypted SIF: gocryptfs first (runtime/crypt)
+        from hpcimage.runtime import crypt
+        image = crypt.decrypt(r, p)
+    p.add(MountImage(image, r.session_dir + "/image", writable=writable_image(r)))
+
+
+def fakeroot_map(r, p):
+    """--fakeroot: the IdMap (linux.idmap) of the caller's ids, subordinate ids where
+    /etc/subuid and /etc/subgid give the user ranges (and newuidmap exists), else a
+    single id with a warning; None without --fakeroot (or for root)."""
+    if not getattr(r.opts, "fakeroot", False) or r.uid == 0:
+        return None
+    from hpcimage.linux.idmap import IdMap
+    m = IdMap.fakeroot(r.uid, r.gid, r.environ.get("PATH"))
+    if m.mode == "single":
+        p.warnings.append(f"--fakeroot: {m.why}: only your own ids are mapped (you are "
+                          "root inside; files of other owners show as nobody, chown to "
+                          "them fails)")
+    return m
+
+
+def writable_image(r):
+    """--writable: the image is a sandbox directory the caller can write (bound
+    read-write), else an error naming why (a SquashFS file is read-only; a SIF needs
+    an overlay partition)."""
+    if not getattr(r.opts, "writable", False):
+        return False
+    image = r.image
+    if image.kind == "squashfs":
+        raise UsageError(f"--writable: {image.path} is a SquashFS image (read-only): use a "
+                         "sandbox directory (hpcimage build --sandbox) or --overlay")
+    if image.kind == "sif":
+        raise UsageError(f"--writable: {image.path} is a SIF image: writing it needs an "
+                         f"overlay partition (hpcimage overlay create {image.path})")
+    if not os.access(image.path, os.W_OK):
+        raise UsageError(f"--writable: {image.path}: you cannot write this sandbox "
+                         "directory (--writable needs one you own)")
+    return True
 
 
 def host_devices(r, p):
@@ -90,17 +128,19 @@ def host_devices(r, p):
 def mpi_rank_alone(r, p):
     """An MPI rank started by `srun image-exec` or `mpirun image-exec` (not image-mpi)
     runs in a container of its own: Open MPI's and MPICH's cross-memory attach between
-    ranks (CMA, process_vm_readv, refused across user namespaces) is switched off
-    (jobenv.NO_CMA, unless the caller set those variables), where its large messages
-    would hang; rank 0 says so once and names image-mpi, which shares one container
-    per node."""
+    ranks (CMA, process_vm_readv, refused across user namespaces) is switched off, where
+    its large messages would hang, and UCX attaches shared memory by name in /dev/shm
+    rather than through /proc/PID/fd, also refused there (MPI_Init fails with "Shared
+    memory error", openucx/ucx#4224) (jobenv.NO_CMA, unless the caller set those
+    variables); rank 0 says so once and names image-mpi, which shares one container per
+    node."""
     from hpcimage.runtime.mpi.jobenv import NO_CMA, RANK_MARKERS
     if r.opts.prog == "image-mpi" or not any(r.environ.get(k) for k in RANK_MARKERS):
         return
     off = {k: v for k, v in NO_CMA.items() if k not in r.environ}
     p.env_add.update(off)
     p.warnings.append("an MPI rank in a container of its own: cross-memory attach between "
-                      "ranks is off (" + " ".join(f"{k}={v}" for k, v in off.items())
+                      "ranks is off, shared memory is attached by name (" + " ".join(f"{k}={v}" for k, v in off.items())
                       + "); image-mpi runs a node's ranks in one container")
 
 
@@ -169,14 +209,16 @@ def home(r, p):
     if r.home_src is not None:
         if not os.path.isdir(r.home_src):
             raise UsageError(f"--home {r.opts.home}: {r.home_src} is not a directory")
-        p.binds.append(Bind(r.home_src, r.home, False, "--home"))
+        p.binds.append(Bind(r.home_src, r.home, False,
+                            "--home" if r.opts.home else "--fakeroot: your home at /root"))
     elif "home" in binds.no_mount(r.opts):
         return
     elif r.opts.contain and r.opts.workdir:
         p.binds.append(Bind(workdir_dirs(r.opts)[0][-1], r.home, False, "--contain: -W's home"))
     elif r.opts.contain:
         p.binds.append(Bind("session:home", r.home, False, "--contain: empty home"))
-    elif not r.opts.no_home and r.home != "/" and os.path.isdir(r.home):
+    elif (not r.opts.no_home and r.home != "/" and os.path.isdir(r.home)
+          and not getattr(r.opts, "fakeroot", False)):
         p.binds.append(Bind(r.home, r.home, False, "home"))
 
 
@@ -267,14 +309,19 @@ def root(r, p):
     base = r.session_dir
     rootdir, image_root = base + "/root", base + "/image"
     p.add(RootFs(image_root, rootdir, [b.dst for b in p.binds]))
-    p.add(IdentityFiles(base, image_root, r.uid, r.gid, r.user, r.home, r.gecos, r.shell,
-                        r.group))
+    if getattr(r.opts, "fakeroot", False):      # root inside: the image's root entry
+        p.add(IdentityFiles(base, image_root, 0, 0, "root", r.home, "root", "/bin/sh",
+                            "root"))
+    else:
+        p.add(IdentityFiles(base, image_root, r.uid, r.gid, r.user, r.home, r.gecos,
+                            r.shell, r.group))
     for b in p.binds:
         if b.src.startswith("session:"):
             b.src = base + "/" + b.src[len("session:"):]
         b.root = rootdir
         p.add(b)
-    p.add(Remount(rootdir))
+    if not getattr(r.opts, "writable", False):
+        p.add(Remount(rootdir))
     p.add(Pivot(rootdir))
     p.add(Chdir(p.workdir, r.home, bool(r.opts.pwd), p.cwd_note, r.opts.prog))
 
@@ -303,7 +350,9 @@ def command(r, p):
         host_env, image_path=r.image.path, module=r.environ.get("HPCIMAGE_MODULE"),
         cleanenv=opts.cleanenv, cli_env=opts.env, home=r.home, keep_prefixes=p.keep_prefixes,
         verb=opts.verb, binds=list(opts.binds), envfile=envfile,
-        no_eval=getattr(opts, "no_eval", False), uid=r.uid, gid=r.gid)
+        no_eval=getattr(opts, "no_eval", False),
+        uid=0 if getattr(opts, "fakeroot", False) else r.uid,
+        gid=0 if getattr(opts, "fakeroot", False) else r.gid)
     for var, why in late.skipped:
         p.warnings.append(f"{var}: {why}: not set in the container")
     env_prepend = {}
@@ -324,7 +373,26 @@ def command(r, p):
                opts.app, p.rcfile, late))
 
 
-STEPS = (session, host_devices, mpi_rank_alone, lmod_inside, system_binds, home, site_binds, user_binds,
+def signature_policy(r, p):
+    """site.json verify/image_verify (docs/signing.md): a wrapper's image not recorded
+    as signed by a key the site trusts is refused (require: exit 2) or warned about
+    (warn). Reads only the records publish and image-update wrote; nothing when off."""
+    if r.site.verify == "off" and not r.site.image_verify:
+        return
+    if not r.opts.prog.startswith("image-"):
+        return
+    from hpcimage.runtime.localcopy import signature_problem
+    problem = signature_problem(r.opts.image, r.image.path, r.environ.get("HPCIMAGE_MODULE"),
+                                r.site, r.environ)
+    if problem is None:
+        p.notes.append("signature: recorded as signed by a key the site trusts")
+    elif problem[0] == "require":
+        raise UsageError(problem[1])
+    else:
+        p.warnings.append(problem[1])
+
+
+STEPS = (signature_policy, session, host_devices, mpi_rank_alone, lmod_inside, system_binds, home, site_binds, user_binds,
          scratch, contributed_binds, cwd, root, process, command)
 
 

@@ -27,8 +27,35 @@ def _same_file(a, b):
         return False
 
 
-def publish(site_path, source, name, version, definition=None, out=None):
-    """`hpcimage publish SOURCE --name N --version V`; returns 0."""
+def publish(site_path, source, name, version, definition=None, out=None, sign=False):
+    """`hpcimage publish SOURCE --name N --version V [--sign]`; returns 0.
+    sign: a copy of SOURCE signed with the site's key (site.yaml signing.sign_key) is
+    published. With a signature policy (site.yaml signing:, or an image's verify:), the
+    image is verified with the site's keys and the result recorded in its manifest
+    entry ("signature"), where the wrappers read it (docs/signing.md)."""
+    if sign:
+        import shutil
+        import tempfile
+        from hpcimage.config import site as sitemod
+        from hpcimage.signing import trust
+        site = sitemod.load(site_path)
+        directory = os.path.dirname(_find_image(site, name, version).path)
+        makedirs(directory)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".hpcimage-sign-") as tmp:
+            signed = os.path.join(tmp, os.path.basename(source))
+            try:
+                shutil.copyfile(source, signed)
+            except FileNotFoundError:
+                raise UsageError(f"{source}: no such file") from None
+            except OSError as e:
+                raise HpcimageError(f"cannot copy {source} to sign it: {e.strerror}") from None
+            trust.sign_with_site_key(signed, site.signing)
+            return _publish(site_path, signed, name, version, definition, out,
+                            shown=os.path.abspath(source))
+    return _publish(site_path, source, name, version, definition, out)
+
+
+def _publish(site_path, source, name, version, definition=None, out=None, shown=None):
     from hpcimage.config import site as sitemod
     from hpcimage.image import sniff
     out = out or sys.stdout
@@ -99,11 +126,34 @@ def publish(site_path, source, name, version, definition=None, out=None):
                     os.close(src_fd)
             if (cur is not None and cur.get("sha256") == sha and st_dest is not None
                     and identity_matches(os.stat(dest), cur)):
+                if site.signing or img.verify:
+                    # The site's keys or trusted signers may have changed: the record too.
+                    from hpcimage.signing import trust
+                    rec = trust.record(dest, site.signing)
+                    if rec != cur.get("signature"):
+                        cur["signature"] = rec
+                        manifest["_comment"] = HEADER
+                        write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+                        out.write(f"publish: {name}/{version} is already {dest} "
+                                  f"(sha256 {sha}); its signature record is updated "
+                                  f"(trusted: {'yes' if rec['verified'] else 'no'})\n")
+                        return 0
                 out.write(f"publish: {name}/{version} is already {dest} "
                           f"(sha256 {sha}); nothing changed\n")
                 return 0
-            entry = {"sha256": sha, "size": st_new.st_size, "mtime_ns": st_new.st_mtime_ns,
-                     "published": now_iso(), "source": source, "file": fname, **facts}
+            entry = {"sha256": sha, "size": st_new.st_size,
+                     "mtime_ns": st_new.st_mtime_ns,
+                     "published": now_iso(), "source": shown or source, "file": fname,
+                     **facts}
+            if site.signing or img.verify:
+                from hpcimage.signing import trust
+                entry["signature"] = trust.record(dest if adopt else staged.tmp, site.signing)
+                mode = img.verify or site.signing.get("verify") or "off"
+                if mode != "off" and not entry["signature"]["verified"]:
+                    sys.stderr.write(f"publish: warning: {name}/{version} is not signed by a "
+                                     f"key the site trusts ({entry['signature']['reason']}): "
+                                     f"its wrappers will {'refuse' if mode == 'require' else 'warn about'} it "
+                                     f"(verify: {mode})\n")
             # The image being replaced becomes a previous version.
             old = None
             if st_dest is not None and not adopt:

@@ -28,6 +28,7 @@ class Update:
         self.image = os.path.abspath(self.image)
         self.module = environ.get("HPCIMAGE_MODULE") or os.path.basename(self.image)
         site = load_policy(environ)
+        self.site = site
         raw = environ.get("HPCIMAGE_LOCAL") or site.local or local.DEFAULT_LOCAL
         self.directory = local.expand(raw, environ) if isinstance(raw, str) else None
         if self.directory is None:
@@ -183,6 +184,22 @@ class Update:
             time.sleep(0.2)
             entry = self.entry()
 
+    def _check_signature(self, path, sha, err):
+        """The site's signature policy (docs/signing.md) on the staged copy: None when off;
+        else the trust record to write. Under require an untrusted copy is not installed."""
+        mode = local.verify_mode(self.site, self.module)
+        if mode == "off":
+            return None
+        from hpcimage.signing import trust
+        rec = trust.record(path, self.site.signing or {})
+        if not rec["verified"]:
+            msg = (f"{self.module}: image not signed by a key the site trusts: {rec['reason']} "
+                   f"(site policy verify: {mode})")
+            if mode == "require":
+                raise HpcimageError(msg + "; the local copy is unchanged")
+            err.write(f"image-update: warning: {msg}\n")
+        return local.format_trust(sha, rec["verified"], rec["reason"])
+
     def _copy(self, entry, out, err):
         src, st_src, entry = self._open_source(entry)
         # The copy at a temporary name (fsutil.AtomicFile in steps), then its record.
@@ -215,8 +232,19 @@ class Update:
                 st = os.fstat(f.fileno())
             finally:
                 progress.close()
+            trust = self._check_signature(staged.tmp, sha, err)
             state_tmp = f"{self.tmp_prefix}{os.getpid()}.state"
             os.symlink(local.format_state(sha, st, self.image), state_tmp)
+            if trust is not None:
+                # The trust record first: it names the new sha256, which no state
+                # names yet, so it says nothing until the state below is renamed.
+                trust_tmp = f"{self.tmp_prefix}{os.getpid()}.trust"
+                try:
+                    os.unlink(trust_tmp)
+                except FileNotFoundError:
+                    pass
+                os.symlink(trust, trust_tmp)
+                os.replace(trust_tmp, local.trust_path(self.state_path))
             # The copy first, then its record: between the two, the old record does
             # not match the new file, so the wrappers use the store.
             staged.commit()

@@ -38,8 +38,11 @@ PMIX_DIR_VARS = ("PMIX_SERVER_TMPDIR", "PMIX_SERVER_URI_DIR", "SLURM_PMIX_TMPDIR
                  "OMPI_MCA_orte_jobfam_session_dir", "PRTE_MCA_prte_jobfam_session_dir")
 
 
+# What a rank in a user namespace of its own needs (steps.mpi_rank_alone): no CMA
+# (process_vm_readv) between ranks; UCX's posix segments by name, not /proc/PID/fd.
 NO_CMA = {"OMPI_MCA_btl_vader_single_copy_mechanism": "none",
-          "OMPI_MCA_smsc": "^cma", "UCX_TLS_CMA": "n", "MPIR_CVAR_CH4_SHM_POSIX_IPC": "none"}
+          "OMPI_MCA_smsc": "^cma", "UCX_TLS_CMA": "n", "MPIR_CVAR_CH4_SHM_POSIX_IPC": "none",
+          "UCX_POSIX_USE_PROC_LINK": "n"}
 
 
 def is_rank(environ):

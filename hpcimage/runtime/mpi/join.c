@@ -12,6 +12,14 @@
  * (the second from the image-mpi wrapper: a rank of `srun image-mpi PROGRAM`; when the
  * wrapper is not a rank, it starts the launcher, and this execs Python at once)
  *
+ *   hpcimage-join PYTHON -I -c CODE image-exec [RUNTIME OPTIONS] [--] PROGRAM [ARGS]
+ *
+ * (warm starts, hpcimage/runtime/warm.py: the image-exec wrapper where site.yaml sets
+ * `warm`; the container is this user's, session's and job's of the module's image,
+ * slot warm-FNV64@NODE, and the recipe also names the image files' identities and the
+ * holder's namespaces, all checked; a call that is a rank, or any miss, execs Python,
+ * never handing it a lock)
+ *
  * It takes the job's lock, finds the live holder and the recipe, checks that the recipe
  * was made for the same options, the same working directory and the same environment
  * (only the variables under the recipe's per-rank prefixes -- PMIX_, OMPI_, SLURM_, ...
@@ -214,6 +222,9 @@ static int alive(long pid)
 
 struct recipe {
     const char *sig, *cwd, *workdir, *home, *prog, *script;
+    const char *mntns, *userns;          /* warm: the holder's namespaces, DEV:INO */
+    const char *ident[8];                /* warm: PATH \x1f DEV:INO:SIZE:MTIME_NS or "-" */
+    int nident;
     int explicit_pwd;
     const char *vary[64], *ignore[64], *translate[64];
     int nvary, nignore, ntranslate;
@@ -280,6 +291,13 @@ static const char *parse_recipe(char *buf, size_t len, struct recipe *r)
         else if (!strcmp(k, "explicit_pwd")) r->explicit_pwd = !strcmp(v, "1");
         else if (!strcmp(k, "prog")) r->prog = v;
         else if (!strcmp(k, "script")) r->script = v;
+        else if (!strcmp(k, "mntns")) r->mntns = v;
+        else if (!strcmp(k, "userns")) r->userns = v;
+        else if (!strcmp(k, "ident")) {
+            if (r->nident >= 8)
+                return "recipe list too long";
+            r->ident[r->nident++] = v;
+        }
         else {
             for (size_t i = 0; i < nlists; i++) {
                 if (strcmp(k, lists[i].key))
@@ -346,11 +364,11 @@ static void die(const struct recipe *r, const char *name, const char *const *val
  * for anything the parser would reject: Python says what). */
 static int wrapper_program(const struct recipe *r, int first, int argc, char **argv)
 {
-    static const char head[] = "image-mpi\x1f";
     const char *sig = r->sig;
-    if (strncmp(sig, head, sizeof head - 1))
+    size_t hl = strlen(argv[first]);     /* the verb word: image-mpi, image-exec */
+    if (strncmp(sig, argv[first], hl) || sig[hl] != '\x1f')
         return -1;
-    sig += sizeof head - 1;
+    sig += hl + 1;
     int i = first + 1;
     while (i < argc) {
         const char *a = argv[i];
@@ -599,6 +617,81 @@ static const char *script_shell(void)
     return sh;
 }
 
+/* ------------------------------------------------------------- warm starts */
+
+static int warmmode;                 /* argv: image-exec (warm starts) */
+
+/* warm.fnv64: FNV-1a, 64 bits. */
+static unsigned long long fnv64(const char *s, unsigned long long h)
+{
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 0x100000001b3ULL;
+    return h;
+}
+
+/* warm.slot(): warm-HASH of $HPCIMAGE_IMAGE, the session id and $SLURM_JOB_ID. */
+static void warm_slot(char *out, size_t size)
+{
+    const char *img = getenv("HPCIMAGE_IMAGE"), *job = getenv("SLURM_JOB_ID");
+    char sid[32];
+    snprintf(sid, sizeof sid, "%ld", (long)getsid(0));
+    unsigned long long h = 0xcbf29ce484222325ULL;
+    h = fnv64(img ? img : "", h);
+    h = fnv64("\x1f", h);
+    h = fnv64(sid, h);
+    h = fnv64("\x1f", h);
+    h = fnv64(job ? job : "", h);
+    snprintf(out, size, "warm-%016llx", h);
+}
+
+/* A miss: Python does the whole call (warm: with no lock of ours held). */
+static void miss(int basefd, const char *why)
+{
+    if (warmmode) {
+        if (basefd >= 0)
+            close(basefd);              /* and its lock with it */
+        fallback_why(-1, why);
+    }
+    fallback_why(basefd, why);
+}
+
+static int same_id(const char *want, const struct stat *st, int full)
+{
+    char have[128];
+    if (full)
+        snprintf(have, sizeof have, "%llu:%llu:%lld:%lld", (unsigned long long)st->st_dev,
+                 (unsigned long long)st->st_ino, (long long)st->st_size,
+                 (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec);
+    else
+        snprintf(have, sizeof have, "%llu:%llu", (unsigned long long)st->st_dev,
+                 (unsigned long long)st->st_ino);
+    return want && !strcmp(want, have);
+}
+
+/* The image files are the ones the container was made of, and the namespaces are the
+ * holder's (not those of a process that reused its pid). NULL, or what differs. */
+static const char *warm_differs(const struct recipe *r, int userfd, int mntfd)
+{
+    struct stat st;
+    if (!r->mntns || !r->userns || !r->nident)
+        return "recipe without the warm checks";
+    if (fstat(mntfd, &st) != 0 || !same_id(r->mntns, &st, 0)
+        || fstat(userfd, &st) != 0 || !same_id(r->userns, &st, 0))
+        return "the holder's namespaces are not the recorded ones";
+    for (int i = 0; i < r->nident; i++) {
+        const char *sep = strchr(r->ident[i], '\x1f');
+        char path[4096];
+        if (!sep || (size_t)(sep - r->ident[i]) >= sizeof path)
+            return "recipe with a bad image identity";
+        memcpy(path, r->ident[i], (size_t)(sep - r->ident[i]));
+        path[sep - r->ident[i]] = 0;
+        int there = stat(path, &st) == 0;
+        if (there ? !same_id(sep + 1, &st, 1) : strcmp(sep + 1, "-") != 0)
+            return "the image changed (image-update, republished)";
+    }
+    return NULL;
+}
+
 /* -------------------------------------------------------------------- main */
 
 int main(int argc, char **argv)
@@ -612,9 +705,11 @@ int main(int argc, char **argv)
     tracing = trace && !strcmp(trace, "1");
     int first = -1, sep = -1, wrapper = 0;
     for (int i = 1; i < argc; i++) {
-        if (first < 0 && (!strcmp(argv[i], "image-mpi-rank") || !strcmp(argv[i], "image-mpi"))) {
+        if (first < 0 && (!strcmp(argv[i], "image-mpi-rank") || !strcmp(argv[i], "image-mpi")
+                          || !strcmp(argv[i], "image-exec"))) {
             first = i;
-            wrapper = !strcmp(argv[i], "image-mpi");
+            warmmode = !strcmp(argv[i], "image-exec");
+            wrapper = warmmode || !strcmp(argv[i], "image-mpi");
             if (wrapper)
                 break;
         } else if (first >= 0 && !strcmp(argv[i], "--")) {
@@ -622,8 +717,14 @@ int main(int argc, char **argv)
             break;
         }
     }
-    const char *join = getenv("HPCIMAGE_MPI_JOIN");
-    if (wrapper && (!is_rank() || (join && !strcmp(join, "0")))) {
+    const char *join = getenv("HPCIMAGE_MPI_JOIN"), *warmenv = getenv("HPCIMAGE_WARM");
+    if (warmmode && (is_rank() || (warmenv && !strcmp(warmenv, "0")))) {
+        /* an MPI rank or Slurm step under image-exec, or warm starts off for this call */
+        execv(pyargv[0], pyargv);
+        fprintf(stderr, "image-exec: error: cannot start %s: %s\n", pyargv[0], strerror(errno));
+        return 1;
+    }
+    if (!warmmode && wrapper && (!is_rank() || (join && !strcmp(join, "0")))) {
         /* the image-mpi wrapper starting a launcher, or the joiner is off */
         execv(pyargv[0], pyargv);
         fprintf(stderr, "image-mpi: error: cannot start %s: %s\n", pyargv[0], strerror(errno));
@@ -635,7 +736,9 @@ int main(int argc, char **argv)
     if (!wrapper && (first < 0 || sep < 0 || sep + 1 >= argc))
         fallback_why(-1, "no image-mpi-rank ... -- PROGRAM on the command line");
     char key[128];
-    if (job_key(key, sizeof key) != 0)
+    if (warmmode)
+        warm_slot(key, sizeof key);
+    else if (job_key(key, sizeof key) != 0)
         fallback_why(-1, "no job key in the environment");
     if (tracing)
         fprintf(stderr, "hpcimage-join: %d: job key %s\n", (int)getpid(), key);
@@ -646,8 +749,10 @@ int main(int argc, char **argv)
     snprintf(base, sizeof base, "%s/hpcimage-%u", state_root ? state_root : "/tmp",
              (unsigned)getuid());
     struct stat st;
-    mkdir(base, 0700);      /* as shared.state_base(): the last holder removes it */
-    if (lstat(base, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != getuid())
+    if (!warmmode)          /* warm: nothing there, nothing to join (and nothing made) */
+        mkdir(base, 0700);  /* as shared.state_base(): the last holder removes it */
+    if (lstat(base, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != getuid()
+        || (warmmode && (st.st_mode & 077)))
         fallback_why(-1, "state directory missing or not ours");
     int basefd = open(base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);   /* inherited */
     if (basefd < 0)
@@ -657,7 +762,7 @@ int main(int argc, char **argv)
     struct utsname uts;
     char statename[sizeof key + sizeof uts.nodename + 1];
     if (uname(&uts) != 0)
-        fallback_why(basefd, "uname failed");
+        miss(basefd, "uname failed");
     snprintf(statename, sizeof statename, "%s@%s", key, uts.nodename);
 
     for (int attempt = 0; attempt < 50; attempt++) {
@@ -665,10 +770,10 @@ int main(int argc, char **argv)
             fallback_why(-1, "cannot lock the state directory");
         int statefd = openat(basefd, statename, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (statefd < 0)
-            fallback_why(basefd, "no holder yet (this rank starts it)");                  /* no holder yet: Python makes it */
+            miss(basefd, "no holder yet (this rank starts it)");                  /* no holder yet: Python makes it */
         int refs = openat(statefd, "refs", O_RDONLY);   /* kept across exec */
         if (refs < 0)
-            fallback_why(basefd, "no holder yet (this rank starts it)");
+            miss(basefd, "no holder yet (this rank starts it)");
         if (flock(refs, LOCK_SH | LOCK_NB) != 0) {      /* the holder is tearing down */
             close(refs);
             close(statefd);
@@ -681,7 +786,7 @@ int main(int argc, char **argv)
         long pid = pidtext ? strtol(pidtext, NULL, 10) : 0;
         if (pid <= 0 || !alive(pid)) {
             close(refs);
-            fallback_why(basefd, "holder gone (this rank starts a new one)");
+            miss(basefd, "holder gone (this rank starts a new one)");
         }
         char *raw = read_all(statefd, "recipe", &len);
         struct recipe r;
@@ -724,12 +829,15 @@ int main(int argc, char **argv)
         char cwd[4096];
         const char *differs = !wrapper && strcmp(sig, r.sig) ? "recipe made for other options"
             : !getcwd(cwd, sizeof cwd) || strcmp(cwd, r.cwd) ? "recipe made in another directory"
-            : !same_environment(&r) ? "recipe made for another environment" : NULL;
+            : !same_environment(&r) ? "recipe made for another environment"
+            : warmmode ? warm_differs(&r, userfd, mntfd) : NULL;
         if (differs) {
             close(refs);
             fallback_why(-1, differs);
         }
 
+        if (warmmode)
+            futimens(refs, NULL);       /* joined now: the holder's idle clock */
         if (getuid() != 0 && setns(userfd, CLONE_NEWUSER) != 0)
             die(&r, "setns", (const char *[]){"ns", "user", "error", strerror(errno), NULL});
         if (setns(mntfd, CLONE_NEWNS) != 0)

@@ -62,7 +62,8 @@ class Recipe:
     """What hpcimage-join needs to do what a rank's `tail` (chdir, exec) does, for any
     rank of the job. environ: the planning environment (a rank's, or the launcher's)."""
 
-    def __init__(self, tail, environ, signature, cwd, cleanenv=False):
+    def __init__(self, tail, environ, signature, cwd, cleanenv=False, error_label=ERROR_LABEL,
+                 vary=None):
         from hpcimage.runtime import environ as envmod
         from hpcimage.runtime.command import label
         from hpcimage.runtime.ops import Chdir, Exec
@@ -81,8 +82,13 @@ class Recipe:
                                       late=late)
         self.script = (envmod.shell_prologue(forced, prepend, append, None, late)
                        + envmod.SHELL_EXEC)
-        self.vary = tuple(VARY_PREFIXES) + (() if cleanenv else LAUNCHER_EXTRA)
-        self.ignore = LAUNCHER_EXTRA if cleanenv else ()
+        if vary is None:        # an MPI rank's
+            self.vary = tuple(VARY_PREFIXES) + (() if cleanenv else LAUNCHER_EXTRA)
+            self.ignore = LAUNCHER_EXTRA if cleanenv else ()
+        else:                   # a warm start's (runtime.warm): nothing may differ
+            self.vary, self.ignore = tuple(vary), ()
+        self.error_label = error_label    # "PROG: error: " of the joiner's messages
+        self.extra = []         # more (key, value) items: runtime.warm's checks
         self.environ, self.signature, self.cwd = dict(environ), signature, cwd
         self.keep = sorted({k for out in (self.direct, self.shell) for k, v in out.items()
                             if self.varies(k) and environ.get(k) != v})
@@ -117,7 +123,7 @@ def recipe(r):
     items += [(b"translate", enc(f"{a}={b}")) for a, b in PMIX_TRANSLATE.items()]
     items += [(b"switch", enc(n)) for n in SWITCHES]      # the runtime's option table
     items += [(b"valued", enc(n)) for n in VALUED]
-    items += [(b"message", enc(f"{name}\x1f{status}\x1f{ERROR_LABEL}: error: {text}"))
+    items += [(b"message", enc(f"{name}\x1f{status}\x1f{getattr(r, 'error_label', ERROR_LABEL)}: error: {text}"))
               for name, (status, text) in messages().items()]
     items += [(b"host", enc(f"{k}={v}")) for k, v in environ.items()
               if not varies(k) and not f"{k}=".startswith(ignore or ("\0",))]
@@ -127,6 +133,7 @@ def recipe(r):
         items += [(b"final", enc(f"{k}={v}")) for k, v in r.final.items()]
         items += [(b"final_keep", enc(k)) for k, v in r.final.items()
                   if varies(k) and environ.get(k) != v]
+    items += [(enc(k), enc(v)) for k, v in getattr(r, "extra", ())]
     if any(b"\0" in v for _, v in items):
         return None
     return MAGIC + b"\0" + b"".join(k + b"\0" + v + b"\0" for k, v in items)

@@ -210,10 +210,17 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
     return first
 
 
-def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
+def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, idle=0,
+                 leader=None, late_recipe=None):
     """Fork the holder: it carries out head (up to pivot_root), runs the environment
     probe (probe: _probe_env's arguments), reports ready, warms the page cache for the
     program (warm: (command, PATH)), then waits until no rank holds `refs`, and exits.
+    idle (warm starts, runtime.warm): it waits instead until no call has held `refs`
+    nor joined for `idle` seconds, or the process `leader` (the caller's session
+    leader, watched through a pidfd) has exited, or its state directory was retired.
+    late_recipe (warm starts): the probe runs after the holder reports ready (the
+    caller does not wait for it) and the holder writes late_recipe(its result) as the
+    state's recipe (under the base's lock, while the state is still its own).
     Returns (pid, the probe's environment or None)."""
     r, w = os.pipe()
     pid = os.fork()
@@ -229,6 +236,11 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             procstate.helper_signals()      # signals are for the program; the holder
                                             # lives while any rank does (refs)
             from hpcimage.runtime.execute import execute
+            if idle:                    # after pivot_root the standard library is gone
+                import select  # noqa: F401
+                import time  # noqa: F401
+                if leader is not None:
+                    leader = os.pidfd_open(leader)
             if warm:                    # what _warm needs, imported while the host is seen
                 from hpcimage.host import elf, ldcache  # noqa: F401
             # The state directory by descriptors, opened while the host's paths are
@@ -246,7 +258,7 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
                 os._exit(1)
             os.dup2(null, 2)
             final = None
-            if probe:
+            if probe and late_recipe is None:
                 try:
                     final = _probe_env(*probe)
                 except Exception:               # noqa: BLE001  (only a speed-up)
@@ -257,13 +269,32 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             while reply:
                 reply = reply[os.write(w, reply):]
             os.close(w)
+            if probe and late_recipe is not None:
+                try:
+                    _write_late(late_recipe, _probe_env(*probe), base_fd, state_fd,
+                                os.path.basename(state))
+                except Exception:               # noqa: BLE001  (only a speed-up)
+                    pass
             if warm:
                 try:
                     _warm(*warm)
                 except Exception:               # noqa: BLE001  (only a speed-up)
                     pass
-            fcntl.flock(fd, fcntl.LOCK_EX)         # every rank has exited
-            fcntl.flock(base_fd, fcntl.LOCK_EX)
+            if idle:
+                if wait_idle(fd, base_fd, state_fd, os.path.basename(state), idle, leader):
+                    remove_state(base_fd, os.path.basename(state), state_fd)
+                    try:
+                        os.rmdir(os.path.basename(base), dir_fd=parent_fd)
+                    except OSError:
+                        pass
+                fcntl.flock(base_fd, fcntl.LOCK_UN)
+                # No call joins now; one still running keeps the image mounted (the
+                # mount's daemon lives while this process does) until it exits.
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os._exit(0)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_EX)         # every rank has exited
+                fcntl.flock(base_fd, fcntl.LOCK_EX)
             remove_state(base_fd, os.path.basename(state), state_fd)
             try:        # the user's directory too, when this was its last job here
                 os.rmdir(os.path.basename(base), dir_fd=parent_fd)
@@ -288,6 +319,87 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None):
             k, _eq, v = item.partition(b"=")
             final[os.fsdecode(k)] = os.fsdecode(v)
     return pid, final
+
+
+def wait_idle(refs, base_fd, state_fd, name, idle, leader=None):
+    """The warm holder's wait (after pivot_root: descriptors only). Idle means no call
+    holds `refs` (each joined call holds it shared until it exits) and none joined
+    (a join touches refs' mtime) for `idle` seconds. Returns, holding the base's lock,
+    True when the state is to be removed (idle, or the session leader -- its pidfd
+    `leader` -- has exited), False when the state directory was retired meanwhile (a
+    call found it made for another image or options, or stale)."""
+    import select
+    import time
+    busy_at, busy = 0.0, False
+    while True:
+        now = time.time()
+        if busy:
+            due = now + min(idle, 1.0)
+        else:
+            try:
+                joined = os.stat(refs).st_mtime
+            except OSError:
+                joined = 0.0
+            due = max(joined, busy_at) + idle
+        wait = min(max(0.0, due - now), 2.0)  # a retired holder goes within 2 s
+        if leader is not None:
+            if select.select([leader], [], [], wait)[0]:
+                fcntl.flock(base_fd, fcntl.LOCK_EX)
+                return _still_ours(base_fd, state_fd, name)
+        else:
+            time.sleep(wait)
+        if not _still_ours(base_fd, state_fd, name):
+            fcntl.flock(base_fd, fcntl.LOCK_EX)
+            return False
+        if time.time() < due:
+            continue
+        fcntl.flock(base_fd, fcntl.LOCK_EX)
+        if not _still_ours(base_fd, state_fd, name):
+            return False
+        try:
+            fcntl.flock(refs, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:                 # a call runs: look again in a second
+            fcntl.flock(base_fd, fcntl.LOCK_UN)
+            busy_at, busy = time.time(), True
+            continue
+        if busy:                        # the last call ended within the last second
+            busy_at, busy = time.time(), False
+        if time.time() - max(os.stat(refs).st_mtime, busy_at) >= idle:
+            return True                 # base and refs locked: no call can join now
+        fcntl.flock(refs, fcntl.LOCK_UN)
+        fcntl.flock(base_fd, fcntl.LOCK_UN)
+
+
+def _write_late(late_recipe, final, base_fd, state_fd, name):
+    """The holder's recipe with the probe's result (descriptors only: after pivot_root)."""
+    if final is None:
+        return
+    data = late_recipe(final)
+    if not data:
+        return
+    fcntl.flock(base_fd, fcntl.LOCK_EX)
+    try:
+        if not _still_ours(base_fd, state_fd, name):
+            return
+        fd = os.open("recipe.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     0o600, dir_fd=state_fd)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        os.rename("recipe.tmp", "recipe", src_dir_fd=state_fd, dst_dir_fd=state_fd)
+    finally:
+        fcntl.flock(base_fd, fcntl.LOCK_UN)
+
+
+def _still_ours(base_fd, state_fd, name):
+    try:
+        a = os.stat(name, dir_fd=base_fd, follow_symlinks=False)
+        b = os.fstat(state_fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _open_dir(path):

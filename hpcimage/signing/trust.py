@@ -1,0 +1,73 @@
+"""The site's signature policy (site.yaml `signing:`): is an image signed by a key the
+site trusts? `hpcimage publish` records the answer in the store's manifest (the
+image's current entry, "signature"), `image-update` checks the copy it installs, and
+the wrappers read only that record (hpcimage.runtime.localcopy.signature_problem).
+
+    record(path, signing) -> {"verified": bool, "signers": [...], "reason": str}
+"""
+import os
+
+from hpcimage.errors import HpcimageError
+from hpcimage.image import sif
+from hpcimage.signing import keyring as _keyring
+
+
+def record(path, signing):
+    """Verify the image at PATH with the site's keys (signing: site.json's "signing"
+    or site.yaml's); trusted when every group verifies with the site's keyring (or the
+    global keyrings) or one of its PEM keys, and every signer is in "trusted" (when
+    that list is not empty)."""
+    from hpcimage.signing import verify as v
+    if not sif.is_sif(path):
+        return {"verified": False, "signers": [], "reason": "not a SIF image: unsigned"}
+    if not sif.has_signatures(path):
+        return {"verified": False, "signers": [], "reason": "unsigned"}
+    trusted = set(signing.get("trusted") or ())
+    attempts = []
+    rings = [signing["keyring"]] if signing.get("keyring") else \
+        [f for f in _keyring.GLOBAL_PUBLIC if os.path.isfile(f)]
+    if rings:
+        attempts.append({"keyrings": rings})
+    attempts += [{"key": k} for k in signing.get("pem_keys") or ()]
+    if not attempts:
+        return {"verified": False, "signers": [],
+                "reason": "the site names no key to verify with (signing.keyring, pem_keys)"}
+    reason = "no signature verified"
+    for kw in attempts:
+        try:
+            results = v.verify(path, **kw)
+        except v.VerifyFailed as e:
+            reason = e.reason
+            continue
+        except HpcimageError as e:
+            reason = e.message
+            continue
+        signers = sorted({r.fingerprint for r in results if r.fingerprint}
+                         | {k for r in results for k in r.key_ids})
+        foreign = [s for s in signers if trusted and s not in trusted]
+        if foreign:
+            return {"verified": False, "signers": signers,
+                    "reason": f"signed by {', '.join(foreign)}, not a signer the site trusts"}
+        return {"verified": True, "signers": signers, "reason": ""}
+    return {"verified": False, "signers": [], "reason": reason}
+
+
+def sign_with_site_key(path, signing):
+    """`hpcimage publish --sign`: sign PATH with signing.sign_key (a PEM private key:
+    DSSE; else an OpenPGP secret keyring: its first key)."""
+    from hpcimage.errors import UsageError
+    from hpcimage.signing import sign as s
+    key = signing.get("sign_key")
+    if not key:
+        raise UsageError("publish --sign: site.yaml names no signing.sign_key")
+    if not sif.is_sif(path):
+        raise UsageError(f"publish --sign: {path} is not a SIF image (only SIF images "
+                         "carry signatures)")
+    try:
+        with open(key, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise UsageError(f"signing.sign_key {key}: {e.strerror}") from None
+    if head.startswith(b"-----BEGIN") and b"PRIVATE KEY" in head:
+        return s.sign(path, key=key)
+    return s.sign(path, keyrings=[key])
