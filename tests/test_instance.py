@@ -7,7 +7,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -378,7 +377,7 @@ def test_start_failure_is_one_line(user, home, inst_dir):
 # ------------------------------------------------------------------ wrappers, Slurm
 
 def test_wrappers_through_a_module(user, home, inst_sqfs, tmp_path):
-    from modtools import module_script, requires_lmod  # noqa: F401
+    from modtools import module_script
     if not Path("/usr/share/lmod/lmod/init/bash").exists():
         pytest.skip("no Lmod")
     site = tmp_path / "site"
