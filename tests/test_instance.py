@@ -309,7 +309,8 @@ def test_forged_state_files_are_ignored(user, home, inst_dir):
         os.chown(p, user.uid, user.gid)
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     # the lock held too (by a process of the user's): only the PID checks are left
-    holder = user.popen(["flock", str(d / "mine.lock"), "sleep", "600"])
+    holder = user.popen(["sh", "-c", 'exec 9>"$1"; flock 9; exec sleep 600', "sh",
+                         str(d / "mine.lock")])      # one process: killed, nothing left
     other = user.popen(["sleep", "600"])
     try:
         time.sleep(0.3)
