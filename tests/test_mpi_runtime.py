@@ -209,6 +209,7 @@ def test_one_flag_table_reaches_the_parser_image_mpi_and_the_joiner():
     hpcimage-join exactly the table."""
     from types import SimpleNamespace
     from hpcimage.runtime import options
+    from hpcimage.errors import HpcimageError
     from hpcimage.runtime.mpi import recipe
     table = {name for name, *_ in options.FLAGS}
     assert set(options._FLAGS) | set(options._VALUED) == table
@@ -218,6 +219,10 @@ def test_one_flag_table_reaches_the_parser_image_mpi_and_the_joiner():
         if name in mpi.OUR_LONG:
             assert mpi.OUR_LONG[name] == valued
         words = [name, "hybrid" if attr == "mpi_mode" else "A=1"] if valued else [name]
+        if attr == "instance":      # a rank never joins an instance: refused by name
+            with pytest.raises(HpcimageError, match="^--instance: image-mpi"):
+                options.parse(["image-mpi-rank", *words, "prog"], {"HPCIMAGE_IMAGE": "/x"})
+            continue
         o = options.parse(["image-mpi-rank", *words, "prog"], {"HPCIMAGE_IMAGE": "/x"})
         assert o.args == ["prog"] and getattr(o, attr if attr != "bind" else "binds"), name
     assert set(mpi.OUR_LONG) == (table - options.LAUNCHERS) | set(options.IMAGE_MPI_ONLY)
