@@ -28,7 +28,8 @@ from hpcimage import fsutil
 from hpcimage.errors import HpcimageError
 
 FORMATS = ("lua", "tcl")
-WRAPPERS = ("image-exec", "image-run", "image-shell", "image-mpi", "image-update")
+WRAPPERS = ("image-exec", "image-run", "image-shell", "image-mpi", "image-update",
+            "image-instance")
 SITE_JSON = "site.json"
 # The list of the files this output tree's last `generate` rendered (in the wrappers
 # directory, paths relative to it): only those are ever removed as stale, so files an
@@ -201,6 +202,9 @@ def help_text(image, extra_wrappers=()):
         "  image-mpi [-n N] PROG     run PROG once per MPI rank (srun or mpirun)",
         "  image-update [--check]    copy the image into your local image directory",
         "                            (then used instead of the store's while current)",
+        "  image-instance start NAME the image's startscript as a service (also run, list,",
+        "                            stop, stats, logs); image-exec --instance NAME CMD",
+        "                            runs CMD in it",
     ]
     if "image-inspect" in extra_wrappers:
         lines += ["  image-inspect [OPTIONS]   the image's labels, as apptainer inspect (-r runscript,",

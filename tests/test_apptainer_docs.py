@@ -39,7 +39,7 @@ def test_flags_table_matches_the_option_table():
     theirs = set(options.UNSUPPORTED) | set(options.UNSUPPORTED_SHORT)
     assert set(named) == ours | theirs, (set(named) ^ (ours | theirs))
     for n in ours:
-        own = n in ("--ib", "--dry-run", "--mpi-mode")
+        own = n in ("--ib", "--dry-run", "--mpi-mode", "--instance")
         assert named[n] == "hpcimage only" if own else named[n] in ("same", "differs"), n
     for n in theirs:
         assert named[n] == "not supported", n

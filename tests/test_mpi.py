@@ -445,6 +445,23 @@ def test_ranks_under_image_exec_get_cma_off_with_a_warning(user, slurm_cluster, 
     assert "image-mpi runs a node's ranks in one container" in warnings[0]
 
 
+def test_very_short_ranks_started_late_still_share_the_nodes_container(
+        user, slurm_cluster, site, openmpi_sqfs, userdir):
+    """Ranks that exit at once and start one after the other (rank N waits N/2 s, as
+    on a busy node): the node's container waits for the ranks srun starts there
+    (SLURM_STEP_TASKS_PER_NODE) rather than going when the ranks so far have exited,
+    so every rank joins the first one's; nothing is left afterwards."""
+    r = srun(user, ["sh", "-c", 'sleep "0.$((SLURM_PROCID * 5))"; exec image-mpi true'],
+             n=3, mpi="pmix", env=dict(env_for(site, openmpi_sqfs), HPCIMAGE_TRACE="1"),
+             cwd=str(userdir))
+    assert r.returncode == 0, r.stderr
+    started = [ln for ln in r.stderr.splitlines()
+               if "this rank starts" in ln and ln.startswith("hpcimage-join: ")]
+    joined, _python = joiner_lines(r.stderr)
+    assert len(started) == 1 and len(joined) == 2, r.stderr
+    assert state_entries(user) == []
+
+
 def test_mpich_ranks_under_image_exec_each_in_its_own_container(user, slurm_cluster, site,
                                                                 mpich_sqfs, mpi_hello_mpich,
                                                                 userdir):

@@ -209,6 +209,7 @@ def test_one_flag_table_reaches_the_parser_image_mpi_and_the_joiner():
     hpcimage-join exactly the table."""
     from types import SimpleNamespace
     from hpcimage.runtime import options
+    from hpcimage.errors import HpcimageError
     from hpcimage.runtime.mpi import recipe
     table = {name for name, *_ in options.FLAGS}
     assert set(options._FLAGS) | set(options._VALUED) == table
@@ -218,6 +219,10 @@ def test_one_flag_table_reaches_the_parser_image_mpi_and_the_joiner():
         if name in mpi.OUR_LONG:
             assert mpi.OUR_LONG[name] == valued
         words = [name, "hybrid" if attr == "mpi_mode" else "A=1"] if valued else [name]
+        if attr == "instance":      # a rank never joins an instance: refused by name
+            with pytest.raises(HpcimageError, match="^--instance: image-mpi"):
+                options.parse(["image-mpi-rank", *words, "prog"], {"HPCIMAGE_IMAGE": "/x"})
+            continue
         o = options.parse(["image-mpi-rank", *words, "prog"], {"HPCIMAGE_IMAGE": "/x"})
         assert o.args == ["prog"] and getattr(o, attr if attr != "bind" else "binds"), name
     assert set(mpi.OUR_LONG) == (table - options.LAUNCHERS) | set(options.IMAGE_MPI_ONLY)
@@ -462,3 +467,20 @@ def test_ranks_asking_for_other_devices_get_a_container_made_for_them(user, demo
         assert wait_no_leaks(user.uid) == ([], [])
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("env, n", [
+    ({"SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_NODEID": "0"}, 4),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "2"}, 2),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "3"}, 1),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "4"}, 0),
+    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3", "SLURM_NODEID": "0"}, 0),
+    ({"SLURM_STEP_TASKS_PER_NODE": "8"}, 0),
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "16", "SLURM_STEP_TASKS_PER_NODE": "4",
+      "SLURM_NODEID": "0"}, 16),
+    ({"MPI_LOCALNRANKS": "3"}, 3),
+    ({}, 0),
+])
+def test_local_tasks_the_ranks_a_node_expects(env, n):
+    from hpcimage.runtime.mpi.jobenv import local_tasks
+    assert local_tasks(env) == n

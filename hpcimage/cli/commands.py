@@ -10,7 +10,7 @@ from hpcimage.errors import HpcimageError
 # Apptainer's commands that hpcimage does not have: refused by name (exit 2), never
 # "no such command" as if they were a typo. A command registered here later wins.
 APPTAINER_ONLY = ("cache", "capability", "checkpoint", "completion", "config", "delete",
-                  "instance", "keyserver", "oci", "overlay", "plugin", "push",
+                  "keyserver", "oci", "overlay", "plugin", "push",
                   "registry", "remote", "search")
 
 
@@ -70,6 +70,8 @@ cli.add_command(_sif)
 cli.add_command(_build)
 from hpcimage.cli.pull import pull as _pull  # noqa: E402  (issue 14)
 cli.add_command(_pull)
+from hpcimage.cli.instance import instance as _instance  # noqa: E402  (issue 17)
+cli.add_command(_instance)
 from hpcimage.cli.keys import key as _key  # noqa: E402  (issue 18)
 cli.add_command(_key)
 cli.add_command(_key, "keys")
@@ -271,6 +273,8 @@ def main(argv=None):
     prog, command = "hpcimage", cli
     if args[:1] == ["image-update"]:        # the image-update wrapper
         prog, command, args = "image-update", update_command, args[1:]
+    elif args[:1] == ["image-instance"]:    # the image-instance wrapper
+        prog, command, args = "image-instance", _instance, args[1:]
     try:
         rv = command.main(args=args, prog_name=prog, standalone_mode=False)
     except HpcimageError as e:

@@ -96,8 +96,8 @@ KEYWORDS = (
     ("%apphelp", "app", "same", ""),
     ("%appfiles", "app", "same", ""),
     ("%apptest", "app", "same", "a leading `#!` line is kept as the interpreter"),
-    ("%appstart", "app", "differs", "stored as /scif/apps/APP/scif/startscript; "
-     "hpcimage has no instances to start it"),
+    ("%appstart", "app", "same", "stored as /scif/apps/APP/scif/startscript; "
+     "`instance start --app APP` starts it"),
 )
 HEADER_KEYS = tuple(k.lower() for k, kind, *_ in KEYWORDS
                     if kind == "header" and k != "OtherURLN")

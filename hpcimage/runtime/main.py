@@ -22,6 +22,9 @@ def run(argv, environ=None):
         from hpcimage.runtime.mpi import rank
         return rank.run_rank(opts, load_policy(environ), environ,
                              rank.rank_signature(argv[1:], opts))
+    if opts.image.startswith("instance://"):
+        from hpcimage.runtime.instance.join import join
+        return join(opts, argv, environ)
     r = request.resolve(opts, environ)
     p = launch.plan(r)
     warm = None

@@ -28,7 +28,7 @@ class Options:
                  "containall", "no_home", "home", "pwd", "env", "env_file", "no_eval",
                  "no_mount", "no_umask", "scratch", "workdir", "pid", "ipc", "uts",
                  "hostname", "no_init", "compat", "dry_run", "app", "nv", "rocm", "ib",
-                 "mpi_mode", "warnings",
+                 "mpi_mode", "instance", "warnings",
                  "fakeroot", "writable", "overlays", "passphrase", "pem_path", "writable_tmpfs")
 
     def __init__(self, verb, prog):
@@ -62,13 +62,14 @@ class Options:
         self.rocm = False
         self.ib = False
         self.mpi_mode = None
+        self.instance = None     # --instance NAME: the image word is instance://NAME
         self.passphrase = False  # encrypted images (runtime/crypt.py)
         self.pem_path = None
         self.writable_tmpfs = False
         self.warnings = []       # said before the launch (plan.warnings)
         self.fakeroot = False    # root inside (subordinate ids, else a single id)
         self.writable = False    # a sandbox directory mounted read-write
-        self.overlays = []       # raw --overlay specs PATH[:ro], in order (the one entry point; the personal overlay last)
+        self.overlays = []       # raw --overlay specs PATH[:ro] in order (+ the personal overlay)
 
 
 # The options: one table, read by parse() below, by usage() (the help), by image-mpi's
@@ -171,6 +172,8 @@ FLAGS = (
     ("--dry-run", "dry_run", False, "image-mpi", (),
      ("", "print the launch plan and exit")),
     ("--mpi-mode", "mpi_mode", True, "image-mpi", (), None),
+    ("--instance", "instance", True, "image-mpi", (),
+     ("NAME", "run in the running instance NAME (as instance://NAME; docs/instances.md)")),
 )
 
 # Apptainer 1.3/1.4 action options (exec, run, shell) that hpcimage does not have:
@@ -346,7 +349,15 @@ def parse(argv, environ=None):
     rest = rest[i:]
     from_environ(o, environ, seen)
     settle(o)
-    if from_env:
+    if o.instance is not None or (rest and rest[0].startswith("instance://") and from_env):
+        if o.prog == "image-mpi":
+            raise UsageError("--instance: image-mpi starts its own containers, it does not "
+                             "join an instance")
+        if o.instance is None:
+            o.image, rest = rest[0], rest[1:]
+        else:
+            o.image = "instance://" + o.instance
+    elif from_env:
         o.image = environ.get("HPCIMAGE_IMAGE") or None
         if not o.image:
             raise UsageError("no image module loaded: run 'module load "
@@ -357,7 +368,7 @@ def parse(argv, environ=None):
         o.image, rest = rest[0], rest[1:]
     if verb == "exec" and not rest:
         raise UsageError(f"no command given (usage: {prog} [OPTIONS] "
-                         f"{'' if from_env else 'IMAGE '}COMMAND [ARGS...])")
+                         f"{'' if from_env or o.instance else 'IMAGE '}COMMAND [ARGS...])")
     o.args = rest
     return o
 

@@ -20,13 +20,16 @@ FORWARD = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGA
            "SIGCONT", "SIGWINCH", "SIGXCPU", "SIGPWR")
 
 
-def enter(init=True):
+def enter(init=True, ready=None, stay=False):
     """Returns in the process that goes on to exec the command; the others exit."""
     sc.unshare(sc.CLONE_NEWPID)
     alive, held = os.pipe()             # EOF on `alive`: the launcher is gone
     pid = os.fork()
     if pid:
         os.close(alive)
+        if ready is not None:
+            os.write(ready, f"P{pid}\n".encode())
+            os.close(ready)
         _wait(pid, reap=False)
     os.close(held)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -48,8 +51,55 @@ def enter(init=True):
         return
     pid = os.fork()
     if pid == 0:
+        if stay:        # `ready` stays open until the exec (close-on-exec): the
+            os.setpgid(0, 0)    # launcher's reader sees EOF once the command runs
         return
+    if stay:
+        _stay(pid, ready)
     _wait(pid, reap=True)
+
+
+def _noop(signum, frame):
+    pass
+
+
+def _stay(child, ready):
+    """An instance's PID 1: forward to child's process group, reap everything, stay
+    after the group is gone until a stop signal; exit 0 then. The signals are blocked
+    and taken with sigwaitinfo: no reaping is lost between a check and a wait."""
+    try:
+        os.setpgid(child, child)
+    except OSError:
+        pass
+    fwd = {getattr(signal, n) for n in FORWARD if hasattr(signal, n)}
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for s in fwd | {signal.SIGCHLD}:    # a handler: a PID 1 gets only handled signals
+        signal.signal(s, _noop)
+    signal.pthread_sigmask(signal.SIG_BLOCK, fwd | {signal.SIGCHLD})
+    os.write(ready, b"R\n")
+    os.close(ready)
+    stopping = False
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        if stopping:
+            try:
+                os.killpg(child, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except OSError:
+                pass
+        signum = signal.sigwaitinfo(fwd | {signal.SIGCHLD}).si_signo
+        if signum == signal.SIGCHLD:
+            continue
+        try:
+            os.killpg(child, signum)
+        except OSError:
+            pass
+        stopping = stopping or signum in stops
 
 
 def _wait(child, reap):

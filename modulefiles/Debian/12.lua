@@ -2,7 +2,7 @@
 whatis("Name: Debian")
 whatis("Version: 12")
 whatis("Description: Debian 12 (bookworm), a minimal debootstrap")
-help("Debian/12: Debian 12 (bookworm), a minimal debootstrap\n\nContainer image: /opt/hpcimage/images/Debian-12.sqfs\n\nCommands, on PATH while this module is loaded:\n  image-shell               an interactive shell inside the image\n  image-exec CMD [ARG...]   run CMD inside the image\n  image-run [ARG...]        run the image's runscript\n  image-mpi [-n N] PROG     run PROG once per MPI rank (srun or mpirun)\n  image-update [--check]    copy the image into your local image directory\n                            (then used instead of the store's while current)")
+help("Debian/12: Debian 12 (bookworm), a minimal debootstrap\n\nContainer image: /opt/hpcimage/images/Debian-12.sqfs\n\nCommands, on PATH while this module is loaded:\n  image-shell               an interactive shell inside the image\n  image-exec CMD [ARG...]   run CMD inside the image\n  image-run [ARG...]        run the image's runscript\n  image-mpi [-n N] PROG     run PROG once per MPI rank (srun or mpirun)\n  image-update [--check]    copy the image into your local image directory\n                            (then used instead of the store's while current)\n  image-instance start NAME the image's startscript as a service (also run, list,\n                            stop, stats, logs); image-exec --instance NAME CMD\n                            runs CMD in it")
 
 -- One image at a time: loading another image swaps this one out.
 family("image")

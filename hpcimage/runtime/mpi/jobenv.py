@@ -62,3 +62,32 @@ def job_key(environ):
             key = "-".join(vals)
             return "".join(c if c.isalnum() or c in KEY_CHARS else "_" for c in key)[:KEY_MAX]
     return None
+
+
+def local_tasks(environ):
+    """How many ranks of this job step run on this node, as the launcher says, or 0
+    when it does not say: Slurm's SLURM_STEP_TASKS_PER_NODE ("2(x3),1", one entry per
+    node of the step) at SLURM_NODEID, Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE, MPICH
+    Hydra's MPI_LOCALNRANKS. The node's holder waits for that many joins (GRACE)."""
+    for name in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        v = environ.get(name, "")
+        if v.isdigit():
+            return int(v)
+    spec, node = environ.get("SLURM_STEP_TASKS_PER_NODE", ""), environ.get("SLURM_NODEID", "")
+    if not spec or not node.isdigit():
+        return 0
+    counts = []
+    for part in spec.split(","):
+        n, _x, rep = part.partition("(x")
+        if not n.isdigit() or (rep and not rep[:-1].isdigit()) or (rep and rep[-1:] != ")"):
+            return 0
+        counts += [int(n)] * (int(rep[:-1]) if rep else 1)
+    i = int(node)
+    return counts[i] if i < len(counts) else 0
+
+
+# How long (seconds) a node's holder waits for the ranks local_tasks() still expects
+# after the ranks so far have all exited (very short ranks started late: srun -n 64
+# image-mpi true on a busy node); measured from the last join.
+GRACE = 5.0
+

@@ -7,7 +7,7 @@ from hpcimage.errors import HpcimageError
 from hpcimage.image.baseenv import ENV_FILES     # read in the container (after pivot_root)
 from hpcimage.linux import syscalls as sc
 from hpcimage.linux import procstate
-from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES
+from hpcimage.runtime.mpi.jobenv import FORWARD_PREFIXES, local_tasks
 from hpcimage.runtime.mpi.recipe import Recipe, write_recipe
 
 
@@ -211,7 +211,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
 
 
 def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, idle=0,
-                 leader=None, late_recipe=None):
+                 leader=None, late_recipe=None, expected=0):
     """Fork the holder: it carries out head (up to pivot_root), runs the environment
     probe (probe: _probe_env's arguments), reports ready, warms the page cache for the
     program (warm: (command, PATH)), then waits until no rank holds `refs`, and exits.
@@ -221,6 +221,10 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, id
     late_recipe (warm starts): the probe runs after the holder reports ready (the
     caller does not wait for it) and the holder writes late_recipe(its result) as the
     state's recipe (under the base's lock, while the state is still its own).
+    expected (MPI: jobenv.local_tasks): the ranks the launcher starts on this node; the
+    holder stays, once the ranks so far have exited, until that many have joined
+    (`joins`, a byte per join) or none has joined for jobenv.GRACE seconds, so that a
+    very short rank started late still finds the container.
     Returns (pid, the probe's environment or None)."""
     r, w = os.pipe()
     pid = os.fork()
@@ -236,7 +240,7 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, id
             procstate.helper_signals()      # signals are for the program; the holder
                                             # lives while any rank does (refs)
             from hpcimage.runtime.execute import execute
-            if idle:                    # after pivot_root the standard library is gone
+            if idle or expected:        # after pivot_root the standard library is gone
                 import select  # noqa: F401
                 import time  # noqa: F401
                 if leader is not None:
@@ -251,6 +255,12 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, id
             base_fd = _open_dir(base)
             state_fd = _open_dir(state)
             fd = os.open(refs_path, os.O_RDONLY | os.O_CLOEXEC)
+            joins = None
+            if expected:
+                try:
+                    joins = os.open("joins", os.O_RDONLY | os.O_CLOEXEC, dir_fd=state_fd)
+                except OSError:
+                    joins = None
             try:
                 execute(head)
             except HpcimageError as e:
@@ -293,6 +303,8 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, id
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 os._exit(0)
             else:
+                if joins is not None:
+                    _wait_for_late_ranks(fd, joins, expected)
                 fcntl.flock(fd, fcntl.LOCK_EX)         # every rank has exited
                 fcntl.flock(base_fd, fcntl.LOCK_EX)
             remove_state(base_fd, os.path.basename(state), state_fd)
@@ -370,6 +382,35 @@ def wait_idle(refs, base_fd, state_fd, name, idle, leader=None):
         fcntl.flock(base_fd, fcntl.LOCK_UN)
 
 
+def _wait_for_late_ranks(refs, joins, expected):
+    """The MPI holder's wait once the ranks so far have exited (it then holds `refs`
+    exclusively): until `expected` ranks have joined (the size of `joins`) or none has
+    for jobenv.GRACE seconds. Returns holding `refs` exclusively. Descriptors only
+    (after pivot_root)."""
+    import time
+    from hpcimage.runtime.mpi.jobenv import GRACE
+    while True:
+        fcntl.flock(refs, fcntl.LOCK_EX)
+        st = os.fstat(joins)
+        if st.st_size >= expected or time.time() - st.st_mtime >= GRACE:
+            return
+        fcntl.flock(refs, fcntl.LOCK_UN)
+        time.sleep(0.05)
+
+
+def _count_join(state):
+    """One more rank joined the container of state (a byte appended to `joins`)."""
+    try:
+        fd = os.open(os.path.join(state, "joins"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        os.write(fd, b"j")
+    finally:
+        os.close(fd)
+
+
 def _write_late(late_recipe, final, base_fd, state_fd, name):
     """The holder's recipe with the probe's result (descriptors only: after pivot_root)."""
     if final is None:
@@ -406,7 +447,7 @@ def _open_dir(path):
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-STATE_FILES = ("holder", "holder.tmp", "refs", "recipe", "recipe.tmp")
+STATE_FILES = ("holder", "holder.tmp", "refs", "recipe", "recipe.tmp", "joins")
 
 
 def remove_state(base_fd, key, state_fd=None):
@@ -540,9 +581,11 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
                             rec = Recipe(tail, environ, signature, os.getcwd(), cleanenv)
                         except OSError:
                             pass
+                    open(os.path.join(state, "joins"), "w").close()
                     pid, final = start_holder(head, state, refs_path, (refs, m),
                                                warm_arg(tail),
-                                               rec.probe_args() if rec and rec.ok else None)
+                                               rec.probe_args() if rec and rec.ok else None,
+                                               expected=local_tasks(environ or os.environ))
                     tmp = os.path.join(state, "holder.tmp")
                     with open(tmp, "w") as f:
                         f.write(str(pid))
@@ -552,6 +595,7 @@ def join_shared(plan, key, environ=None, signature=None, locked=None, cleanenv=F
                         write_recipe(state, rec.encode())
                 user_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
                 mnt_fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+                _count_join(state)
         finally:
             fcntl.flock(m, fcntl.LOCK_UN)
         if refs is None:
