@@ -288,6 +288,11 @@ def debian_sqfs(debian_dir):
 
 # ------------------------------------------------------------------ leak checks
 
+# The helpers a launch leaves beside the command (they die with it): the FUSE daemons
+# and the overlays' lock holder.
+LAUNCH_HELPERS = ("squashfuse", "fuse2fs", "fuse-overlayfs", "hpcimage-lock")
+
+
 def fuse_processes(uid=None):
     out = []
     for pid in os.listdir("/proc"):
@@ -298,7 +303,7 @@ def fuse_processes(uid=None):
                 stat = f.read()
             comm = stat[stat.index("(") + 1:stat.rindex(")")]
             state = stat[stat.rindex(")") + 2]
-            if not comm.startswith("squashfuse") or state == "Z":
+            if not comm.startswith(LAUNCH_HELPERS) or state == "Z":
                 continue
             if uid is not None and os.stat(f"/proc/{pid}").st_uid != uid:
                 continue
@@ -331,5 +336,5 @@ def no_leaks_after(request):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    assert not procs, f"squashfuse processes left behind: {procs}"
+    assert not procs, f"helper processes (squashfuse, fuse2fs, ...) left behind: {procs}"
     assert not mounts, f"mounts left on the host: {mounts}"

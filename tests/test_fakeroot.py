@@ -182,7 +182,6 @@ def test_fakeroot_writable_apt_get_install(user, userdir, debian_dir):
 
 
 @pytest.mark.network
-@pytest.mark.xfail(strict=True, reason="needs --overlay (branch overlay)")
 def test_fakeroot_overlay_apt_get_install_persists(user, userdir, debian_sqfs):
     img = userdir / "my.img"
     r = user.run(cli_argv("overlay", "create", "--fakeroot", "--size", "256", str(img)))

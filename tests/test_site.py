@@ -158,7 +158,7 @@ BAD = [
      "tcl_modulefiles, wrappers, python, binds, images, gpu, gpu_devices, gpu_extra_libs, "
      "gpu_exclude_libs, gpu_extra_binaries, gpu_extra_devices, infiniband, ib_env, "
      "ib_extra_libs, ib_memlock_min, mpi, signing, local, keep, extra_wrappers, lmod_in_image, "
-     "lmod_prefix, warm)"),
+     "lmod_prefix, warm, writable_tmpfs_size, overlay_driver)"),
     ("lmod-misspelt", "store: /s\nimages: []\nlmod_inside: true\n",
      "site.yaml:3: lmod_inside: unknown key (did you mean 'lmod_in_image'?"),
     ("lmod-in-image-string", "store: /s\nimages: []\nlmod_in_image: 'yes'\n",

@@ -59,6 +59,11 @@ POLICY_KEYS = (
     ("mpi",                "{str: ...}", {},        "the host MPI for image-mpi (site.yaml mpi: "
                                                     "mode, launcher, srun_mpi, implementation, "
                                                     "prefix, libs, binds)"),
+    ("writable_tmpfs_size", "int",     64,          "--writable-tmpfs's size in MiB (Apptainer's "
+                                                    "sessiondir max size)"),
+    ("overlay_driver",     "str",      "auto",      "overlays: auto (the kernel's overlayfs where it "
+                                                    "can, else fuse-overlayfs), kernel, "
+                                                    "fuse-overlayfs"),
     ("personal_overlays",  "{str: {...}}", {},      "each user's overlay file per module "
                                                     "(site.yaml personal_overlay): size "
                                                     "(MiB), sparse; made on first use"),

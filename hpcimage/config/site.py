@@ -89,6 +89,7 @@ class Site:
     extra_wrappers: Tuple[str, ...] = ()
     lmod_in_image: bool = False     # the host's Lmod and MODULEPATH inside the images
     lmod_prefix: Optional[str] = None   # the host's Lmod (LMOD_PKG); None: found at run time
+    overlay: Dict[str, object] = field(default_factory=dict)    # OVERLAY_KEYS given
     signing: Dict[str, object] = field(default_factory=dict)    # site.yaml signing:
     warm: int = 0                   # seconds a warm container stays idle (0: off; docs/warm.md)
 
@@ -131,6 +132,7 @@ class Site:
             "version": POLICY_VERSION,
         }
         out.update(self.hardware)
+        out.update(self.overlay)
         if overlays:
             out["personal_overlays"] = overlays
         if self.mpi:
@@ -520,6 +522,15 @@ HARDWARE_KEYS = ("gpu", "gpu_devices", "gpu_extra_libs", "gpu_exclude_libs",
                  "ib_extra_libs", "ib_memlock_min")
 
 
+# Overlays (docs/overlays.md); flat keys, copied into site.json where given.
+OVERLAY_KEYS = ("writable_tmpfs_size", "overlay_driver")
+
+
+def parse_mib(ctx, node, keypath):
+    value = parse_count(ctx, node, keypath)
+    if value < 1:
+        raise ctx.error(node, keypath, "must be 1 (MiB) or more")
+    return value
 def parse_verify_mode(ctx, node, keypath):
     """off|warn|require; YAML 1.1 reads a bare `off` as false: that is "off" too."""
     if getattr(node, "tag", "") == "tag:yaml.org,2002:bool" and node.value.lower() in ("off", "no", "false"):
@@ -604,6 +615,11 @@ SITE_KEYS: Dict[str, Key] = {
     "warm": Key(parse_warm, default=0,
                 doc="seconds image-exec's container stays standing idle for the next call "
                     "of the same user, image and options to join (0: off; docs/warm.md)"),
+    "writable_tmpfs_size": Key(parse_mib, default=None,
+                               doc="--writable-tmpfs's size in MiB (default 64, as Apptainer's)"),
+    "overlay_driver": Key(choice("auto", "kernel", "fuse-overlayfs"), default=None,
+                          doc="overlays: the kernel's overlayfs where it can (auto), or "
+                              "always one of them"),
 }
 
 
@@ -717,6 +733,7 @@ def _build(ctx, root, values):
         local=values["local"], keep=values["keep"],
         extra_wrappers=tuple(values["extra_wrappers"]),
         lmod_in_image=values["lmod_in_image"], lmod_prefix=values["lmod_prefix"],
+        overlay={k: values[k] for k in OVERLAY_KEYS if values.get(k) is not None},
         signing=dict(values["signing"] or {}),
         warm=values["warm"])
 

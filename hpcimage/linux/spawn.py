@@ -19,11 +19,14 @@ def hand_over(path, keep):
     return path
 
 
-def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=()):
+def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=(), own_mounts=False):
     """Fork and exec prog with argv as a helper daemon (see the module); its stderr
     goes to log_path (created 0600, truncated). keep: descriptors it inherits at their
     numbers; ambient_caps: capabilities of the current user namespace it keeps across
-    exec (syscalls.CAP_*: a libfuse 2 daemon that mounts by itself). Returns its pid;
+    exec (syscalls.CAP_*: a libfuse 2 daemon that mounts by itself); own_mounts: a mount namespace of its own (a copy of the launcher's), so
+    that the launcher's pivot_root does not move its root (a daemon that reaches its
+    layers by path, fuse-overlayfs, would reach them through its own mount). Returns
+    its pid;
     a failed exec exits 127 (the caller reads the log and the status)."""
     parent = os.getpid()
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -33,6 +36,8 @@ def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=()):
             syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent:          # the launcher died before the prctl
                 os._exit(1)
+            if own_mounts:
+                syscalls.unshare(syscalls.CLONE_NEWNS)
             for cap in ambient_caps:
                 syscalls.ambient_cap(cap)
             null = os.open(os.devnull, os.O_RDWR)
@@ -65,3 +70,35 @@ def why_it_failed(log_path, status):
     except OSError:
         lines = []
     return lines[-1] if lines else f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+LOCK_HOLDER = "hpcimage-lock"
+
+
+def hold(fds):
+    """Fork a child that keeps descriptors fds open (the flock(2) locks of writable
+    overlays) until the launcher, then the command it became, exits: it dies with it
+    (PR_SET_PDEATHSIG), in a session of its own, the job's signals ignored, named
+    LOCK_HOLDER, no other descriptor. No exec (a fork costs less). Returns its pid."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)
+            syscalls.set_name(LOCK_HOLDER)
+            low = 0
+            for k in sorted(fds):
+                os.closerange(low, k)
+                low = k + 1
+            os.closerange(low, 1024)
+            os.chdir("/")
+            os.setsid()
+            procstate.helper_signals()
+            while True:
+                signal.pause()
+        except BaseException:
+            pass
+        os._exit(1)
+    return pid

@@ -77,6 +77,22 @@ def pivot_root(new_root, put_old):
     _check(_libc.syscall(nr, _b(new_root), _b(put_old)), "pivot_root", new_root)
 
 
+def fstype(path):
+    """statfs(2)'s f_type of the file system holding path (its magic number)."""
+    buf = ctypes.create_string_buffer(256)     # struct statfs (120 bytes on 64-bit); f_type first
+    _check(_libc.statfs(_b(path), buf), "statfs", path)
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+PR_SET_NAME = 15
+
+
+def set_name(name):
+    """The calling thread's name (comm, at most 15 bytes), as ps and /proc show it."""
+    _check(_libc.prctl(PR_SET_NAME, ctypes.cast(ctypes.c_char_p(_b(name)), ctypes.c_void_p).value
+                       or 0, 0, 0, 0), "prctl")
+
+
 def sethostname(name):
     b = _b(name)
     _check(_libc.sethostname(b, len(b)), "sethostname")

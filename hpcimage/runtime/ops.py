@@ -10,6 +10,11 @@ as sh would need them) and `run(state)` (what `execute` does for it).
     Session       a tmpfs at the session directory: mount points and generated files
     MountImage    mount the image there (squashfuse) or bind the directory, read-only
     MountData     mount an image file bound as data (-B FILE:DST:image-src=PATH) there
+    OverlayLayer  lock an overlay and mount it below the session directory (a directory
+                  bound, ext3 with fuse2fs, SquashFS with squashfuse, a tmpfs)
+    OverlayMount  the overlay of the image and its layers (kernel overlayfs with
+                  userxattr, else fuse-overlayfs), with the bind targets the image lacks
+                  in a layer of their own; the locks handed to a small holder process
     RootFs        the root: the image itself, or a tmpfs skeleton that mirrors the
                   image's entries with binds and adds the bind targets the image lacks
     IdentityFiles passwd and group: the image's, plus the user and the user's group
@@ -56,12 +61,14 @@ def _pinned(path, fd):
 
 class State:
     """What the launch produces while it runs: the squashfuse daemon's pid and those
-    of the data images' FUSE daemons (killed when a later step fails)."""
-    __slots__ = ("mount_pid", "data_pids")
+    of the data images' and overlays' helpers (killed when a later step fails); the
+    overlays' locked descriptors until a holder takes them."""
+    __slots__ = ("mount_pid", "data_pids", "lock_fds")
 
     def __init__(self):
         self.mount_pid = None
         self.data_pids = []
+        self.lock_fds = []
 
 
 class Op:
@@ -303,6 +310,62 @@ class MountData(Op):
                              "the image")
 
 
+class OverlayLayer(Op):
+    """layer: an image.overlay.Layer, mounted at at (below the session directory):
+    locked first (flock: exclusive when writable, shared when read-only; a directory
+    or an ext3 image), its upper/ and work/ made when writable; prog: who warns;
+    fd: the file opened by pin_sources, else None."""
+    __slots__ = ("layer", "at", "prog", "fd")
+    name = "layer"
+
+    def __init__(self, layer, at, prog="hpcimage", fd=None):
+        self.layer, self.at, self.prog, self.fd = layer, at, prog, fd
+
+    def describe(self):
+        x = self.layer
+        src = "tmpfs" if x.path is None else quote(x.path)
+        lock = "" if x.kind in ("tmpfs", "squashfs") else (
+            ", locked (one writer)" if x.writable else ", locked (shared)")
+        return [f"layer {src} -> {quote(self.at)}{'' if x.writable else ' ro'}  # "
+                f"{x.describe()}{lock}"]
+
+    def run(self, state):
+        from hpcimage.runtime import overlay
+        overlay.mount_layer(self.layer, self.at, _pinned(self.layer.path, self.fd)
+                            if self.layer.path else None, self.prog, state)
+
+
+class OverlayMount(Op):
+    """The overlay at at: lowers (the layers' directories, top first: the points
+    layer, the read-only overlays, the image), upper and work (None: read-only);
+    points: the directory of the bind targets the image lacks (created there, never
+    in a user's layer); targets: [(container path, source)] of the binds; image_dir:
+    the image's mount point (symbolic links are resolved there); driver: "auto",
+    "kernel" or "fuse-overlayfs"."""
+    __slots__ = ("at", "lowers", "upper", "work", "points", "targets", "image_dir",
+                 "driver")
+    name = "overlay"
+
+    def __init__(self, at, lowers, upper, work, points, targets, image_dir, driver="auto"):
+        self.at, self.lowers, self.upper, self.work = at, list(lowers), upper, work
+        self.points, self.targets, self.image_dir = points, list(targets), image_dir
+        self.driver = driver
+
+    def describe(self):
+        how = {"auto": "kernel overlayfs (userxattr), else fuse-overlayfs",
+               "kernel": "kernel overlayfs (userxattr)",
+               "fuse-overlayfs": "fuse-overlayfs"}[self.driver]
+        words = ["lower=" + ":".join(quote(x) for x in [self.points] + self.lowers)]
+        if self.upper:
+            words += [f"upper={quote(self.upper)}", f"work={quote(self.work)}"]
+        return [f"overlay {' '.join(words)} -> {quote(self.at)}  # {how}; "
+                "the bind targets the image lacks in the first lower layer"]
+
+    def run(self, state):
+        from hpcimage.runtime import overlay
+        overlay.mount_union(self, state)
+
+
 class RootFs(Op):
     __slots__ = ("image_dir", "root", "targets")
     name = "rootfs"
@@ -510,7 +573,7 @@ class Exec(Op):
 
 # The session directory's own names: sources there are the launch's, not the user's.
 SESSION_NAMES = ("image", "home", "tmp", "vartmp", "dev", "passwd", "group", "root",
-                 "image.log", "data-images", "scratch", "crypt")
+                 "image.log", "data-images", "scratch", "crypt", "layers", "overlay")
 
 
 def pin_sources(ops):
@@ -542,6 +605,10 @@ def pin_sources(ops):
             fd = pin(op.image.path)
             if fd is not None:
                 op = MountImage(op.image, op.at, fd, op.writable)
+        elif t is OverlayLayer and op.fd is None and op.layer.path:
+            fd = pin(op.layer.path)
+            if fd is not None:
+                op = OverlayLayer(op.layer, op.at, op.prog, fd)
         elif t is MountData and op.fd is None:
             fd = pin(op.fs.path)
             if fd is not None:

@@ -29,7 +29,7 @@ class Options:
                  "no_mount", "no_umask", "scratch", "workdir", "pid", "ipc", "uts",
                  "hostname", "no_init", "compat", "dry_run", "app", "nv", "rocm", "ib",
                  "mpi_mode", "instance", "warnings",
-                 "fakeroot", "writable", "overlays", "passphrase", "pem_path")
+                 "fakeroot", "writable", "overlays", "passphrase", "pem_path", "writable_tmpfs")
 
     def __init__(self, verb, prog):
         self.verb = verb
@@ -65,10 +65,11 @@ class Options:
         self.instance = None     # --instance NAME: the image word is instance://NAME
         self.passphrase = False  # encrypted images (runtime/crypt.py)
         self.pem_path = None
+        self.writable_tmpfs = False
         self.warnings = []       # said before the launch (plan.warnings)
         self.fakeroot = False    # root inside (subordinate ids, else a single id)
         self.writable = False    # a sandbox directory mounted read-write
-        self.overlays = []       # raw PATH[:ro] overlay specs (the personal overlay's)
+        self.overlays = []       # raw --overlay specs PATH[:ro] in order (+ the personal overlay)
 
 
 # The options: one table, read by parse() below, by usage() (the help), by image-mpi's
@@ -140,7 +141,7 @@ FLAGS = (
     ("--no-init", "no_init", False, "ranks", ("NOSHIMINIT",),
      ("", "with --pid: the command itself is PID 1")),
     ("--compat", "compat", False, "ranks", ("COMPAT",),
-     ("", "--containall --no-init --no-umask --no-eval (no --writable-tmpfs yet)")),
+     ("", "--containall --no-init --no-umask --no-eval --writable-tmpfs")),
     ("--app", "app", True, "launcher", ("APP", "APPNAME"),
      ("NAME", "the SCI-F app NAME: its runscript (run), its environment")),
     ("--nv", "nv", False, "ranks", ("NV",),
@@ -155,7 +156,14 @@ FLAGS = (
       "yours, with a warning); HOME=/root")),
     ("-w", "writable", False, "launcher", (), None),
     ("--writable", "writable", False, "ranks", ("WRITABLE",),
-     ("", "a sandbox directory you can write: mounted read-write")),
+     ("", "a sandbox directory you can write: mounted read-write; a SIF: its overlay "
+      "partition")),
+    ("-o", "overlays", True, "launcher", (), None),
+    ("--overlay", "overlays", True, "ranks", ("OVERLAY", "OVERLAYIMAGE"),
+     ("PATH[:ro]", "an overlay: a directory, an ext3 image, a SquashFS file, a SIF's "
+      "overlay partition (repeatable; one writable, on top; docs/overlays.md)")),
+    ("--writable-tmpfs", "writable_tmpfs", False, "ranks", ("WRITABLE_TMPFS",),
+     ("", "a writable tmpfs layer (64 MiB; site.yaml writable_tmpfs_size), gone at the end")),
     ("--passphrase", "passphrase", False, "ranks", (),
      ("", "an encrypted image's passphrase, asked on the terminal (else "
       "APPTAINER_ENCRYPTION_PASSPHRASE)")),
@@ -170,7 +178,7 @@ FLAGS = (
 
 # Apptainer 1.3/1.4 action options (exec, run, shell) that hpcimage does not have:
 # name -> Apptainer's variable names (the *_NAME that warns). "yet": coming with the
-# overlay/writable/fakeroot issue. Short forms: UNSUPPORTED_SHORT. The registry
+# fakeroot issue. Short forms: UNSUPPORTED_SHORT. The registry
 # options' variables (APPTAINER_DOCKER_USERNAME, _AUTHFILE, _NO_HTTPS, _DISABLE_CACHE)
 # do not warn: users export them for `pull` and `build`, which are not launches.
 UNSUPPORTED = {
@@ -192,16 +200,14 @@ UNSUPPORTED = {
     "--network-args": ("NETWORK_ARGS",), "--no-https": (), "--nohttps": (),
     "--no-nv": ("NV_OFF", "NO_NV"), "--no-privs": ("NO_PRIVS",),
     "--no-rocm": ("ROCM_OFF", "NO_ROCM"), "--nvccli": ("NVCCLI",),
-    "--oom-kill-disable": ("OOM_KILL_DISABLE",), "--overlay": ("OVERLAY", "OVERLAYIMAGE"),
+    "--oom-kill-disable": ("OOM_KILL_DISABLE",),
     "--pids-limit": ("PIDS_LIMIT",),
     "--security": ("SECURITY",), "--sharens": ("SHARENS",), "--shell": (),
     "--underlay": ("UNDERLAY",), "--unsquash": ("UNSQUASH",),
     "--userns": ("USERNS", "UNSHARE_USERNS"),
-    "--writable-tmpfs": ("WRITABLE_TMPFS",),
 }
-UNSUPPORTED_SHORT = {"-n": "--net", "-o": "--overlay",
-                     "-s": "--shell", "-u": "--userns"}
-NOT_YET = ("--overlay", "--writable-tmpfs")
+UNSUPPORTED_SHORT = {"-n": "--net", "-s": "--shell", "-u": "--userns"}
+NOT_YET = ()
 
 HELP_WORDS = ("-h", "--help")
 
@@ -231,8 +237,8 @@ ENV_PREFIXES = ("APPTAINER_", "SINGULARITY_")
 # hpcimage's own bind variable, read after Apptainer's (as -B)
 HPCIMAGE_BIND = "HPCIMAGE_BIND"
 # What --compat and --containall stand for (Apptainer's actionCompatFlag and
-# actionContainAllFlag); --compat's --writable-tmpfs comes with the overlay issue.
-COMPAT = ("containall", "no_init", "no_umask", "no_eval")
+# actionContainAllFlag).
+COMPAT = ("containall", "no_init", "no_umask", "no_eval", "writable_tmpfs")
 CONTAINALL = ("contain", "cleanenv", "pid", "ipc")
 
 _FLAGS = SWITCHES
@@ -266,6 +272,10 @@ def _set(o, name, key, val, seen=None):
         setattr(o, key, True)
     elif key == "bind":
         o.binds.extend(split_binds(val))
+    elif key == "overlays":
+        if not val:
+            raise UsageError(f"option {name} needs a value")
+        o.overlays.append(val)
     elif key == "env":
         k, has, v = val.partition("=")
         if not has or not valid_name(k):
@@ -421,6 +431,9 @@ def from_environ(o, environ, seen=()):
         if attr in seen:
             continue
         seen.add(attr)
+        if attr == "overlays":      # a comma-separated list, as Apptainer's StringSlice
+            o.overlays.extend(v.strip() for v in val.split(",") if v.strip())
+            continue
         if not valued:
             word = val.strip()
             if word in FALSE_WORDS:
@@ -459,8 +472,6 @@ def settle(o):
     if o.compat:
         for k in COMPAT:
             setattr(o, k, True)
-        o.warnings.append("--compat: --writable-tmpfs is not supported yet (the image "
-                          "stays read-only)")
     if o.containall:
         for k in CONTAINALL:
             setattr(o, k, True)

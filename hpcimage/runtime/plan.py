@@ -37,6 +37,8 @@ class Plan:
         self.rcfile = None
         self.workdir = None
         self.cwd_note = None
+        self.image_root = None
+        self.root_writable = False
 
     def add(self, op):
         self.ops.append(op)

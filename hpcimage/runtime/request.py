@@ -20,13 +20,16 @@ class Request:
     mounts go; site: the site's policy (config.policy.Policy: site.json, the defaults
     without one); opts:
     runtime.options.Options; image: the opened image.Image; home_src: -H's source (the
-    container's home is then -H's destination), else None."""
+    container's home is then -H's destination), else None; overlays: the overlay
+    layers (image.overlay.Layer: a SIF's own overlay partition, opts.overlays,
+    --writable-tmpfs), bottom first, the writable one last; [] for none."""
     __slots__ = ("uid", "gid", "user", "home", "gecos", "shell", "group", "cwd",
-                 "cwd_gone", "environ", "session_dir", "site", "opts", "image", "home_src")
+                 "cwd_gone", "environ", "session_dir", "site", "opts", "image", "home_src",
+                 "overlays")
 
     def __init__(self, opts, image, environ, session_dir, site=None, uid=0, gid=0,
                  user="root", home="/", gecos="", shell="/bin/sh", group=None,
-                 cwd="/", cwd_gone=None, home_src=None):
+                 cwd="/", cwd_gone=None, home_src=None, overlays=()):
         self.opts, self.image, self.environ = opts, image, dict(environ)
         self.session_dir, self.site = session_dir, Policy() if site is None else site
         self.uid, self.gid, self.user, self.home = uid, gid, user, home
@@ -34,6 +37,7 @@ class Request:
         self.group = user if group is None else group
         self.cwd, self.cwd_gone = cwd, cwd_gone
         self.home_src = home_src
+        self.overlays = list(overlays)
 
 
 def resolve(opts, environ, site=None, explain_missing=True):
@@ -63,7 +67,19 @@ def resolve(opts, environ, site=None, explain_missing=True):
     elif getattr(opts, "fakeroot", False) and uid != 0:
         home_src, home = fakeroot_home(opts, home)
     return Request(opts, image, environ, session_dir(environ), site, uid, gid, user,
-                   home, gecos, shell, group, cwd, gone, home_src)
+                   home, gecos, shell, group, cwd, gone, home_src,
+                   overlay_layers(opts, image, site, cwd))
+
+
+def overlay_layers(opts, image, site, cwd):
+    """The overlay layers of a launch (image.overlay.layers), resolved once; nothing
+    imported nor read without --overlay, --writable(-tmpfs) or a SIF (which may carry
+    an overlay partition of its own)."""
+    if not (opts.overlays or opts.writable_tmpfs or opts.writable or image.kind == "sif"):
+        return []
+    from hpcimage.image import overlay
+    return overlay.layers(opts.overlays, image, opts.writable, opts.writable_tmpfs,
+                          site.writable_tmpfs_size, cwd, opts.warnings)
 
 
 def _personal_overlay(opts, site, environ):

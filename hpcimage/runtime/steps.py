@@ -101,8 +101,7 @@ def writable_image(r):
         raise UsageError(f"--writable: {image.path} is a SquashFS image (read-only): use a "
                          "sandbox directory (hpcimage build --sandbox) or --overlay")
     if image.kind == "sif":
-        raise UsageError(f"--writable: {image.path} is a SIF image: writing it needs an "
-                         f"overlay partition (hpcimage overlay create {image.path})")
+        return False    # its overlay partition, writable (image.overlay.layers; an error without one)
     if not os.access(image.path, os.W_OK):
         raise UsageError(f"--writable: {image.path}: you cannot write this sandbox "
                          "directory (--writable needs one you own)")
@@ -303,11 +302,48 @@ def cwd(r, p):
             bl.append(Bind(r.cwd, r.cwd, False, "current directory"))
 
 
+def overlay(r, p):
+    """The overlays (r.overlays: a SIF's own overlay partition, --overlay, --writable,
+    --writable-tmpfs): each layer locked and mounted (OverlayLayer), then the union of
+    the image and the layers (OverlayMount, runtime.overlay) with the bind targets the
+    image lacks in a layer of their own; the root is the union (p.image_root), writable
+    where a layer is (p.root_writable)."""
+    if not r.overlays:
+        return
+    from hpcimage.image.overlay import DRIVER_VARIABLE
+    from hpcimage.runtime.ops import OverlayLayer, OverlayMount
+    from hpcimage.runtime.overlay import lower_dir
+    base = r.session_dir
+    lowers, upper, work = [], None, None
+    for n, layer in enumerate(r.overlays):
+        at = f"{base}/layers/{n}"
+        p.add(OverlayLayer(layer, at, r.opts.prog))
+        if layer.writable:
+            upper, work = lower_dir(layer, at), at + "/work"
+        else:
+            lowers.insert(0, lower_dir(layer, at))
+    how = r.environ.get(DRIVER_VARIABLE) or r.site.overlay_driver or "auto"
+    if how not in ("auto", "kernel", "fuse-overlayfs"):
+        raise UsageError(f"{DRIVER_VARIABLE}={how}: want auto, kernel or fuse-overlayfs")
+    if any(x.writable and x.kind == "ext3" for x in r.overlays):
+        how = "fuse-overlayfs"      # the kernel's overlay on fuse2fs is read-only
+    targets = [(b.dst, base + "/" + b.src[8:] if b.src.startswith("session:") else b.src)
+               for b in p.binds]
+    p.image_root = base + "/overlay"
+    p.add(OverlayMount(p.image_root, lowers + [base + "/image"], upper, work,
+                       base + "/layers/points", targets, base + "/image", how))
+    p.root_writable = upper is not None
+    if upper is not None and r.uid != 0 and not getattr(r.opts, "fakeroot", False):
+        p.notes.append("the image's root-owned directories stay read-only through the "
+                       "overlay (EOVERFLOW or EACCES on writing them): --fakeroot writes them")
+
+
 def root(r, p):
     """The root with every bind's mount point, passwd and group, the binds (session:
-    sources resolved to the session directory), read-only, pivot, chdir."""
+    sources resolved to the session directory), read-only (unless an overlay is
+    writable), pivot, chdir."""
     base = r.session_dir
-    rootdir, image_root = base + "/root", base + "/image"
+    rootdir, image_root = base + "/root", p.image_root or base + "/image"
     p.add(RootFs(image_root, rootdir, [b.dst for b in p.binds]))
     if getattr(r.opts, "fakeroot", False):      # root inside: the image's root entry
         p.add(IdentityFiles(base, image_root, 0, 0, "root", r.home, "root", "/bin/sh",
@@ -320,7 +356,7 @@ def root(r, p):
             b.src = base + "/" + b.src[len("session:"):]
         b.root = rootdir
         p.add(b)
-    if not getattr(r.opts, "writable", False):
+    if not getattr(r.opts, "writable", False) and not p.root_writable:
         p.add(Remount(rootdir))
     p.add(Pivot(rootdir))
     p.add(Chdir(p.workdir, r.home, bool(r.opts.pwd), p.cwd_note, r.opts.prog))
@@ -393,7 +429,7 @@ def signature_policy(r, p):
 
 
 STEPS = (signature_policy, session, host_devices, mpi_rank_alone, lmod_inside, system_binds, home, site_binds, user_binds,
-         scratch, contributed_binds, cwd, root, process, command)
+         scratch, contributed_binds, cwd, overlay, root, process, command)
 
 
 def with_steps(steps, after):

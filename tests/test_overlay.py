@@ -1,0 +1,350 @@
+"""Overlays (issue 16), as the test user: --overlay with a directory, an ext3 image, a
+SquashFS file and a SIF's overlay partition (--writable), --writable-tmpfs and its size,
+persistence across runs, deleting and renaming image directories, a second writer
+refused, fuse-overlayfs forced, kill -9 during a write, bind targets kept out of the
+user's layer, the errors (one line, documented status). docs/overlays.md."""
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import runtime_argv, wait_no_leaks
+from hpcimage.image import overlay as ovl
+from hpcimage.image import sif
+
+
+def run(user, image, *cmd, opts=(), env=None, cwd=None):
+    return user.run(runtime_argv("exec", *opts, str(image), *cmd), env=env, cwd=cwd)
+
+
+def one_line_error(r, status, text):
+    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and text in r.stderr, r.stderr
+
+
+def mkdir_as(user, path):
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, user.uid, user.gid)
+    return path
+
+
+def make_ext3(user, path, size="32M", layout=True, owner=True):
+    """An ext3 overlay image as `overlay create` makes one (upper/, work/ inside, the
+    root the user's), with mkfs.ext3 -d."""
+    tree = path.parent / (path.name + ".tree")
+    tree.mkdir()
+    if layout:
+        (tree / "upper").mkdir()
+        (tree / "work").mkdir()
+        for d in (tree, tree / "upper", tree / "work"):
+            os.chown(d, user.uid, user.gid)
+    argv = ["mkfs.ext3", "-q", "-F", "-d", str(tree)]
+    if owner:
+        argv += ["-E", f"root_owner={user.uid}:{user.gid}"]
+    subprocess.run(argv + [str(path), size], check=True, capture_output=True)
+    shutil.rmtree(tree)
+    os.chown(path, user.uid, user.gid)
+    return path
+
+
+def add_overlay_partition(sif_path, ext3_path):
+    """Append ext3_path to the SIF as its overlay partition (Ext3, Overlay), as
+    `apptainer overlay create` does to a SIF: a free descriptor, the data aligned."""
+    data = ext3_path.read_bytes()
+    with open(sif_path, "r+b") as f:
+        h = list(sif._HEADER.unpack(f.read(sif.HEADER_SIZE)))
+        end = os.path.getsize(sif_path)
+        start = -(-end // sif.PARTITION_ALIGNMENT) * sif.PARTITION_ALIGNMENT
+        ids, free = [], None
+        for i in range(h[8]):
+            f.seek(h[9] + i * sif.DESCRIPTOR_SIZE)
+            d = sif._DESCRIPTOR.unpack(f.read(sif.DESCRIPTOR_SIZE))
+            if d[1]:
+                ids.append(d[2])
+            elif free is None:
+                free = i
+        now = int(time.time())
+        desc = sif._DESCRIPTOR.pack(
+            sif.DATA_PARTITION, True, max(ids) + 1, sif.GROUP_MASK | 1, 0, start, len(data),
+            start - end + len(data), now, now, 0, 0, b"",
+            sif._PARTITION.pack(sif.FS_EXT3, sif.PART_OVERLAY, h[3]))
+        f.seek(h[9] + free * sif.DESCRIPTOR_SIZE)
+        f.write(desc)
+        f.seek(start)
+        f.write(data)
+        h[7] -= 1
+        h[12] = start + len(data) - h[11]
+        f.seek(0)
+        f.write(sif._HEADER.pack(*h))
+
+
+def root_fstype(user, image, opts, env=None):
+    r = run(user, image, "sh", "-c", "grep ' / ' /proc/mounts", opts=opts, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()[2]
+
+
+# ------------------------------------------------------------ directories
+
+def test_directory_overlay_persists(user, image, userdir):
+    o = mkdir_as(user, userdir / "ov")
+    r = run(user, image, "sh", "-c", "echo one > /made-here && mkdir -p /newdir/sub && "
+            "echo two > /newdir/sub/f && cat /made-here", opts=("--overlay", str(o)))
+    assert (r.returncode, r.stdout) == (0, "one\n"), r.stderr
+    assert (o / "upper" / "made-here").read_text() == "one\n"
+    assert (o / "work").is_dir()
+    # the next run sees it; read-only too, where a write fails
+    r = run(user, image, "cat", "/made-here", "/newdir/sub/f", opts=("--overlay", f"{o}:ro"))
+    assert (r.returncode, r.stdout) == (0, "one\ntwo\n"), r.stderr
+    r = run(user, image, "sh", "-c", "echo x > /other", opts=("--overlay", f"{o}:ro"))
+    assert r.returncode != 0 and not (o / "upper" / "other").exists()
+    # the bind targets the image lacks (home, the current directory) are not in it
+    assert not (o / "upper" / "home").exists() and not (o / "upper" / "tmp").exists()
+    assert sorted(os.listdir(o / "upper")) == ["made-here", "newdir"]
+
+
+def test_overlay_from_the_variables_and_wrapper_forms(user, demo_sqfs, userdir):
+    a, b = mkdir_as(user, userdir / "a"), mkdir_as(user, userdir / "b")
+    (a / "from-a").write_text("a\n")          # a read-only directory without upper/
+    r = run(user, demo_sqfs, "sh", "-c", "cat /from-a; echo w > /w",
+            env={"APPTAINER_OVERLAY": f"{a}:ro,{b}"})
+    assert (r.returncode, r.stdout) == (0, "a\n"), r.stderr
+    assert (b / "upper" / "w").read_text() == "w\n"
+    r = run(user, demo_sqfs, "cat", "/w", opts=("-o", f"{b}:ro"))
+    assert (r.returncode, r.stdout) == (0, "w\n"), r.stderr
+
+
+def test_delete_and_rename_image_dirs(user, demo_dir, userdir):
+    """In a sandbox the user owns: deleting image directories and files works (and
+    persists); renaming a directory of the image: rename(2) fails with EXDEV (overlayfs
+    without redirect_dir), `mv` copies instead (docs/overlays.md)."""
+    img = userdir / "sandbox"
+    shutil.copytree(demo_dir, img, symlinks=True)
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(img)], check=True)
+    o = mkdir_as(user, userdir / "ov")
+    r = run(user, img, "sh", "-c", "rm -rf /opt /etc/os-release && mv /root /root2 && ls /",
+            opts=("--overlay", str(o)))
+    assert r.returncode == 0, r.stderr
+    names = r.stdout.split()
+    assert "opt" not in names and "root2" in names and "root" not in names
+    r = run(user, img, "sh", "-c", "ls /; test -e /etc/os-release || echo gone",
+            opts=("--overlay", f"{o}:ro"))
+    assert "opt" not in r.stdout.split() and "gone" in r.stdout, r.stderr
+    assert (img / "opt").is_dir() and (img / "root").is_dir()     # the image is as it was
+
+
+def test_rename_exdev_and_root_owned_dirs(user, debian_sqfs, userdir):
+    """Debian: rename(2) of a directory from a lower layer fails with EXDEV (here one the
+    user owns, in a read-only overlay); the image's root-owned directories cannot be
+    written without --fakeroot (EACCES, or EOVERFLOW where the mode would allow it: their
+    owner is not mapped), and --dry-run's
+    note says so."""
+    low = mkdir_as(user, userdir / "low")
+    mkdir_as(user, low / "mine")
+    o = mkdir_as(user, userdir / "ov")
+    opts = ("--overlay", f"{low}:ro", "--overlay", str(o))
+    r = run(user, debian_sqfs, "perl", "-e", 'rename("/mine", "/mine2") or die "$!\\n"',
+            opts=opts)
+    assert (r.returncode, r.stderr) == (18, "Invalid cross-device link\n"), r.stderr
+    r = run(user, debian_sqfs, "sh", "-c", "mv /mine /mine2 && ls -d /mine2", opts=opts)
+    assert (r.returncode, r.stdout) == (0, "/mine2\n"), r.stderr     # mv copies instead
+    r = run(user, debian_sqfs, "sh", "-c", "echo x > /usr/local/x", opts=opts)
+    assert r.returncode != 0 and ("Permission denied" in r.stderr
+                                  or "Value too large for defined data type" in r.stderr), r.stderr
+    r = run(user, debian_sqfs, "true", opts=("--dry-run",) + opts)
+    assert "--fakeroot writes them" in r.stdout, r.stdout
+
+
+# ------------------------------------------------------------ ext3, SquashFS, SIF
+
+def test_ext3_overlay_persists(user, image, userdir):
+    e = make_ext3(user, userdir / "ov.ext3")
+    r = run(user, image, "sh", "-c", "echo e3 > /e3 && cat /e3", opts=("--overlay", str(e)))
+    assert (r.returncode, r.stdout) == (0, "e3\n"), r.stderr
+    r = run(user, image, "cat", "/e3", opts=("--overlay", f"{e}:ro"))
+    assert (r.returncode, r.stdout) == (0, "e3\n"), r.stderr
+    assert subprocess.run(["e2fsck", "-fn", str(e)], capture_output=True).returncode == 0
+
+
+def test_squashfs_overlay_is_read_only(user, demo_sqfs, userdir):
+    tree = userdir / "tree"
+    (tree / "extra").mkdir(parents=True)
+    (tree / "extra" / "f").write_text("sq\n")
+    sq = userdir / "extra.sqfs"
+    subprocess.run(["mksquashfs", str(tree), str(sq), "-quiet", "-no-progress"], check=True)
+    os.chmod(sq, 0o644)
+    r = run(user, demo_sqfs, "sh", "-c", "cat /extra/f; echo x > /extra/g",
+            opts=("--overlay", str(sq)))       # no :ro needed: always read-only
+    assert r.stdout == "sq\n" and r.returncode != 0, r.stderr
+
+
+def test_sif_overlay_partition(user, demo_sif, userdir):
+    s = userdir / "with-overlay.sif"
+    shutil.copy(demo_sif, s)
+    add_overlay_partition(s, make_ext3(user, userdir / "part.ext3"))
+    os.chown(s, user.uid, user.gid)
+    # without --writable: read-only
+    r = run(user, s, "sh", "-c", "echo x > /in-sif")
+    assert r.returncode != 0
+    r = run(user, s, "sh", "-c", "echo in-sif > /in-sif && cat /in-sif", opts=("--writable",))
+    assert (r.returncode, r.stdout) == (0, "in-sif\n"), r.stderr
+    r = run(user, s, "cat", "/in-sif")
+    assert (r.returncode, r.stdout) == (0, "in-sif\n"), r.stderr
+    # the SIF as an --overlay of another image: its partition
+    r = run(user, demo_sif, "cat", "/in-sif", opts=("--overlay", f"{s}:ro"))
+    assert (r.returncode, r.stdout) == (0, "in-sif\n"), r.stderr
+    one_line_error(run(user, demo_sif, "true", opts=("--writable",)), 2,
+                   "is a SIF image: writing it needs an overlay partition")
+
+
+# ------------------------------------------------------------ tmpfs
+
+def test_writable_tmpfs(user, image):
+    r = run(user, image, "sh", "-c", "echo t > /t && cat /t && df -k / | tail -1",
+            opts=("--writable-tmpfs",))
+    assert r.returncode == 0 and r.stdout.startswith("t\n"), r.stderr
+    assert r.stdout.split()[-5] == str(64 * 1024)        # 64 MiB, Apptainer's default
+    r = run(user, image, "sh", "-c", "dd if=/dev/zero of=/big bs=1M count=80 2>&1",
+            opts=("--writable-tmpfs",))
+    assert r.returncode != 0 and "No space left" in r.stdout, r.stdout
+    assert run(user, image, "test", "-e", "/t").returncode == 1      # gone
+
+
+def test_tmpfs_size_from_the_site(demo_sqfs):
+    class I:
+        kind, path = "squashfs", str(demo_sqfs)
+    layers = ovl.layers([], I, writable_tmpfs=True, tmpfs_mib=8)
+    assert [(x.kind, x.size_mib, x.writable) for x in layers] == [("tmpfs", 8, True)]
+
+
+# ------------------------------------------------------------ drivers
+
+def test_fuse_overlayfs_forced(user, image, userdir):
+    o = mkdir_as(user, userdir / "ov")
+    env = {"HPCIMAGE_OVERLAY_DRIVER": "fuse-overlayfs"}
+    assert root_fstype(user, image, ("--overlay", str(o)), env) == "fuse.fuse-overlayfs"
+    r = run(user, image, "sh", "-c", "echo f > /f && cat /f", opts=("--overlay", str(o)),
+            env=env)
+    assert (r.returncode, r.stdout) == (0, "f\n"), r.stderr
+    assert (o / "upper" / "f").read_text() == "f\n"
+    assert root_fstype(user, image, ("--overlay", str(o))) == "overlay"   # the kernel's
+
+
+def test_ext3_uses_fuse_overlayfs_and_tmpfs_the_kernel(user, demo_sqfs, userdir):
+    e = make_ext3(user, userdir / "ov.ext3")
+    assert root_fstype(user, demo_sqfs, ("--overlay", str(e))) == "fuse.fuse-overlayfs"
+    want = "overlay" if ovl.kernel_can(ovl.TMPFS_MAGIC) else "fuse.fuse-overlayfs"
+    assert root_fstype(user, demo_sqfs, ("--writable-tmpfs",)) == want
+
+
+def test_kernel_probe():
+    assert ovl.kernel_release("6.18.44-fc") == (6, 18)
+    assert ovl.kernel_release("5.4.0-150-generic") == (5, 4)
+    assert not ovl.kernel_can(None, "5.10.1")
+    assert ovl.kernel_can(None, "5.11.0")
+    assert not ovl.kernel_can(ovl.TMPFS_MAGIC, "6.5.0") and ovl.kernel_can(ovl.TMPFS_MAGIC, "6.6.1")
+    assert not ovl.kernel_can(ovl.FUSE_MAGIC, "6.18.0")
+
+
+# ------------------------------------------------------------ locks and kill -9
+
+def test_second_writer_refused(user, demo_sqfs, userdir):
+    o = mkdir_as(user, userdir / "ov")
+    first = user.popen(runtime_argv("exec", "--overlay", str(o), str(demo_sqfs), "sleep", "20"),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not (o / "work").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        r = run(user, demo_sqfs, "true", opts=("--overlay", str(o)))
+        one_line_error(r, 1, f"overlay {o} is in use by another container (a writable "
+                             "overlay serves one container at a time)")
+        one_line_error(run(user, demo_sqfs, "true", opts=("--overlay", f"{o}:ro")), 1,
+                       "is in use by another container that writes it")
+    finally:
+        first.kill()
+        first.wait()
+    wait_no_leaks()
+    assert run(user, demo_sqfs, "true", opts=("--overlay", str(o))).returncode == 0
+
+
+def test_kill9_during_a_write(user, demo_sqfs, userdir):
+    e = make_ext3(user, userdir / "ov.ext3", size="256M")
+    p = user.popen(runtime_argv("exec", "--overlay", str(e), str(demo_sqfs), "dd",
+                                "if=/dev/zero", "of=/big", "bs=1M", "count=200"),
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)       # the launcher became dd
+    p.wait()
+    procs, mounts = wait_no_leaks()
+    assert not procs and not mounts
+    fsck = subprocess.run(["e2fsck", "-fn", str(e)], capture_output=True, text=True)
+    assert fsck.returncode in (0, 4), fsck.stdout       # clean, or fixable:
+    if fsck.returncode == 4:
+        assert subprocess.run(["e2fsck", "-fy", str(e)]).returncode == 1
+    r = run(user, demo_sqfs, "sh", "-c", "echo after > /after && cat /after",
+            opts=("--overlay", str(e)))
+    assert (r.returncode, r.stdout) == (0, "after\n"), r.stderr
+
+
+# ------------------------------------------------------------ errors and --dry-run
+
+def test_errors(user, demo_sqfs, demo_dir, userdir):
+    a, b = mkdir_as(user, userdir / "a"), mkdir_as(user, userdir / "b")
+    one_line_error(run(user, demo_sqfs, "true", opts=("--overlay", str(a), "--overlay", str(b))),
+                   2, f"at most one writable overlay: {a}, {b} (add :ro to the others)")
+    one_line_error(run(user, demo_sqfs, "true", opts=("--overlay", str(userdir / "none"))), 2,
+                   "no such file or directory")
+    junk = userdir / "junk.img"
+    junk.write_bytes(b"\0" * 8192)
+    one_line_error(run(user, demo_sqfs, "true", opts=("--overlay", str(junk))), 2,
+                   "is not an overlay (a directory, an ext3 image, a SquashFS file or a SIF "
+                   "with an overlay partition)")
+    one_line_error(run(user, demo_sqfs, "true", opts=("--overlay", f"{a}:rx")), 2,
+                   "unknown mode 'rx'")
+    one_line_error(run(user, demo_sqfs, "true", opts=("--writable",)), 2,
+                   "is a SquashFS image (read-only)")
+    one_line_error(run(user, demo_sqfs, "true", opts=("--writable-tmpfs",),
+                       env={"HPCIMAGE_OVERLAY_DRIVER": "magic"}), 2,
+                   "HPCIMAGE_OVERLAY_DRIVER=magic: want auto, kernel or fuse-overlayfs")
+    # an ext3 image whose root is not the user's: upper/ cannot be made
+    e = make_ext3(user, userdir / "root.ext3", layout=False, owner=False)
+    r = run(user, demo_sqfs, "true", opts=("--overlay", str(e)))
+    one_line_error(r, 1, "cannot create upper/ in")
+    assert "--fakeroot" in r.stderr
+    # upper/ and work/ there, but root's (mkfs.ext3 -d of root's tree)
+    tree = userdir / "rootstree"
+    (tree / "upper").mkdir(parents=True)
+    (tree / "work").mkdir()
+    e2 = userdir / "root2.ext3"
+    subprocess.run(["mkfs.ext3", "-q", "-F", "-d", str(tree), "-E",
+                    f"root_owner={user.uid}:{user.gid}", str(e2), "8M"], check=True,
+                   capture_output=True)
+    os.chown(e2, user.uid, user.gid)
+    r = run(user, demo_sqfs, "true", opts=("--overlay", str(e2)))
+    one_line_error(r, 1, "cannot create upper/ in")
+    assert "--fakeroot" in r.stderr
+
+
+def test_tmpfs_with_a_writable_overlay_warns(user, demo_sqfs, userdir):
+    o = mkdir_as(user, userdir / "ov")
+    r = run(user, demo_sqfs, "sh", "-c", "echo x > /x", opts=("--writable-tmpfs", "--overlay", str(o)))
+    assert r.returncode == 0 and (o / "upper" / "x").exists()
+    assert r.stderr == (f"hpcimage: warning: --writable-tmpfs ignored: the writable overlay "
+                        f"{o} takes the writes\n")
+
+
+def test_dry_run(user, demo_sqfs, userdir):
+    o = mkdir_as(user, userdir / "ov")
+    r = run(user, demo_sqfs, "true", opts=("--dry-run", "--overlay", str(o)))
+    lines = r.stdout.splitlines()
+    assert any(ln.startswith(f"layer {o} -> ") and "locked (one writer)" in ln for ln in lines)
+    assert any(ln.startswith("overlay lower=") and "upper=" in ln for ln in lines)
+    assert not any(ln.startswith("readonly ") for ln in lines)     # the root is writable
+    assert not (o / "upper").exists()                              # nothing done
+    r = run(user, demo_sqfs, "true", opts=("--dry-run",))
+    assert not any(ln.startswith(("layer ", "overlay ")) for ln in r.stdout.splitlines())
