@@ -6,8 +6,6 @@ squashfuse (image.squashfs), ext3 with fuse2fs. Standard library only (the runti
 imports it, on the hot path, only when an image bind is asked for).
 """
 import os
-import time
-import _signal as signal
 
 from hpcimage.errors import HpcimageError, UsageError
 from hpcimage.image.magic import HEAD_SIZE, head_kind
@@ -109,23 +107,13 @@ def _mount_ext3(fs, at, log_path, ro):
     argv = [prog, path, at, "-f", "-o", ",".join(opts)]
     before = os.stat(at).st_dev
     pid = spawn.spawn_daemon(prog, argv, log_path, keep, (syscalls.CAP_SYS_ADMIN,))
-    delay = 0.001
-    deadline = time.monotonic() + 30
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            raise HpcimageError(_failure(fs, log_path, status))
-        try:
-            if os.stat(at).st_dev != before:
-                return pid
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise HpcimageError(f"{fs.path}: fuse2fs did not mount the image in 30 s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    try:
+        status = spawn.wait_mounted(pid, at, before, 30)
+    except TimeoutError:
+        raise HpcimageError(f"{fs.path}: fuse2fs did not mount the image in 30 s") from None
+    if status is not None:
+        raise HpcimageError(_failure(fs, log_path, status))
+    return pid
 
 
 def _failure(fs, log_path, status):

@@ -122,18 +122,12 @@ def run_as_root(func, args=(), idmap=None):
             raise
         os.write(w_go, b"g")
         os.close(w_go)
-        chunks = []
-        while True:
-            b = os.read(r_res, 65536)
-            if not b:
-                break
-            chunks.append(b)
-        os.close(r_res)
+        result = sc.read_to_end(r_res)
         _, status = os.waitpid(pid, 0)
     finally:
         signal.signal(signal.SIGINT, old)
     try:
-        res = marshal.loads(b"".join(chunks)) if chunks else {}
+        res = marshal.loads(result) if result else {}
     except (ValueError, EOFError, TypeError):
         res = {}
     if "ok" in res:
@@ -236,13 +230,7 @@ class _Child:
     def wait(self):
         if self.status is not None:
             return self.status
-        msg = b""
-        while True:
-            b = os.read(self.r_err, 4096)
-            if not b:
-                break
-            msg += b
-        os.close(self.r_err)
+        msg = sc.read_to_end(self.r_err)
         try:
             _, st = os.waitpid(self.pid, 0)
         except KeyboardInterrupt:

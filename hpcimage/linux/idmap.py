@@ -9,6 +9,7 @@ import pwd
 
 from hpcimage.errors import HpcimageError
 from hpcimage.linux.paths import which
+from hpcimage.linux.syscalls import read_to_end
 
 
 MAX_SUBIDS = 65536
@@ -147,13 +148,7 @@ def write_maps(pid, m, what="build"):
         procs.append((tool, child, r))
     errors = []
     for tool, child, r in procs:
-        out = b""
-        while True:
-            b = os.read(r, 4096)
-            if not b:
-                break
-            out += b
-        os.close(r)
+        out = read_to_end(r)
         st = os.waitpid(child, 0)[1]
         if st != 0:
             out = out.decode(errors="replace").strip() or "?"

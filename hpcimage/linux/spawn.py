@@ -61,6 +61,31 @@ def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=(), own_mounts=Fals
     return pid
 
 
+def wait_mounted(pid, at, before, timeout):
+    """Wait for daemon pid, one that mounts by itself (libfuse 2's fuse2fs, gocryptfs),
+    to serve its mount on `at`: until the st_dev of `at` differs from `before` (its
+    st_dev before the start). Returns None once mounted, or the daemon's wait status
+    when it exited first. After timeout seconds it is killed and TimeoutError raised."""
+    import time
+    delay = 0.001
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        try:
+            if os.stat(at).st_dev != before:
+                return None
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TimeoutError(at)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
 def why_it_failed(log_path, status):
     """What a daemon that did not serve its mount said: the last line of its log, else
     its exit status (status: a wait status)."""

@@ -127,3 +127,17 @@ def ambient_cap(cap):
     data[cap // 32].inheritable |= 1 << (cap % 32)
     _check(_libc.capset(ctypes.byref(hdr), data), "capset")
     _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0), "prctl")
+
+
+def read_to_end(fd):
+    """Everything from the pipe or file fd up to end of file, as bytes; closes fd (the
+    reports of the helper processes a launch forks). Raises OSError."""
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)

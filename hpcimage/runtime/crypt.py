@@ -149,8 +149,6 @@ def mount_gocryptfs(image_path, cipher, plain, password, log_path):
     dies with the launcher. go-fuse mounts by itself: CAP_SYS_ADMIN of the user
     namespace as an ambient capability. Waits for the mount; UsageError (exit 2) for
     a wrong password, HpcimageError otherwise."""
-    import time
-    import _signal as signal
     prog = find_gocryptfs()
     rfd, wfd = os.pipe()
     try:
@@ -163,27 +161,16 @@ def mount_gocryptfs(image_path, cipher, plain, password, log_path):
         pid = spawn.spawn_daemon(prog, argv, log_path, [rfd], (syscalls.CAP_SYS_ADMIN,))
     finally:
         os.close(rfd)
-    delay = 0.001
-    deadline = time.monotonic() + 60
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == GOCRYPTFS_BAD_PASSWORD:
-                raise UsageError(f"{image_path}: wrong passphrase or key")
-            why = spawn.why_it_failed(log_path, status)
-            raise HpcimageError(f"{image_path}: gocryptfs could not mount the encrypted "
-                                f"image: {why}")
-        try:
-            if os.stat(plain).st_dev != before:
-                return pid
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise HpcimageError(f"{image_path}: gocryptfs did not mount the image in 60 s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+    try:
+        status = spawn.wait_mounted(pid, plain, before, 60)
+    except TimeoutError:
+        raise HpcimageError(f"{image_path}: gocryptfs did not mount the image in 60 s") from None
+    if status is None:
+        return pid
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == GOCRYPTFS_BAD_PASSWORD:
+        raise UsageError(f"{image_path}: wrong passphrase or key")
+    why = spawn.why_it_failed(log_path, status)
+    raise HpcimageError(f"{image_path}: gocryptfs could not mount the encrypted image: {why}")
 
 
 # ------------------------------------------------------------------------- keys

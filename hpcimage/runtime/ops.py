@@ -182,15 +182,12 @@ def _fakeroot_unshare(m, more):
         finally:
             os.write(w_go, b"g")
             os.close(w_go)
-        msg = b""
-        while True:
-            b = os.read(r_err, 4096)
-            if not b:
-                break
-            msg += b
-    finally:
+    except BaseException:
         os.close(r_err)
-        st = os.waitpid(helper, 0)[1]
+        os.waitpid(helper, 0)
+        raise
+    msg = sc.read_to_end(r_err)
+    st = os.waitpid(helper, 0)[1]
     if msg or st:
         raise HpcimageError(msg.decode(errors="replace") or "--fakeroot: the id maps "
                             "could not be written")

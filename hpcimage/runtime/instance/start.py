@@ -182,13 +182,7 @@ def start(verb, args, environ=None, wrapper=False):
         os._exit(code)
     os.close(wr)
     os.close(lock_fd)
-    msg = b""
-    while True:
-        chunk = os.read(rd, 4096)
-        if not chunk:
-            break
-        msg += chunk
-    os.close(rd)
+    msg = sc.read_to_end(rd)
     if msg.startswith(b"R"):
         return 0
     text = msg[1:].decode(errors="replace").strip() if msg.startswith(b"E") else ""
@@ -242,13 +236,7 @@ def supervise(p, info, files, lock_fd, report, anchor):
             os._exit(1)
         os._exit(1)
     os.close(wr)
-    msg = b""
-    while True:
-        chunk = os.read(rd, 4096)
-        if not chunk:
-            break
-        msg += chunk
-    os.close(rd)
+    msg = sc.read_to_end(rd)
     init, ready, err = None, False, None
     for line in msg.decode(errors="replace").splitlines():
         if line.startswith("P"):

@@ -108,19 +108,6 @@ def warm_arg(tail):
 PROBE_SUFFIX = "~hpcimage-probe"
 
 
-def _read_all(fd):
-    """Everything from fd up to end of file; closes fd."""
-    chunks = []
-    try:
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-
-
 # In an env script, these words read variables indirectly or run other code: no probe.
 INDIRECT = {".", "source", "eval", "printenv", "env", "set", "declare", "typeset", "compgen",
             "-p"}   # -p: export -p
@@ -184,7 +171,7 @@ def _probe_env(script, shell_env, workdir, home, varies, keep):
             finally:
                 os._exit(127)
         os.close(w)
-        out = _read_all(r)
+        out = sc.read_to_end(r)
         _, status = os.waitpid(pid, 0)
         if status != 0 or not out.endswith(b"\0"):
             return None
@@ -316,7 +303,7 @@ def start_holder(head, state, refs_path, close_fds=(), warm=None, probe=None, id
             pass
         os._exit(0)
     os.close(w)
-    msg = _read_all(r)
+    msg = sc.read_to_end(r)
     if not msg.startswith(b"R"):
         try:
             os.waitpid(pid, 0)
