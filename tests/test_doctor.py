@@ -13,13 +13,14 @@ import pytest
 from conftest import PY, REPO, cli_argv
 
 NAMES = ["user-namespaces", "dev-fuse", "squashfuse", "session-directory", "site-config",
-         "overlayfs", "fuse-overlayfs", "fuse2fs", "subordinate-ids", "lmod",
+         "overlayfs", "fuse-overlayfs", "fuse2fs", "gocryptfs", "gpgv", "subordinate-ids", "lmod",
          "environment-modules", "mpi-joiner"]
 NEEDED = {"user-namespaces", "dev-fuse", "squashfuse", "session-directory", "site-config"}
 JOINER = subprocess.run([PY, "-I", "-c", "import hpcimage.runtime.mpi.recipe as m; "
                          "print(m.JOIN_HELPER)"], capture_output=True, text=True,
                         check=True).stdout.strip()
 TOOL_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/sbin")
+TOOLS = ("fuse-overlayfs", "fuse2fs", "gocryptfs", "gpgv")     # WARN when missing
 
 # Runs argv[3:] in a new mount namespace (private propagation), and with argv[1] == "1"
 # a new user namespace that maps every id onto itself and whose max_user_namespaces is
@@ -106,7 +107,7 @@ def test_this_machine_can_start_containers(user, rendered, as_root):
     assert list(status) == NAMES
     for name in NAMES:
         want = "OK"
-        if name in ("fuse-overlayfs", "fuse2fs") and not _tool_installed(name):
+        if name in TOOLS and not _tool_installed(name):
             want = "WARN"
         if name == "mpi-joiner" and not os.access(JOINER, os.X_OK):
             want = "WARN"
@@ -386,16 +387,16 @@ def test_newuidmap_without_setuid_warns(user, userdir):
 def test_fuse_tools_found_on_path(user, userdir):
     bindir = userdir / "bin"
     bindir.mkdir()
-    for t in ("fuse-overlayfs", "fuse2fs"):
+    for t in TOOLS:
         (bindir / t).write_text("#!/bin/sh\n")
         (bindir / t).chmod(0o755)
     rc, lines, _ = doctor(user, env={"PATH": f"{bindir}:/usr/bin:/bin"})
     assert rc == 0
-    for t in ("fuse-overlayfs", "fuse2fs"):
+    for t in TOOLS:
         assert lines[t] == {"name": t, "status": "OK", "detail": str(bindir / t), "fix": None}
 
 
-@pytest.mark.parametrize("tool", ["fuse-overlayfs", "fuse2fs"])
+@pytest.mark.parametrize("tool", TOOLS)
 def test_fuse_tool_missing_warns(user, tool):
     setup = ":"
     if _tool_installed(tool):
@@ -404,7 +405,7 @@ def test_fuse_tool_missing_warns(user, tool):
     rc, lines, err = doctor(user, setup=setup)
     assert rc == 0, (lines, err)
     assert lines[tool]["status"] == "WARN"
-    assert lines[tool]["detail"].startswith("not found: later features")
+    assert lines[tool]["detail"].startswith("not found: ") and " need" in lines[tool]["detail"]
     assert lines[tool]["fix"].startswith("install ")
 
 

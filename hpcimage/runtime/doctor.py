@@ -510,10 +510,15 @@ def checks(environ=None, site_config=None, site_yaml=None):
         check_site_config(environ, site_config, site_yaml),
         check_overlay(probe, probe_err),
         check_tool("fuse-overlayfs", environ, "fuse-overlayfs (Debian/Ubuntu, RHEL/Rocky)",
-                   "later features (writable overlays) need it where the kernel's "
-                   "overlayfs cannot serve"),
+                   "writable overlays need it where the kernel's overlayfs cannot serve "
+                   "(and for ext3 overlays)"),
         check_tool("fuse2fs", environ, "fuse2fs (Debian/Ubuntu) or e2fsprogs (RHEL/Rocky)",
-                   "later features (ext3 overlay images) need it"),
+                   "ext3 overlay images and binds from ext3 images need it"),
+        check_tool("gocryptfs", environ, "gocryptfs (Debian/Ubuntu, EPEL)",
+                   "encrypted images need it"),
+        check_tool("gpgv", environ, "gpgv (Debian/Ubuntu) or gnupg2 (RHEL/Rocky)",
+                   "verifying PGP-signed images (image-update under a signing policy, "
+                   "hpcimage verify) needs it"),
         check_subids(environ),
         check_lmod(environ),
         check_envmodules(environ),
