@@ -458,3 +458,62 @@ def test_joining_stays_on_the_hot_path_imports(user, home, inst_dir):
     for banned in ("click", "jinja2", "yaml", "psutil", "subprocess", "json", "re", "enum",
                    "hpcimage.runtime.instance.manage"):
         assert not any(m == banned or m.startswith(banned + ".") for m in mods), banned
+
+
+def test_join_refuses_start_options_wherever_they_stand(user, home, inst_dir):
+    """Options placed after --instance NAME, or after a valued option, are read as the
+    parser reads them: those for `instance start` are refused (exit 2), those of the
+    command's process apply."""
+    r = hi(user, home, "instance", "start", inst_dir, "web", "sleep", "600")
+    assert r.returncode == 0, r.stderr
+    env = {"HOME": str(home), "HPCIMAGE_IMAGE": str(inst_dir)}
+    wrapper = [PY, "-I", "-m", "hpcimage.runtime", "image-exec"]
+    cases = [
+        (wrapper + ["--instance", "web", "-B", "/nonexistent", "true"], "-B"),
+        (wrapper + ["--instance", "web", "--contain", "ls", "/tmp"], "--contain"),
+        (cli_argv("exec", "--instance", "web", "-B", "/tmp", "true"), "-B"),
+        (cli_argv("exec", "--env", "FOO=1", "-B", "/tmp", "instance://web", "true"), "-B"),
+        (cli_argv("exec", "--pwd", "/", "-eC", "instance://web", "true"), "-C"),
+        (cli_argv("exec", "--compat", "instance://web", "true"), "--compat"),
+        (cli_argv("exec", "--overlay", "/tmp", "instance://web", "true"), "--overlay"),
+        (cli_argv("exec", "--fakeroot", "instance://web", "true"), "--fakeroot"),
+        (cli_argv("exec", "--writable-tmpfs", "instance://web", "true"), "--writable-tmpfs"),
+    ]
+    for argv, word in cases:
+        r = user.run(argv, env=env, cwd=str(home))
+        assert r.returncode == 2, (argv, r.stderr)
+        assert r.stderr.count("\n") == 1, (argv, r.stderr)
+        assert f"error: {word}: not for a running instance (instance://web)" in r.stderr, \
+            (argv, r.stderr)
+    # the process's options apply wherever they stand
+    r = user.run(wrapper + ["--instance", "web", "--env", "A=1", "--cleanenv", "sh", "-c",
+                            "echo $A ${FOO:-unset}"], env=dict(env, FOO="x"), cwd=str(home))
+    assert r.returncode == 0 and r.stdout == "1 unset\n", r.stderr
+
+
+def test_join_ignores_start_variables_with_a_warning(user, home, inst_dir):
+    """A start option's variable: one warning line, not applied (no --cleanenv from
+    APPTAINER_CONTAINALL); a false switch's says nothing."""
+    r = hi(user, home, "instance", "start", inst_dir, "web", "sleep", "600")
+    assert r.returncode == 0, r.stderr
+    env = {"HOME": str(home)}
+    r = user.run(cli_argv("exec", "instance://web", "sh", "-c", "echo ${FOO:-unset}"),
+                 env=dict(env, FOO="x", APPTAINER_CONTAINALL="1", APPTAINER_BIND="/nonexistent",
+                          APPTAINER_NV="false"), cwd=str(home))
+    assert r.returncode == 0 and r.stdout == "x\n", r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert ("warning: APPTAINER_BIND, APPTAINER_CONTAINALL: not for a running instance "
+            "(instance://web), ignored" in r.stderr), r.stderr
+
+
+def test_stats_is_a_padded_table(user, home, inst_dir):
+    """`instance stats NAME`: each cell under its header, as `instance list`."""
+    r = hi(user, home, "instance", "start", inst_dir, "web", "sleep", "600")
+    assert r.returncode == 0, r.stderr
+    r = hi(user, home, "instance", "stats", "web")
+    assert r.returncode == 0, r.stderr
+    head, row = r.stdout.splitlines()
+    starts = [0] + [i for i in range(2, len(head)) if head[i - 2:i] == "  " and head[i] != " "]
+    assert len(starts) == 7, head
+    for i in starts[1:]:
+        assert row[i - 2:i] == "  " and row[i] != " ", (head, row)

@@ -28,7 +28,7 @@ class Options:
                  "containall", "no_home", "home", "pwd", "env", "env_file", "no_eval",
                  "no_mount", "no_umask", "scratch", "workdir", "pid", "ipc", "uts",
                  "hostname", "no_init", "compat", "dry_run", "app", "nv", "rocm", "ib",
-                 "mpi_mode", "instance", "warnings",
+                 "mpi_mode", "instance", "warnings", "given",
                  "fakeroot", "writable", "overlays", "passphrase", "pem_path", "writable_tmpfs")
 
     def __init__(self, verb, prog):
@@ -63,6 +63,7 @@ class Options:
         self.ib = False
         self.mpi_mode = None
         self.instance = None     # --instance NAME: the image word is instance://NAME
+        self.given = {}          # what the command line set: attribute -> the word used
         self.passphrase = False  # encrypted images (runtime/crypt.py)
         self.pem_path = None
         self.writable_tmpfs = False
@@ -267,7 +268,7 @@ def split_binds(val):
 def _set(o, name, key, val, seen=None):
     """Option name (attribute key) given value val (None: a switch)."""
     if seen is not None:
-        seen.add(key)
+        seen.setdefault(key, name)
     if val is None:
         setattr(o, key, True)
     elif key == "bind":
@@ -307,7 +308,7 @@ def parse(argv, environ=None):
     # image-mpi-rank: the ranks of image-mpi, which speaks for them
     o = Options(verb, "image-mpi" if prog == "image-mpi-rank" else prog)
     rest = argv[1:]
-    seen = set()            # attributes the command line set: their variables yield
+    seen = o.given          # attributes the command line set: their variables yield
     theirs = verb in ("shell", "run") and from_env
     i = 0
     while i < len(rest):

@@ -26,7 +26,7 @@ from hpcimage.runtime.mpi import shared
 # options added later) gives a container of the call's own: cold.
 ALLOWED = ("verb", "prog", "image", "args", "binds", "cleanenv", "no_home", "home",
            "pwd", "env", "no_eval", "no_mount", "nv", "rocm", "ib", "dry_run", "warnings",
-           "mpi_mode")
+           "mpi_mode", "given")
 PREFIX = "warm-"
 
 

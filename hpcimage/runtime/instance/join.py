@@ -17,28 +17,33 @@ from hpcimage.runtime.instance import state as st
 
 PREFIX = "instance://"
 
-# What a running instance's namespaces already fixed: given to `instance start`.
-START_ONLY = ("bind", "contain", "containall", "no_home", "home", "scratch", "workdir",
-              "pid", "ipc", "uts", "hostname", "no_init", "nv", "rocm", "ib", "no_mount")
+# What a join applies: the command's process (its environment, directory, umask, app);
+# every other option would change the instance's mounts or namespaces, fixed by
+# `instance start`, and is refused (its variables: ignored with a warning).
+FOR_JOIN = ("cleanenv", "pwd", "env", "env_file", "no_eval", "no_umask", "app", "dry_run",
+            "instance")
 NAMESPACES = (("user", sc.CLONE_NEWUSER), ("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS),
               ("mnt", sc.CLONE_NEWNS), ("pid", sc.CLONE_NEWPID))
 
 
-def start_words(argv):
-    """The options of START_ONLY given on the command line (argv: the runtime's, verb
-    first), as the user wrote them."""
-    from hpcimage.runtime.options import SWITCHES, VALUED
-    table = dict(SWITCHES, **VALUED)
-    out = []
-    for a in argv[1:]:
-        if a == "--" or not a.startswith("-"):
-            break
-        name = a.split("=", 1)[0]
-        attr = table.get(name)
-        if attr is None and len(name) > 2 and name[1] != "-":
-            attr = table.get(name[:2])
-        if attr in START_ONLY:
-            out.append(name)
+def start_words(o):
+    """The options for `instance start` only that the command line gave (o.given: as
+    the parser read them), as the user wrote them, in their order."""
+    return [word for attr, word in o.given.items() if attr not in FOR_JOIN]
+
+
+def start_variables(environ):
+    """The APPTAINER_*/SINGULARITY_* (and HPCIMAGE_BIND) variables set for options for
+    `instance start` only (a false switch's left out)."""
+    from hpcimage.runtime.options import ENV_KEYS, ENV_PREFIXES, FALSE_WORDS, HPCIMAGE_BIND
+    out = [HPCIMAGE_BIND] if environ.get(HPCIMAGE_BIND, "").strip() else []
+    for key, (attr, valued, _name) in ENV_KEYS.items():
+        if attr in FOR_JOIN:
+            continue
+        for prefix in ENV_PREFIXES:
+            val = environ.get(prefix + key, "").strip()
+            if val and (valued or val not in FALSE_WORDS):
+                out.append(prefix + key)
     return out
 
 
@@ -50,13 +55,18 @@ def join(o, argv, environ):
     from hpcimage.runtime.instance.start import set_instance_env
     name = o.image[len(PREFIX):]
     st.check_name(name)
-    words = start_words(argv)
+    words = start_words(o)
     if words:
         raise UsageError(f"{words[0]}: not for a running instance ({PREFIX}{name}); give "
                          "it to 'hpcimage instance start'")
+    ignored = start_variables(environ)
+    if ignored:         # the options again, without them: the instance has its own
+        from hpcimage.runtime.options import parse
+        o = parse(argv, {k: v for k, v in environ.items() if k not in ignored})
+        o.warnings.append(f"{', '.join(ignored)}: not for a running instance "
+                          f"({PREFIX}{name}), ignored (options of 'instance start')")
     data = st.find(name, st.base_dir(environ=environ))
     o.image = data["image"]
-    o.binds = []        # a variable's binds (APPTAINER_BIND): the instance has its own
     r = request.resolve(o, environ)
     p = launch.plan(r)
     head, tail = launch.split(p, Chdir)
@@ -66,6 +76,7 @@ def join(o, argv, environ):
     init = int(data["init"])
     if o.dry_run:
         import sys
+        tail.warnings = p.warnings
         sys.stdout.write(f"join {PREFIX}{name}  # setns into PID {init}'s user, ipc, uts, "
                          "mnt and pid namespaces\n" + tail.describe())
         return 0

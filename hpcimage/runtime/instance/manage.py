@@ -74,12 +74,18 @@ def list_text(insts, logs=False):
     for d in insts:
         rows.append((d["name"], str(d["init"]), d.get("started_text", ""), status(d),
                      d["image"]))
-    w = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(r[i].ljust(w[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    lines = table(rows)
     if logs:
         lines = [lines[0]] + [f"{ln}\n    stdout: {d['stdout']}\n    stderr: {d['stderr']}"
                               for ln, d in zip(lines[1:], insts)]
     return "\n".join(x.rstrip() for x in lines) + "\n"
+
+
+def table(rows):
+    """rows (tuples of str, the header first) as lines, each column padded to its widest
+    cell, two spaces apart; the last column unpadded (`list` and `stats`)."""
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([c.ljust(n) for c, n in zip(r, w)] + [r[-1]]).rstrip() for r in rows]
 
 
 def list_json(insts):
@@ -190,9 +196,10 @@ def stats(name, as_json=False):
         return json.dumps(dict(total, detail=rows), indent=4) + "\n"
     mib = total["memory_rss"] / 2**20
     pct = 100.0 * total["memory_rss"] / total["memory_total"]
-    return ("INSTANCE NAME  PID  PROCESSES  CPU %  CPU TIME  MEM USAGE  MEM %\n"
-            f"{name}  {d['init']}  {total['processes']}  {total['cpu_percent']:.1f}  "
-            f"{total['cpu_seconds']:.2f}s  {mib:.1f}MiB  {pct:.2f}\n")
+    rows = [("INSTANCE NAME", "PID", "PROCESSES", "CPU %", "CPU TIME", "MEM USAGE", "MEM %"),
+            (name, str(d["init"]), str(total["processes"]), f"{total['cpu_percent']:.1f}",
+             f"{total['cpu_seconds']:.2f}s", f"{mib:.1f}MiB", f"{pct:.2f}")]
+    return "\n".join(table(rows)) + "\n"
 
 
 def logs(name):
