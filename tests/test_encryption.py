@@ -346,6 +346,119 @@ def test_build_from_encrypted_source_refused(user, built, userdir):
     assert r.returncode == 2 and "encrypted" in r.stderr
 
 
+def test_encrypted_sif_refused_by_overlay_create_and_data_binds(user, built, userdir):
+    """Both kinds (passphrase: no crypto message; PEM) are encrypted for every check."""
+    for kind in ("pw", "pem"):
+        enc = userdir / f"{kind}.sif"
+        shutil.copy(built[kind], enc)
+        os.chown(enc, user.uid, user.gid)
+        before = enc.read_bytes()
+        r = user.run(cli_argv("overlay", "create", str(enc)), cwd=str(userdir))
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"hpcimage: error: overlay create: {enc} is an encrypted SIF: hpcimage cannot "
+            "add an overlay partition to it"], r.stderr
+        assert enc.read_bytes() == before
+        r = run(user, built, "-B", f"{enc}:/d:image-src=/", built["pw"], "true",
+                env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS})
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"{enc} is an encrypted SIF: it cannot be bound as data" in r.stderr
+    assert_clean(user)
+
+
+def test_build_key_order_is_apptainers(user, built, demo_sqfs, userdir):
+    """--pem-path, --passphrase, the PEM variable, the passphrase variable."""
+    both = {"APPTAINER_ENCRYPTION_PEM_PATH": built["rsa_pub.pem"],
+            "APPTAINER_ENCRYPTION_PASSPHRASE": PASS}
+    out = userdir / "x.sif"
+    r = user.run(cli_argv("build", "-e", str(out), str(demo_sqfs)), env=both, cwd=str(userdir))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("(sif, encrypted: pem) from "
+                                                      + str(demo_sqfs))
+    r = user.run(cli_argv("sif", "list", str(out)))
+    assert "Cryptographic Message" in r.stdout
+    r = run(user, built, "--pem-path", built["rsa_pri.pem"], str(out), "cat", "/etc/os-release")
+    assert r.returncode == 0 and "hpcimage Demo" in r.stdout, r.stderr
+    from hpcimage.imagebuild import crypt
+    key = crypt.build_key(False, True, None, both, print)
+    assert key.kind == "pem"
+    key = crypt.build_key(False, False, built["rsa_pub.pem"], both, print)
+    assert key.kind == "pem"
+    key = crypt.build_key(False, True, None, {"APPTAINER_ENCRYPTION_PASSPHRASE": PASS}, print)
+    assert key.kind == "passphrase"
+    assert_clean(user)
+
+
+def test_build_refuses_an_encrypted_source_before_any_warning(user, built, userdir):
+    r = user.run(cli_argv("build", str(userdir / "y.sif"), built["pw"]),
+                 env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS}, cwd=str(userdir))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"hpcimage: error: {built['pw']}: an encrypted image (gocryptfs): it runs with its "
+        "key but cannot be converted or used as a build source"], r.stderr
+    assert os.listdir(userdir) == []
+
+
+def _start_encrypted_build(user, userdir, source, out="k.sif"):
+    """A build --encrypt of source, and the moment its work directory appears."""
+    p = user.popen(cli_argv("build", "--encrypt", str(userdir / out), str(source)),
+                   env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS}, cwd=str(userdir),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(n.startswith(".hpcimage-encrypt-") for n in os.listdir(userdir)):
+        assert p.poll() is None and time.monotonic() < deadline, "the build ended first"
+        time.sleep(0.002)
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_build_stopped_by_sigterm_leaves_nothing(user, userdir, debian_sqfs, sig):
+    """timeout and scancel send SIGTERM: the unencrypted image must not stay behind."""
+    p = _start_encrypted_build(user, userdir, debian_sqfs)
+    time.sleep(0.1)
+    os.kill(p.pid, sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig, err
+    assert f"build stopped by {signal.Signals(sig).name}" in err
+    assert os.listdir(userdir) == []
+
+
+def test_build_killed_by_sigkill_is_swept_by_the_next(user, userdir, debian_sqfs, demo_sqfs):
+    """SIGKILL cannot be handled: what it leaves goes at the next encrypted build there,
+    and the plain image is unlinked as soon as it is built."""
+    p = _start_encrypted_build(user, userdir, debian_sqfs)
+    time.sleep(0.1)
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=60)
+    left = [n for n in os.listdir(userdir) if n.startswith(".hpcimage-encrypt-")]
+    assert left
+    r = user.run(cli_argv("build", "--encrypt", str(userdir / "n.sif"), str(demo_sqfs)),
+                 env={"APPTAINER_ENCRYPTION_PASSPHRASE": PASS}, cwd=str(userdir))
+    assert r.returncode == 0, r.stderr
+    assert f"removed {userdir}/{left[0]}, left by an encrypted build (pid {p.pid})" in r.stderr
+    assert [n for n in os.listdir(userdir) if n.startswith(".hpcimage-encrypt-")] == []
+
+
+def test_plain_image_is_unlinked_while_encrypting(user, userdir, debian_sqfs):
+    """While the encryption runs, no plain.sif is in the work directory."""
+    p = _start_encrypted_build(user, userdir, debian_sqfs)
+    seen = []
+    try:
+        while p.poll() is None:
+            for n in os.listdir(userdir):
+                if n.startswith(".hpcimage-encrypt-"):
+                    try:
+                        names = os.listdir(userdir / n)
+                    except OSError:
+                        continue
+                    if any(x.startswith(("squashfs-", ".hpcimage-outer")) or
+                           x.startswith("hpcimage-encrypt-") for x in names):
+                        seen.append(names)
+            time.sleep(0.005)
+    finally:
+        p.communicate(timeout=120)
+    assert p.returncode == 0
+    assert seen and not any("plain.sif" in names for names in seen), seen
+
+
 # ------------------------------------------------------------------ the store
 
 from test_store import Store, store  # noqa: E402,F401  (the store fixture)

@@ -153,6 +153,19 @@ def test_overlay_create_refuses_signed_and_encrypted_sif(user, userdir, sif_copy
     one_line_error(create(user, "e.sif", cwd=userdir), 2, "you cannot write this SIF image")
 
 
+def test_overlay_create_refuses_a_gocryptfs_encrypted_sif(user, userdir, sif_copy):
+    """The passphrase kind (fs type 6, no crypto message) is encrypted too: an overlay
+    partition would take the container's writes in clear."""
+    extra = struct.calcsize("<i?III7q128s")
+    _patch_descriptor(sif_copy, lambda d: d.is_primary_partition,
+                      lambda f, off: (f.seek(off + extra),
+                                      f.write(struct.pack("<i", sif.FS_GOCRYPTFS_SQUASH))))
+    before = sif_copy.read_bytes()
+    one_line_error(create(user, "d.sif", cwd=userdir), 2,
+                   "overlay create: d.sif is an encrypted SIF")
+    assert sif_copy.read_bytes() == before
+
+
 # ------------------------------------------------------- site.yaml personal_overlay
 
 def _site(userdir, demo_sqfs, overlay):

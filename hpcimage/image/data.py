@@ -68,9 +68,12 @@ def locate(path, part_id=None, spec=""):
     else:
         d = next((d for d in img.descriptors if d.data_type == sif.DATA_PARTITION
                   and d.parttype == sif.PART_DATA), None)
-        if d is None:
-            raise UsageError(f"{what}no data partition found in {path} (id=N names "
-                             "another partition)")
+    if (d is None or sif.encrypted_partition(d)) and sif.encrypted(img):
+        raise UsageError(f"{what}{path} is an encrypted SIF: it cannot be bound as data "
+                         "(its partition is only readable with its key, at run time)")
+    if d is None:
+        raise UsageError(f"{what}no data partition found in {path} (id=N names "
+                         "another partition)")
     kinds = {sif.FS_SQUASH: "squashfs", sif.FS_EXT3: "ext3"}
     if d.fstype not in kinds:
         raise UsageError(f"{what}partition {d.id} of {path} is {d.fstype_name}: only "

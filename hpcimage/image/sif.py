@@ -461,6 +461,10 @@ def is_sif(path):
         return False
 
 
+ENCRYPTED_SOURCE = ("{path}: an encrypted image (gocryptfs): it runs with its key but "
+                    "cannot be converted or used as a build source")
+
+
 def primary_squashfs(path, with_arch=False):
     """(offset, size) of the SquashFS primary system partition of the SIF at `path`;
     with_arch: (offset, size, arch, crypt), arch the Go name of what the partition
@@ -476,8 +480,7 @@ def primary_squashfs(path, with_arch=False):
         arch = d.arch_name if d.arch_name != "unknown" else img.header.arch_name
         return (*_primary_squashfs_of(img, d), arch, encryption(img, d))
     if d.fstype == FS_GOCRYPTFS_SQUASH:
-        raise UsageError(f"{img.path}: an encrypted image (gocryptfs): it runs with its key "
-                         "but cannot be converted or used as a build source")
+        raise UsageError(ENCRYPTED_SOURCE.format(path=img.path))
     return _primary_squashfs_of(img, d)
 
 
@@ -960,11 +963,27 @@ def signed(img):
     return [d for d in img.descriptors if d.data_type == DATA_SIGNATURE]
 
 
+ENCRYPTED_FSTYPES = (FS_ENCRYPTED_SQUASH, FS_GOCRYPTFS_SQUASH)
+
+
+def encrypted_partition(d):
+    """True if descriptor d is an encrypted partition: the dm-crypt kind (Encrypted
+    squashfs) or the gocryptfs kind (Gocryptfs squashfs, passphrase or PEM)."""
+    return d.data_type == DATA_PARTITION and d.fstype in ENCRYPTED_FSTYPES
+
+
 def encrypted(img):
-    """The encrypted partitions of img (Encrypted squashfs) and its crypto messages."""
+    """The encrypted partitions of img (both kinds: encrypted_partition) and its
+    crypto messages; empty for an image that is not encrypted. The one answer to
+    "is this SIF encrypted" (overlay create, data binds, build sources)."""
     return [d for d in img.descriptors
-            if (d.data_type == DATA_PARTITION and d.fstype == FS_ENCRYPTED_SQUASH)
-            or d.data_type == DATA_CRYPTO_MESSAGE]
+            if encrypted_partition(d) or d.data_type == DATA_CRYPTO_MESSAGE]
+
+
+def refuse_encrypted_source(path):
+    """UsageError (exit 2) if path is an encrypted SIF: it cannot be a build source."""
+    if is_sif(path) and encrypted(SifImage.open(path)):
+        raise UsageError(ENCRYPTED_SOURCE.format(path=path))
 
 
 def append_partition(path, part_path, fstype, parttype, arch=None):

@@ -15,6 +15,9 @@ def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbos
     passphrase/encrypt/pem_path: an encrypted SIF (imagebuild.crypt)."""
     import os
     from hpcimage.imagebuild import crypt
+    if source and not say:
+        from hpcimage.image import sif
+        sif.refuse_encrypted_source(source)     # before any warning about the key
     key = None if say else crypt.build_key(passphrase, encrypt, pem_path, os.environ,
                                            lambda m: _echo(f"hpcimage: warning: {m}"))
     if key is not None:
@@ -26,7 +29,8 @@ def run(sandbox, force, notest, build_args, all_, site_path, out, source, verbos
         convert.check_out(os.path.abspath(out), force)
         crypt.encrypted_build(out, lambda plain: run(
             sandbox, False, notest, build_args, all_, site_path, plain, source, verbose,
-            warn_unused, say=lambda *a: None), key)
+            warn_unused, say=lambda *a: None), key,
+            lambda m: _echo(f"hpcimage: note: {m}"))
         _echo(f"hpcimage: built {out} (sif, encrypted: {key.kind}) from {source}")
         return
     from hpcimage.imagebuild import convert

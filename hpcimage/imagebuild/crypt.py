@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 from hpcimage import fsutil
@@ -223,9 +224,10 @@ PEM_VARS = ("HPCIMAGE_ENCRYPTION_PEM_PATH", "APPTAINER_ENCRYPTION_PEM_PATH",
 
 
 def build_key(passphrase, encrypt, pem_path, environ, warn):
-    """The Key `hpcimage build` encrypts with, or None (as Apptainer's build: --pem-path
-    FILE, --passphrase (asked on the terminal; without one, the variable), -e/--encrypt
-    (the *_ENCRYPTION_PEM_PATH, then the *_ENCRYPTION_PASSPHRASE variable)); the
+    """The Key `hpcimage build` encrypts with, or None. Apptainer's order
+    (cmd/internal/cli/build_linux.go getEncryptionMaterial): the --pem-path flag, the
+    --passphrase flag (asked on the terminal; without one, the passphrase variable),
+    the *_ENCRYPTION_PEM_PATH variable, the *_ENCRYPTION_PASSPHRASE variable. The
     public key is checked here, before the build."""
     var = next((v for v in PASSPHRASE_VARS if environ.get(v)), None)
     pem_var = next((v for v in PEM_VARS if environ.get(v)), None)
@@ -235,7 +237,7 @@ def build_key(passphrase, encrypt, pem_path, environ, warn):
         return None
     if passphrase and pem_path:
         raise UsageError("--passphrase and --pem-path: choose one")
-    if pem_path or (encrypt and not passphrase and pem_var and not var):
+    if pem_path or (not passphrase and pem_var):
         path = pem_path or environ[pem_var]
         load_public_pem(path)
         return Key("pem", path=os.path.abspath(path))
@@ -253,25 +255,101 @@ def build_key(passphrase, encrypt, pem_path, environ, warn):
     return Key("passphrase", environ[var].encode())
 
 
-def encrypted_build(out, build, key):
-    """Run build(plain_out) to a plain SIF in a private (0700) directory beside out,
-    then write out, encrypted with key, and remove the plain one."""
+WORK_PREFIX = ".hpcimage-encrypt-"
+HANDLED = ("SIGTERM", "SIGHUP")     # what timeout, scancel and a closed terminal send
+
+
+def encrypted_build(out, build, key, warn=None):
+    """Run build(plain_out) to a plain SIF in a private (0700) work directory beside
+    out, then write out, encrypted with key; the work directory goes in every case.
+
+    The plain SIF never outlives the build where the process can help it: SIGTERM and
+    SIGHUP remove the work directory and exit 128+N (as Ctrl-C does, 130); once built,
+    the plain SIF is unlinked and encrypted from its open descriptor, so a SIGKILL
+    from then on leaves no clear image. A SIGKILL during the plain build leaves the
+    work directory, named after this host and pid: the next encrypted build beside
+    it removes those whose process is gone (sweep_stale), with a note."""
+    import signal
+    parent = os.path.dirname(os.path.abspath(out))
+    sweep_stale(parent, warn)
     try:
-        d = tempfile.mkdtemp(prefix=".hpcimage-encrypt-",
-                             dir=os.path.dirname(os.path.abspath(out)))
+        d = tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{_host()}-{os.getpid()}-", dir=parent)
     except OSError as e:
         raise HpcimageError(f"{out}: cannot write beside it: {e.strerror}") from None
+
+    def stop(signum, frame):
+        raise _Killed(signum)
+
+    old = {}
+    for name in HANDLED:
+        n = getattr(signal, name)
+        old[n] = signal.signal(n, stop)
     try:
         plain = os.path.join(d, "plain.sif")
         kind = build(plain)
+        fd = os.open(plain, os.O_RDONLY)
         try:
-            encrypt_image(plain, out, key, tmpdir=d)
-        except OSError as e:
-            raise HpcimageError(f"{out}: cannot write the encrypted image: "
-                                f"{e.strerror or e}") from None
+            os.unlink(plain)        # from here on only this descriptor holds it
+            try:
+                encrypt_image(f"/proc/self/fd/{fd}", out, key, tmpdir=d)
+            except OSError as e:
+                raise HpcimageError(f"{out}: cannot write the encrypted image: "
+                                    f"{e.strerror or e}") from None
+        finally:
+            os.close(fd)
         return kind
-    finally:
+    except _Killed as k:
         shutil.rmtree(d, ignore_errors=True)
+        d = None
+        name = signal.Signals(k.signum).name
+        sys.stderr.write(f"hpcimage: build stopped by {name}: the unencrypted image and "
+                         f"the temporary files are removed, {out} is not written\n")
+        raise SystemExit(128 + k.signum) from None
+    finally:
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+        for n, h in old.items():
+            signal.signal(n, h)
+
+
+class _Killed(BaseException):
+    """SIGTERM/SIGHUP during an encrypted build (not an Exception: nothing on the way
+    may swallow it; the finally clauses on the way clean up)."""
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _host():
+    import socket
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in socket.gethostname())
+
+
+def sweep_stale(parent, warn=None):
+    """Remove the work directories in parent that an encrypted build on this host left
+    when it was killed with SIGKILL (its pid no longer runs); warn(message) for each."""
+    prefix = f"{WORK_PREFIX}{_host()}-"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        path = os.path.join(parent, name)
+        try:
+            if not pid.isdigit() or os.lstat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+            continue                # still running (or a pid reused: left alone)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if warn and not os.path.exists(path):
+            warn(f"removed {path}, left by an encrypted build (pid {pid}) that was killed")
 
 
 def outer_squashfs(image, out_path, password, tmpdir):
