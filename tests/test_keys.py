@@ -425,3 +425,10 @@ def test_sign_with_a_passphrase_protected_key(user, home, made):
     r = sign({"HPCIMAGE_SIGN_PASSPHRASE": "s3cret"})
     assert r.returncode == 0, r.stderr
     assert img.read_bytes() != before
+    # On a terminal the passphrase is asked for (not echoed), as Apptainer does.
+    signed = img.read_bytes()
+    rc, tty = _interactive(user, cli_argv("sign", str(img)), {"HOME": str(home)}, home,
+                           [("Enter key passphrase :", "s3cret")])
+    assert rc == 0, tty
+    assert "s3cret" not in tty and f"Signature created and applied to {img}" in tty
+    assert len(img.read_bytes()) > len(signed)
