@@ -389,3 +389,46 @@ def test_hkp_urls_and_index_format():
     assert "[revoked]" in text and "RSA" in text and "unknown" in text
     with pytest.raises(Exception, match="announces 3"):
         hkp.format_index(mr.replace("info:1:2", "info:1:3"))
+
+
+def test_newpair_checks_everything_before_the_progress_line(user, userdir):
+    r = key(user, userdir, "newpair", "-N", "x", "-P", "", "-b", "512")
+    one_line_error(r, 2, "--bit-length 512: RSA keys of 1024 to 4096 bits")
+    assert r.stdout == ""
+    r = key(user, userdir, "newpair", "-N", "a<b", "-P", "")
+    one_line_error(r, 2, "may not contain")
+    assert r.stdout == ""
+
+
+def test_sign_with_a_passphrase_protected_key(user, home, made):
+    """The made key has the passphrase "s3cret": none, or a wrong one, is bad input
+    (exit 2) in one line naming the key, with no temporary path in it."""
+    from conftest import TESTDATA
+    img = home / "s.sif"
+    shutil.copy(TESTDATA / "sif" / "images" / "one-group.sif", img)
+    os.chown(img, user.uid, user.gid)
+    img.chmod(0o644)
+    before = img.read_bytes()
+
+    def sign(env=None):
+        e = {"HOME": str(home)}
+        e.update(env or {})
+        return user.run(cli_argv("sign", "-k", "0", str(img)), env=e, cwd=str(home))
+
+    r = sign()
+    one_line_error(r, 2, f"the key {made[1]} is protected by a passphrase: set "
+                   "HPCIMAGE_SIGN_PASSPHRASE")
+    assert "/tmp" not in r.stderr and "--digest-algo" not in r.stderr
+    r = sign({"HPCIMAGE_SIGN_PASSPHRASE": "wrong"})
+    one_line_error(r, 2, f"wrong passphrase for key {made[1]}")
+    assert img.read_bytes() == before
+    r = sign({"HPCIMAGE_SIGN_PASSPHRASE": "s3cret"})
+    assert r.returncode == 0, r.stderr
+    assert img.read_bytes() != before
+    # On a terminal the passphrase is asked for (not echoed), as Apptainer does.
+    signed = img.read_bytes()
+    rc, tty = _interactive(user, cli_argv("sign", str(img)), {"HOME": str(home)}, home,
+                           [("Enter key passphrase :", "s3cret")])
+    assert rc == 0, tty
+    assert "s3cret" not in tty and f"Signature created and applied to {img}" in tty
+    assert len(img.read_bytes()) > len(signed)

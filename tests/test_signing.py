@@ -3,12 +3,13 @@ signing hpcimage-built SIFs with PGP and DSSE keys, the atomic append."""
 import json
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import TESTDATA, cli_argv
+from conftest import PY, TESTDATA, cli_argv
 
 SIFDATA = TESTDATA / "sif"
 IMAGES, KEYS = SIFDATA / "images", SIFDATA / "keys"
@@ -235,6 +236,7 @@ def test_sign_is_atomic_and_errors(user, userdir, rings):
     img = userdir / "g.sif"
     shutil.copy(IMAGES / "one-group.sif", img)
     os.chown(img, user.uid, user.gid)
+    img.chmod(0o644)
     before = img.read_bytes()
     env = {"HPCIMAGE_KEYSDIR": str(userdir / "none"), "APPTAINER_KEYSDIR": str(userdir / "no")}
     r = hpcimage(user, "sign", img, env=env)
@@ -266,3 +268,80 @@ def test_has_signatures():
     from hpcimage.image import sif
     assert sif.has_signatures(IMAGES / "one-group-signed-pgp.sif")
     assert not sif.has_signatures(IMAGES / "one-group.sif")
+
+
+def _other_keyring(userdir):
+    """A public keyring with another key than the corpus's (readable by the user)."""
+    home = userdir / "g"
+    home.mkdir(mode=0o700)
+    subprocess.run(["gpg", "--homedir", home, "--batch", "--quiet", "--pinentry-mode",
+                    "loopback", "--passphrase", "", "--quick-gen-key", "Other <o@x>",
+                    "ed25519", "sign", "never"], check=True)
+    other = userdir / "other.gpg"
+    other.write_bytes(subprocess.run(["gpg", "--homedir", home, "--export"],
+                                     capture_output=True, check=True).stdout)
+    other.chmod(0o644)
+    return other
+
+
+def test_a_read_only_image_is_not_changed(user, userdir):
+    """As Apptainer, which opens the image for writing: a SIF the user may not write is
+    refused even where the directory is writable (sign, and the partition append)."""
+    img = userdir / "ro.sif"
+    shutil.copy(IMAGES / "one-group.sif", img)
+    os.chown(img, user.uid, user.gid)
+    img.chmod(0o444)
+    before = img.read_bytes()
+    r = hpcimage(user, "sign", "--key", KEYS / "ed25519-private.pem", img)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{img}: cannot open for writing: Permission denied" in r.stderr
+    assert r.stdout == f"Signing image: {img}\n"
+    part = userdir / "part"
+    part.write_bytes(b"x" * 4096)
+    part.chmod(0o644)
+    code = ("import sys\nfrom hpcimage.errors import HpcimageError\n"
+            "from hpcimage.image import sif\n"
+            "try:\n    sif.append_partition(sys.argv[1], sys.argv[2], sif.FS_EXT3, "
+            "sif.PART_OVERLAY)\nexcept HpcimageError as e:\n    print(e.status, e)\n")
+    r = user.run([PY, "-I", "-c", code, str(img), str(part)])
+    assert r.stdout == f"1 {img}: cannot open for writing: Permission denied\n", r.stderr
+    assert img.read_bytes() == before and sorted(os.listdir(userdir)) == ["part", "ro.sif"]
+    assert stat.S_IMODE(img.stat().st_mode) == 0o444
+
+
+def test_verify_an_ungrouped_object(user):
+    """-i of the signature object itself (in no group): the object is named
+    (Apptainer: "signature not found", its search in group 0)."""
+    r = hpcimage(user, "verify", "--key", KEYS / "ed25519-public.pem", "-i", 3,
+                 IMAGES / "one-group-signed-dsse.sif")
+    assert r.returncode == 1
+    assert r.stderr == ("hpcimage: error: Failed to verify container: integrity: "
+                        "signature not found for object 3\n")
+
+
+def test_verify_keyring_without_keys_is_refused(user, userdir):
+    text = userdir / "notes.txt"
+    text.write_text("not a key\n")
+    text.chmod(0o644)
+    for ring, why in ((text, "no OpenPGP data (neither binary nor ASCII-armoured keys)"),
+                      ("/dev/null", "no OpenPGP data (no key in it)")):
+        r = hpcimage(user, "verify", "--keyring", ring, IMAGES / "one-group-signed-pgp.sif")
+        assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+        assert r.stderr == f"hpcimage: error: {ring}: {why}\n"
+
+
+def test_policy_reason_is_the_matching_kinds(userdir):
+    """signing: keyring and pem_keys both set, a PGP signature by a key the keyring
+    lacks: the keyring's reason, not the PEM key's "not a DSSE signature"."""
+    from hpcimage.signing import trust
+    other = _other_keyring(userdir)
+    rec = trust.record(IMAGES / "one-group-signed-pgp.sif",
+                       {"keyring": str(other), "pem_keys": [str(KEYS / "rsa-public.pem")]})
+    assert not rec["verified"]
+    assert "openpgp: signature made by unknown entity" in rec["reason"], rec
+    assert "DSSE" not in rec["reason"]
+    rec = trust.record(IMAGES / "one-group-signed-dsse.sif",
+                       {"keyring": str(other), "pem_keys": [str(KEYS / "ecdsa-public.pem")]})
+    assert "dsse: verify envelope failed" in rec["reason"] and "PGP" not in rec["reason"]
+    rec = trust.record(IMAGES / "one-group-signed-dsse.sif", {"keyring": str(other)})
+    assert rec["reason"] == "signed with DSSE (pem_keys): the site names no key of that kind"

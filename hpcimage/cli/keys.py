@@ -46,6 +46,7 @@ def newpair(name, email, comment, password, bits, push, keysdir):
     """Create a new key pair. A value not given as an option is asked for on a
     terminal; without a terminal -N (or -E) and -P are needed."""
     from hpcimage.signing import keyring
+    keyring.check_bits(bits)            # before asking anything
     if not _tty():
         missing = ["-N/--name or -E/--email"] if name is None and email is None else []
         missing += ["-P/--password"] if password is None else []
@@ -65,6 +66,7 @@ def newpair(name, email, comment, password, bits, push, keysdir):
             show_default=False, prompt_suffix=": ")
     if password is None:
         password = _ask_password()
+    keyring.check_newpair(name, email, comment, bits)   # before the progress line
     click.echo("Generating Entity and OpenPGP Key Pair... ", nl=False)
     try:
         pk = keyring.newpair(name, email, comment, password, bits, _keysdir(keysdir))

@@ -30,6 +30,7 @@ def verify(key, keyrings, group, object_id, all_objects, as_json, legacy, local,
     from hpcimage.signing import verify as v
     if key and keyrings:
         raise click.UsageError("--key and --keyring exclude each other (DSSE or PGP)")
+    v.check_keyrings(keyrings)          # before any output
     if as_json:
         entries, count = [], []
         err = None

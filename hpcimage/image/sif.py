@@ -546,6 +546,16 @@ def _open_regular(path):
     return fd
 
 
+def require_writable(path):
+    """Refuse (exit 1) to change the SIF at PATH unless the user may open it for
+    writing, as Apptainer, which opens it read-write, does: the atomic copy and rename
+    of append_object/append_partition would need only the directory's permission."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK))
+    except OSError as e:
+        raise HpcimageError(f"{path}: cannot open for writing: {e.strerror}") from None
+
+
 def _pread_exact(fd, n, offset, path, what):
     data = b""
     while len(data) < n:
@@ -1010,6 +1020,11 @@ def append_partition(path, part_path, fstype, parttype, arch=None):
         raise UsageError(f"unknown architecture {arch!r}")
     fd = _open_regular(path)
     try:
+        require_writable(path)
+    except HpcimageError:
+        os.close(fd)
+        raise
+    try:
         used = {d.index for d in img.descriptors}
         slot = next(i for i in range(h.descriptors_total) if i not in used)
         new_id = max((d.id for d in img.descriptors), default=0) + 1
@@ -1071,6 +1086,11 @@ def append_object(path, data_type, data, extra=b"", link=0, link_group=False, gr
         raise UsageError(f"{path}: no free descriptor left to add an object "
                          f"(all {h.descriptors_total} used)")
     fd = _open_regular(path)
+    try:
+        require_writable(path)
+    except HpcimageError:
+        os.close(fd)
+        raise
     try:
         raw = _pread_exact(fd, h.descriptors_total * DESCRIPTOR_SIZE, h.descriptors_offset,
                            path, "descriptor table")

@@ -573,17 +573,26 @@ def remove_key(fingerprint, public=True, private=False, use_global=False, keysdi
         raise UsageError(f"no key matching fingerprint {fp} in {where}")
 
 
-def newpair(name, email, comment, password, bits=4096, keysdir=None):
-    """`key newpair`: an RSA key pair (a signing primary key and an encryption subkey,
-    as Apptainer's) made by gpg in a private home, appended to the personal keyrings.
-    Returns the public Key."""
+def check_bits(bits):
+    if not 1024 <= bits <= 4096:
+        raise UsageError(f"--bit-length {bits}: RSA keys of 1024 to 4096 bits")
+
+
+def check_newpair(name, email, comment, bits):
+    """`key newpair`'s input checks (UsageError), all before any progress line."""
+    check_bits(bits)
     for what, v in (("name", name), ("email", email), ("comment", comment)):
         if any(c in v for c in "()<>\n\r\0"):
             raise UsageError(f"the key's {what} may not contain ( ) < > or a line break")
     if not (name or email):
         raise UsageError("a key needs a name (-N) or an email address (-E)")
-    if not 1024 <= bits <= 4096:
-        raise UsageError(f"--bit-length {bits}: RSA keys of 1024 to 4096 bits")
+
+
+def newpair(name, email, comment, password, bits=4096, keysdir=None):
+    """`key newpair`: an RSA key pair (a signing primary key and an encryption subkey,
+    as Apptainer's) made by gpg in a private home, appended to the personal keyrings.
+    Returns the public Key."""
+    check_newpair(name, email, comment, bits)
     params = ["Key-Type: RSA", f"Key-Length: {bits}", "Key-Usage: sign,cert",
               "Subkey-Type: RSA", f"Subkey-Length: {bits}", "Subkey-Usage: encrypt",
               "Expire-Date: 0"]

@@ -67,9 +67,9 @@ class PgpSigner:
         self._tmp.cleanup()
         return False
 
-    def _gpg(self, args, data=None):
+    def _gpg(self, args, what=None):
         cmd = ["gpg", "--homedir", self.home, "--batch", "--quiet", "--no-tty",
-               "--pinentry-mode", "loopback", "--passphrase-fd", "0"]
+               "--pinentry-mode", "loopback", "--passphrase-fd", "0", "--status-fd", "2"]
         # The passphrase on stdin, then (for signing) the message from a file.
         stdin = (self.passphrase or "").encode() + b"\n"
         try:
@@ -77,8 +77,20 @@ class PgpSigner:
         except FileNotFoundError:
             raise HpcimageError("gpg not found: install GnuPG to sign with PGP keys") from None
         if p.returncode != 0:
-            err = p.stderr.decode(errors="replace").strip().splitlines()
-            raise HpcimageError(f"gpg {args[0]} failed: {err[-1] if err else p.returncode}")
+            err = p.stderr.decode(errors="replace").replace(self.home + "/", "").splitlines()
+            # [GNUPG:] FAILURE <where> <code>: the low 16 bits are gpg-error's code.
+            codes = {int(ln.split()[3]) & 0xFFFF for ln in err
+                     if ln.startswith("[GNUPG:] FAILURE ") and len(ln.split()) > 3
+                     and ln.split()[3].isdigit()}
+            fpr = self.key["fpr"] if getattr(self, "key", None) else "?"
+            if _NO_PASSPHRASE in codes:
+                raise _PassphraseError(f"the key {fpr} is protected by a passphrase: set "
+                                       "HPCIMAGE_SIGN_PASSPHRASE")
+            if _BAD_PASSPHRASE in codes:
+                raise _PassphraseError(f"wrong passphrase for key {fpr}")
+            msg = [ln.removeprefix("gpg: ") for ln in err if not ln.startswith("[GNUPG:]")]
+            raise HpcimageError(f"gpg ({what or args[0]}) failed: "
+                                f"{msg[-1] if msg else p.returncode}")
         return p.stdout
 
     @property
@@ -89,8 +101,28 @@ class PgpSigner:
         msg = os.path.join(self.home, "message")
         with open(msg, "wb") as f:
             f.write(message)
-        return self._gpg(["--digest-algo", "SHA256", "--local-user", self.key["fpr"],
-                          "--output", "-", "--clearsign", msg])
+        args = ["--digest-algo", "SHA256", "--local-user", self.key["fpr"],
+                "--output", "-", "--clearsign", msg]
+        try:
+            return self._gpg(args, "clear-sign")
+        except _PassphraseError:
+            # Asked for on a terminal (no echo), as Apptainer does, once.
+            if self.passphrase or not (sys.stdin.isatty() and sys.stderr.isatty()):
+                raise
+        import getpass
+        try:
+            self.passphrase = getpass.getpass("Enter key passphrase : ", stream=sys.stderr)
+        except (EOFError, KeyboardInterrupt):
+            raise UsageError(f"the key {self.key['fpr']}: no passphrase given") from None
+        return self._gpg(args, "clear-sign")
+
+
+# gpg-error codes (gpg-error.h) reported by `gpg --status-fd` FAILURE lines.
+_BAD_PASSPHRASE, _NO_PASSPHRASE = 11, 177
+
+
+class _PassphraseError(UsageError):
+    """No passphrase, or a wrong one, for a protected secret key (exit 2)."""
 
 
 class DsseSigner:
@@ -177,6 +209,7 @@ def sign(path, key=None, keyidx=0, keyrings=None, group=None, object_id=None,
         signer = PgpSigner(files, keyidx, passphrase)
     ids = []
     with signer:
+        sif.require_writable(path)      # before a passphrase is asked for
         for gid, ods in tasks:
             img = sif.SifImage.open(path)      # the previous signature changed the file
             ods = [img.descriptor(d.id) for d in ods]

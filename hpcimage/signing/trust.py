@@ -23,24 +23,34 @@ def record(path, signing):
     if not sif.has_signatures(path):
         return {"verified": False, "signers": [], "reason": "unsigned"}
     trusted = set(signing.get("trusted") or ())
+    kinds = v.signature_kinds(sif.SifImage.open(path))
     attempts = []
     rings = [signing["keyring"]] if signing.get("keyring") else \
         [f for f in _keyring.GLOBAL_PUBLIC if os.path.isfile(f)]
     if rings:
-        attempts.append({"keyrings": rings})
-    attempts += [{"key": k} for k in signing.get("pem_keys") or ()]
+        attempts.append(("pgp", {"keyrings": rings}))
+    attempts += [("dsse", {"key": k}) for k in signing.get("pem_keys") or ()]
     if not attempts:
         return {"verified": False, "signers": [],
                 "reason": "the site names no key to verify with (signing.keyring, pem_keys)"}
-    reason = "no signature verified"
-    for kw in attempts:
+    # Only the key material of the signatures' kind(s) is tried, so that the reason
+    # is that material's (a PGP signature by an unknown key: the keyring's "unknown
+    # entity", not a PEM key's "not a DSSE signature").
+    matching = [a for a in attempts if a[0] in kinds]
+    if not matching:
+        have = " and ".join("PGP (signing.keyring)" if k == "pgp" else "DSSE (pem_keys)"
+                            for k in sorted(kinds))
+        return {"verified": False, "signers": [],
+                "reason": f"signed with {have}: the site names no key of that kind"}
+    reasons = []
+    for _, kw in matching:
         try:
             results = v.verify(path, **kw)
         except v.VerifyFailed as e:
-            reason = e.reason
+            reasons.append(e.reason)
             continue
         except HpcimageError as e:
-            reason = e.message
+            reasons.append(e.message)
             continue
         signers = sorted({r.fingerprint for r in results if r.fingerprint}
                          | {k for r in results for k in r.key_ids})
@@ -49,7 +59,8 @@ def record(path, signing):
             return {"verified": False, "signers": signers,
                     "reason": f"signed by {', '.join(foreign)}, not a signer the site trusts"}
         return {"verified": True, "signers": signers, "reason": ""}
-    return {"verified": False, "signers": [], "reason": reason}
+    return {"verified": False, "signers": [],
+            "reason": "; ".join(dict.fromkeys(reasons)) or "no signature verified"}
 
 
 def sign_with_site_key(path, signing):

@@ -75,6 +75,12 @@ def pae(payload_type, payload):
     return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
 
 
+def signature_kinds(img):
+    """The kinds of the signatures of IMG: a subset of {"pgp", "dsse"} (legacy: pgp)."""
+    return {"dsse" if dsse_envelope(img.read_object(d.id)) is not None else "pgp"
+            for d in img.descriptors if d.data_type == sif.DATA_SIGNATURE}
+
+
 # ------------------------------------------------------------------ key material
 
 class PgpKeys:
@@ -133,6 +139,25 @@ class PgpKeys:
         if "BADSIG" in kinds:
             raise IntegrityError("openpgp: invalid signature: hash tag doesn't match")
         raise IntegrityError("openpgp: signature not valid")
+
+
+def check_keyrings(files):
+    """Refuse (exit 2) a keyring file given by the user that holds no OpenPGP key, as
+    `key import` does: a text file or /dev/null is no keyring."""
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read()
+        except OSError as e:
+            raise UsageError(f"{f}: cannot read keyring: {e.strerror}") from None
+        try:
+            if data[:1] and not data[0] & 0x80:
+                data = _keyring.dearmor(data.decode("utf-8", "replace"))
+            keys = _keyring.split(data)
+        except UsageError as e:
+            raise UsageError(f"{f}: {e.message}") from None
+        if not keys:
+            raise UsageError(f"{f}: no OpenPGP data (no key in it)")
 
 
 def dearmor(data, what="keyring"):
@@ -324,6 +349,8 @@ def verify(path, key=None, keyrings=None, group=None, object_id=None, all_object
     if key is not None:
         keys = PemKey(key)
     else:
+        if keyrings:
+            check_keyrings(keyrings)
         files = keyrings if keyrings else _keyring.public_keyring_files()
         keys = PgpKeys(files)
     results = []
@@ -354,6 +381,9 @@ def verify(path, key=None, keyrings=None, group=None, object_id=None, all_object
                 _collect(img, rs, results, callback)
             for oid in objects:
                 od = img.descriptor(oid)
+                if od.group_id == 0 and not legacy:
+                    # Apptainer: "signature not found" (the search in group 0).
+                    raise IntegrityError(f"signature not found for object {oid}")
                 if legacy:
                     rs = (_check_legacy(img, s, [od], keys, oid)
                           for s in _signatures_of_object(img, oid))
