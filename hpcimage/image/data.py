@@ -81,12 +81,14 @@ def locate(path, part_id=None, spec=""):
     return DataFs(path, kinds[d.fstype], d.offset, d.size)
 
 
-def mount(fs, at, log_path, ro):
-    """Mount fs (a DataFs) at the directory at; return the FUSE daemon's pid."""
+def mount(fs, at, log_path, ro, hold=()):
+    """Mount fs (a DataFs) at the directory at; return the FUSE daemon's pid. hold: the
+    descriptors of the layer's flock(2), inherited by an ext3 daemon, so that the lock
+    lasts until fuse2fs has flushed and exited, not only as long as the container."""
     if fs.kind == "squashfs":
         from hpcimage.image import Image, squashfs
         return squashfs.mount(Image(fs.path, "squashfs", fs.offset, fs.size), at, log_path)
-    return _mount_ext3(fs, at, log_path, ro)
+    return _mount_ext3(fs, at, log_path, ro, hold)
 
 
 def _find(prog):
@@ -97,7 +99,7 @@ def _find(prog):
     raise HpcimageError("fuse2fs not found: install fuse2fs to bind from ext3 images", 1)
 
 
-def _mount_ext3(fs, at, log_path, ro):
+def _mount_ext3(fs, at, log_path, ro, hold=()):
     """fuse2fs in the foreground, a child that dies with the launcher: libfuse 2 mounts
     by itself, so it gets CAP_SYS_ADMIN of the launcher's user namespace as an ambient
     capability (nothing on the host). Waits until the mount is there."""
@@ -105,11 +107,17 @@ def _mount_ext3(fs, at, log_path, ro):
     opts = ["ro" if ro else "rw", "fakeroot"]
     if fs.offset:
         opts.append(f"offset={fs.offset}")
-    keep = []
+    keep = list(hold)
     path = spawn.hand_over(fs.path, keep)
-    argv = [prog, path, at, "-f", "-o", ",".join(opts)]
+    # -s: one thread. At exit libfuse 2 cancels its worker threads, and glibc then loads
+    # libgcc_s.so.1 by path, which after pivot_root is the container's: fuse2fs aborts
+    # before it flushes (SIGABRT, the superblock left "not clean", last writes lost).
+    argv = [prog, path, at, "-f", "-s", "-o", ",".join(opts)]
     before = os.stat(at).st_dev
-    pid = spawn.spawn_daemon(prog, argv, log_path, keep, (syscalls.CAP_SYS_ADMIN,))
+    # SIGHUP when the container ends: fuse2fs flushes libext2fs's cache and marks the
+    # file system clean (SIGKILL lost the last writes of a run now and then)
+    pid = spawn.spawn_daemon(prog, argv, log_path, keep, (syscalls.CAP_SYS_ADMIN,),
+                             deathsig=spawn.signal.SIGHUP)
     try:
         status = spawn.wait_mounted(pid, at, before, 30)
     except TimeoutError:

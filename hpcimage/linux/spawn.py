@@ -19,13 +19,18 @@ def hand_over(path, keep):
     return path
 
 
-def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=(), own_mounts=False):
+def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=(), own_mounts=False,
+                 deathsig=signal.SIGKILL):
     """Fork and exec prog with argv as a helper daemon (see the module); its stderr
     goes to log_path (created 0600, truncated). keep: descriptors it inherits at their
     numbers; ambient_caps: capabilities of the current user namespace it keeps across
     exec (syscalls.CAP_*: a libfuse 2 daemon that mounts by itself); own_mounts: a mount namespace of its own (a copy of the launcher's), so
     that the launcher's pivot_root does not move its root (a daemon that reaches its
-    layers by path, fuse-overlayfs, would reach them through its own mount). Returns
+    layers by path, fuse-overlayfs, would reach them through its own mount). deathsig:
+    the signal it gets when the launcher (then the command it became) exits; a daemon
+    that must flush what it holds (fuse2fs: libext2fs's cache, the superblock's clean
+    flag) gets SIGHUP, left at its default so that libfuse's handler ends its loop and
+    unmounts cleanly (no job sends SIGHUP to a daemon in a session of its own). Returns
     its pid;
     a failed exec exits 127 (the caller reads the log and the status)."""
     parent = os.getpid()
@@ -33,7 +38,7 @@ def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=(), own_mounts=Fals
     pid = os.fork()
     if pid == 0:
         try:
-            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+            syscalls.prctl(syscalls.PR_SET_PDEATHSIG, deathsig)
             if os.getppid() != parent:          # the launcher died before the prctl
                 os._exit(1)
             if own_mounts:
@@ -53,6 +58,8 @@ def spawn_daemon(prog, argv, log_path, keep=(), ambient_caps=(), own_mounts=Fals
             os.chdir("/")
             os.setsid()
             procstate.helper_signals()
+            if deathsig != signal.SIGKILL:
+                signal.signal(deathsig, signal.SIG_DFL)
             os.execv(prog, argv)
         except BaseException:
             pass

@@ -29,6 +29,28 @@ FUSE_OVERLAYFS = "fuse-overlayfs"
 ST_RDONLY = 1
 
 
+def _flock_soon(fd, mode, wait=3.0):
+    """flock(fd, mode) without blocking, tried again for up to wait seconds: the
+    container before this one may have exited a moment ago while its ext3 daemon, which
+    holds the lock until it has flushed (data.mount's hold), still writes. Raises
+    BlockingIOError when the lock stays taken (another container runs)."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    import time
+    deadline = time.monotonic() + wait
+    while True:
+        time.sleep(0.02)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+
+
 def _lock(layer, path):
     """flock the layer's directory or file (exclusive when writable, shared when
     read-only); the fd, or None for a layer that needs none."""
@@ -41,7 +63,7 @@ def _lock(layer, path):
         raise HpcimageError(f"overlay {layer.spec}: cannot open {layer.path}: "
                             f"{e.strerror}", 2) from None
     try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if layer.writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        _flock_soon(fd, fcntl.LOCK_EX if layer.writable else fcntl.LOCK_SH)
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -73,7 +95,8 @@ def mount_layer(layer, at, path, prog, state):
     else:
         from hpcimage.image import data
         fs = data.DataFs(path, kind, layer.offset, layer.size)
-        state.data_pids.append(data.mount(fs, at, at + ".log", not layer.writable))
+        state.data_pids.append(data.mount(fs, at, at + ".log", not layer.writable,
+                                          () if fd is None else (fd,)))
     if layer.writable:
         for d, mode in (("upper", 0o755), ("work", 0o700)):
             try:
