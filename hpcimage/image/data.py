@@ -13,6 +13,7 @@ from hpcimage.linux import spawn, syscalls
 
 EXT_MAGIC_OFFSET = 1080     # the superblock (at 1024) + 56: s_magic
 EXT_MAGIC = b"\x53\xef"
+EXT_STATE_OFFSET = 1082     # + 58: s_state; bit 0 (EXT2_VALID_FS): unmounted cleanly
 
 FUSE2FS = "fuse2fs"
 
@@ -107,6 +108,10 @@ def _mount_ext3(fs, at, log_path, ro, hold=()):
     opts = ["ro" if ro else "rw", "fakeroot"]
     if fs.offset:
         opts.append(f"offset={fs.offset}")
+    if not ro and not _clean(fs):
+        os.write(2, f"hpcimage: warning: {fs.path} was not unmounted cleanly (a container "
+                    f"that wrote it was killed): if anything looks wrong, check it with "
+                    f"'e2fsck -f {fs.path}' while no container uses it\n".encode())
     keep = list(hold)
     path = spawn.hand_over(fs.path, keep)
     # -s: one thread. At exit libfuse 2 cancels its worker threads, and glibc then loads
@@ -125,6 +130,20 @@ def _mount_ext3(fs, at, log_path, ro, hold=()):
     if status is not None:
         raise HpcimageError(_failure(fs, log_path, status))
     return pid
+
+
+def _clean(fs):
+    """The ext3 superblock's state says the file system was unmounted cleanly (or it
+    cannot be read: fuse2fs will say what is wrong)."""
+    try:
+        fd = os.open(fs.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            state = os.pread(fd, 2, fs.offset + EXT_STATE_OFFSET)
+        finally:
+            os.close(fd)
+    except OSError:
+        return True
+    return len(state) < 2 or bool(state[0] & 1)
 
 
 def _failure(fs, log_path, status):
