@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import runtime_argv, wait_no_leaks
+from conftest import cli_argv, runtime_argv, wait_no_leaks
 from hpcimage.image import overlay as ovl
 from hpcimage.image import sif
 
@@ -249,7 +249,10 @@ def test_fuse_overlayfs_forced(user, image, userdir):
             env=env)
     assert (r.returncode, r.stdout) == (0, "f\n"), r.stderr
     assert (o / "upper" / "f").read_text() == "f\n"
-    assert root_fstype(user, image, ("--overlay", str(o))) == "overlay"   # the kernel's
+    # the kernel's where nothing is forced; a layer fuse-overlayfs wrote stays with it
+    fresh = mkdir_as(user, userdir / "fresh")
+    assert root_fstype(user, image, ("--overlay", str(fresh))) == "overlay"
+    assert root_fstype(user, image, ("--overlay", str(o))) == "fuse.fuse-overlayfs"
 
 
 def test_ext3_uses_fuse_overlayfs_and_tmpfs_the_kernel(user, demo_sqfs, userdir):
@@ -280,8 +283,9 @@ def test_second_writer_refused(user, demo_sqfs, userdir):
             time.sleep(0.05)
         time.sleep(0.3)
         r = run(user, demo_sqfs, "true", opts=("--overlay", str(o)))
-        one_line_error(r, 1, f"overlay {o} is in use by another container (a writable "
-                             "overlay serves one container at a time)")
+        one_line_error(r, 1, f"overlay {o} is in use by another container that writes it "
+                             "(a writable overlay serves one container at a time): wait "
+                             "until it exits")
         one_line_error(run(user, demo_sqfs, "true", opts=("--overlay", f"{o}:ro")), 1,
                        "is in use by another container that writes it")
     finally:
@@ -364,7 +368,7 @@ def test_errors(user, demo_sqfs, demo_dir, userdir):
                    capture_output=True)
     os.chown(e2, user.uid, user.gid)
     r = run(user, demo_sqfs, "true", opts=("--overlay", str(e2)))
-    one_line_error(r, 1, "cannot create upper/ in")
+    one_line_error(r, 1, f"upper/ in {e2} belongs to root or another user, not you")
     assert "--fakeroot" in r.stderr
 
 
@@ -386,3 +390,119 @@ def test_dry_run(user, demo_sqfs, userdir):
     assert not (o / "upper").exists()                              # nothing done
     r = run(user, demo_sqfs, "true", opts=("--dry-run",))
     assert not any(ln.startswith(("layer ", "overlay ")) for ln in r.stdout.splitlines())
+
+
+# ------------------------------------------------------------ user trial fixes
+
+def test_fuse_overlayfs_layers_read_by_fuse_overlayfs(user, demo_dir, userdir):
+    """An overlay fuse-overlayfs wrote (an ext3 image always; a directory where it was
+    forced) keeps its deletions when reused read-only: its whiteouts (.wh.NAME) are not
+    shown as files, the deleted image file does not come back (a sandbox the user
+    owns, so that its files can be deleted)."""
+    demo_sqfs = userdir / "sandbox"
+    shutil.copytree(demo_dir, demo_sqfs, symlinks=True)
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(demo_sqfs)], check=True)
+    script = "rm /singularity && mkdir /dd && touch /dd/a && sync"   # sync: fuse2fs
+    check = "ls -a / /dd; test -L /singularity && echo BACK; true"
+    e = make_ext3(user, userdir / "ov.img")
+    o = mkdir_as(user, userdir / "ov")
+    forced = {"HPCIMAGE_OVERLAY_DRIVER": "fuse-overlayfs"}
+    for layer, env in ((e, None), (o, forced)):
+        r = run(user, demo_sqfs, "sh", "-c", script, env=env, opts=("-o", str(layer)))
+        assert r.returncode == 0, r.stderr
+        opts = ("-o", f"{layer}:ro")
+        r = run(user, demo_sqfs, "sh", "-c", check, opts=opts)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert ".wh." not in r.stdout and "BACK" not in r.stdout, r.stdout
+        assert "/dd:\n.\n..\na\n" in r.stdout, r.stdout
+        assert root_fstype(user, demo_sqfs, opts) == "fuse.fuse-overlayfs"
+    # a directory the kernel wrote stays with the kernel (no .wh. at its top)
+    k = mkdir_as(user, userdir / "k")
+    assert run(user, demo_sqfs, "rm", "/singularity", opts=("-o", str(k))).returncode == 0
+    if ovl.kernel_can(None):
+        assert root_fstype(user, demo_sqfs, ("-o", f"{k}:ro")) == "overlay"
+
+
+@pytest.mark.parametrize("driver", ["kernel", "fuse-overlayfs"])
+def test_image_dirs_keep_their_owner(user, debian_sqfs, userdir, driver):
+    """Without --fakeroot the image's root-owned directories stay unwritable through
+    the overlay, also where a bind target the image lacks lies below them (the layer
+    of those targets is the lowest: /etc keeps the image's owner); the targets exist."""
+    if driver == "kernel" and not ovl.kernel_can(None):
+        pytest.skip("the kernel's overlayfs cannot serve a user namespace here")
+    o = mkdir_as(user, userdir / "ov")
+    env = {"HPCIMAGE_OVERLAY_DRIVER": driver}
+    r = run(user, debian_sqfs, "sh", "-c", "stat -c %u /etc /usr; touch /etc/foo",
+            opts=("-o", str(o), "-B", f"{userdir}:/etc/hpcimage-site"), env=env)
+    assert r.returncode != 0 and "/etc/foo" in r.stderr, (r.stdout, r.stderr)
+    assert r.stdout.split() == ["65534", "65534"], r.stdout
+    assert not (o / "upper" / "etc" / "foo").exists()
+    r = run(user, debian_sqfs, "sh", "-c", "touch /etc/hpcimage-site/x && ls -d ~ $PWD",
+            opts=("-o", str(o), "-B", f"{userdir}:/etc/hpcimage-site"), env=env,
+            cwd=str(userdir))
+    assert r.returncode == 0, r.stderr
+    assert (userdir / "x").exists()
+
+
+def test_lock_advice_fits_the_case(user, demo_sqfs, demo_sif, userdir):
+    o = mkdir_as(user, userdir / "ov")
+
+    def hold(*opts, image=demo_sqfs, ready=None):
+        p = user.popen(runtime_argv("exec", *opts, str(image), "sleep", "20"),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while ready and not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        return p
+
+    reader = hold("-o", f"{o}:ro")
+    try:
+        one_line_error(run(user, demo_sqfs, "true", opts=("-o", str(o))), 1,
+                       f"overlay {o} is in use by another container that reads it (a "
+                       "writable overlay serves one container at a time): add :ro to read "
+                       "it too, or wait until it exits")
+        assert run(user, demo_sqfs, "true", opts=("-o", f"{o}:ro")).returncode == 0
+    finally:
+        reader.kill()
+        reader.wait()
+    wait_no_leaks()
+    writer = hold("-o", str(o), ready=lambda: (o / "work").exists())
+    try:
+        r = run(user, demo_sqfs, "true", opts=("-o", f"{o}:ro"))
+        one_line_error(r, 1, f"overlay {o} is in use by another container that writes it "
+                             "(a writable overlay serves one container at a time): wait "
+                             "until it exits")
+        assert ":ro" not in r.stderr
+    finally:
+        writer.kill()
+        writer.wait()
+    wait_no_leaks()
+    # a SIF with an overlay partition: a plain exec meets a --writable one
+    s = userdir / "with-overlay.sif"
+    shutil.copy(demo_sif, s)
+    add_overlay_partition(s, make_ext3(user, userdir / "part.ext3"))
+    os.chown(s, user.uid, user.gid)
+    writer = hold("--writable", image=s)
+    try:
+        time.sleep(0.5)
+        r = run(user, s, "true")
+        one_line_error(r, 1, f"the overlay partition of {s} is in use by another container "
+                             "that writes it (a writable overlay serves one container at a "
+                             "time): wait until it exits")
+    finally:
+        writer.kill()
+        writer.wait()
+    wait_no_leaks()
+
+
+def test_fakeroot_overlay_without_fakeroot(user, demo_sqfs, userdir):
+    img = userdir / "fr.img"
+    r = user.run(cli_argv("overlay", "create", "--fakeroot", str(img)))
+    assert r.returncode == 0, r.stderr
+    r = run(user, demo_sqfs, "true", opts=("-o", str(img)))
+    one_line_error(r, 1, f"overlay {img}: upper/ in {img} belongs to root or another user, "
+                         "not you (an overlay made with --fakeroot is written with "
+                         "--fakeroot): use --fakeroot, or an overlay of your own")
+    assert "cannot create" not in r.stderr
+

@@ -29,6 +29,10 @@ DRIVERS = ("auto", "kernel", "fuse-overlayfs")
 DRIVER_VARIABLE = "HPCIMAGE_OVERLAY_DRIVER"
 
 
+# Left beside upper/ and work/ of a layer fuse-overlayfs has written (runtime.overlay):
+# such a layer is read with fuse-overlayfs from then on (runtime.steps.overlay).
+FUSE_MARK = ".fuse-overlayfs"
+
 class Layer:
     """One layer: spec (as given, for messages), path (absolute), kind ("dir",
     "squashfs", "ext3", "tmpfs"), offset and size (where the file system lies in

@@ -333,8 +333,8 @@ class OverlayLayer(Op):
 
 
 class OverlayMount(Op):
-    """The overlay at at: lowers (the layers' directories, top first: the points
-    layer, the read-only overlays, the image), upper and work (None: read-only);
+    """The overlay at at: lowers (the layers' directories, top first: the read-only
+    overlays, the image, then the points layer, lowest), upper and work (None: read-only);
     points: the directory of the bind targets the image lacks (created there, never
     in a user's layer); targets: [(container path, source)] of the binds; image_dir:
     the image's mount point (symbolic links are resolved there); driver: "auto",
@@ -352,11 +352,11 @@ class OverlayMount(Op):
         how = {"auto": "kernel overlayfs (userxattr), else fuse-overlayfs",
                "kernel": "kernel overlayfs (userxattr)",
                "fuse-overlayfs": "fuse-overlayfs"}[self.driver]
-        words = ["lower=" + ":".join(quote(x) for x in [self.points] + self.lowers)]
+        words = ["lower=" + ":".join(quote(x) for x in self.lowers + [self.points])]
         if self.upper:
             words += [f"upper={quote(self.upper)}", f"work={quote(self.work)}"]
         return [f"overlay {' '.join(words)} -> {quote(self.at)}  # {how}; "
-                "the bind targets the image lacks in the first lower layer"]
+                "the bind targets the image lacks in the lowest layer"]
 
     def run(self, state):
         from hpcimage.runtime import overlay

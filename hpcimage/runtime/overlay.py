@@ -11,7 +11,9 @@ and mount namespaces: every mount and helper dies with the container.
   mounts an overlay whose upper is on fuse2fs read-only). HPCIMAGE_OVERLAY_DRIVER or
   site.yaml overlay_driver forces one.
 - The bind targets the image lacks are made in a layer of their own (the points
-  layer, on the session tmpfs, the first lower layer), never in the user's layer.
+  layer, on the session tmpfs), never in the user's layer; it is the lowest layer, so
+  that a directory of the image keeps the image's owner and mode (the union takes a
+  directory's attributes from the topmost layer that has it).
 
 Standard library only: the hot path (imported only when an overlay is asked for).
 """
@@ -51,6 +53,32 @@ def _flock_soon(fd, mode, wait=3.0):
                 raise
 
 
+def _busy(layer, fd):
+    """The line for a layer locked by another container (fd: the layer, unlocked;
+    closed here). A reader met a writer: wait. A writer: if a shared lock would be
+    granted the others only read (add :ro, or leave out --writable for a SIF's own
+    partition), else another writes (wait)."""
+    try:
+        readers = False
+        if layer.writable:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                readers = True
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    own = bool(layer.offset) and layer.spec == layer.path      # a SIF's own partition
+    what = ("the overlay partition of " if own else "overlay ") + layer.path + \
+        " is in use by another container"
+    if not readers:
+        return what + " that writes it (a writable overlay serves one container at a " \
+                      "time): wait until it exits"
+    ro = "leave out --writable" if own else "add :ro"
+    return what + f" that reads it (a writable overlay serves one container at a time): " \
+                  f"{ro} to read it too, or wait until it exits"
+
+
 def _lock(layer, path):
     """flock the layer's directory or file (exclusive when writable, shared when
     read-only); the fd, or None for a layer that needs none."""
@@ -65,12 +93,9 @@ def _lock(layer, path):
     try:
         _flock_soon(fd, fcntl.LOCK_EX if layer.writable else fcntl.LOCK_SH)
     except OSError as e:
-        os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise HpcimageError(
-                f"overlay {layer.path} is in use by another container"
-                + (" (a writable overlay serves one container at a time)" if layer.writable
-                   else " that writes it (add :ro there, or wait)"), 1) from None
+            raise HpcimageError(_busy(layer, fd), 1) from None
+        os.close(fd)
         raise HpcimageError(f"overlay {layer.spec}: cannot lock {layer.path}: "
                             f"{e.strerror}", 1) from None
     return fd
@@ -102,7 +127,11 @@ def mount_layer(layer, at, path, prog, state):
             try:
                 os.makedirs(f"{at}/{d}", mode, exist_ok=True)
                 if not os.access(f"{at}/{d}", os.W_OK | os.X_OK):
-                    raise PermissionError(errno.EACCES, "Permission denied")
+                    raise HpcimageError(
+                        f"overlay {layer.spec}: {d}/ in {layer.path} belongs to root or "
+                        "another user, not you (an overlay made with --fakeroot is "
+                        "written with --fakeroot): use --fakeroot, or an overlay of your "
+                        "own", 1)
             except OSError as e:
                 raise HpcimageError(
                     f"overlay {layer.spec}: cannot create {d}/ in {layer.path}: "
@@ -155,7 +184,7 @@ def driver(op):
 def mount_union(op, state):
     """The overlay of op (an OverlayMount), then the locks handed to a holder."""
     _points(op)
-    lowers = [op.points] + op.lowers
+    lowers = op.lowers + [op.points]
     os.makedirs(op.at, exist_ok=True)
     how = driver(op)
     if how == "kernel":
@@ -173,6 +202,8 @@ def mount_union(op, state):
                 sc.umount2(op.at, sc.MNT_DETACH)    # a read-only union: fuse-overlayfs
                 how = FUSE_OVERLAYFS
     if how == FUSE_OVERLAYFS:
+        if op.upper:
+            _mark(op.work)
         state.data_pids.append(_fuse_overlayfs(lowers, op.upper, op.work, op.at))
     if state.lock_fds:
         fds, state.lock_fds = state.lock_fds, []
@@ -181,6 +212,17 @@ def mount_union(op, state):
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def _mark(work):
+    """Leave FUSE_MARK beside the writable layer's upper/ and work/: fuse-overlayfs
+    writes it (whiteouts and opaque markers the kernel's overlayfs shows as files), so
+    that later launches read it with fuse-overlayfs too (runtime.steps)."""
+    try:
+        os.close(os.open(os.path.join(os.path.dirname(work), ovl.FUSE_MARK),
+                         os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+    except OSError:
+        pass
 
 
 def find_fuse_overlayfs(path_env=None):

@@ -302,6 +302,25 @@ def cwd(r, p):
             bl.append(Bind(r.cwd, r.cwd, False, "current directory"))
 
 
+def _fuse_whiteouts(layer):
+    """Whether fuse-overlayfs has written a directory layer: its FUSE_MARK (left by
+    runtime.overlay), or whiteouts (.wh.NAME files) at the top of its upper/ (else of
+    itself), which the kernel's overlayfs shows as files: such a layer is read by
+    fuse-overlayfs. A stat and one directory read."""
+    if layer.kind != "dir":
+        return False
+    from hpcimage.image.overlay import FUSE_MARK
+    if os.path.exists(layer.path + "/" + FUSE_MARK):
+        return True
+    for top in (layer.path + "/upper",) + (() if layer.writable else (layer.path,)):
+        try:
+            with os.scandir(top) as it:
+                return any(e.name.startswith(".wh.") for e in it)
+        except OSError:
+            continue
+    return False
+
+
 def overlay(r, p):
     """The overlays (r.overlays: a SIF's own overlay partition, --overlay, --writable,
     --writable-tmpfs): each layer locked and mounted (OverlayLayer), then the union of
@@ -325,8 +344,8 @@ def overlay(r, p):
     how = r.environ.get(DRIVER_VARIABLE) or r.site.overlay_driver or "auto"
     if how not in ("auto", "kernel", "fuse-overlayfs"):
         raise UsageError(f"{DRIVER_VARIABLE}={how}: want auto, kernel or fuse-overlayfs")
-    if any(x.writable and x.kind == "ext3" for x in r.overlays):
-        how = "fuse-overlayfs"      # the kernel's overlay on fuse2fs is read-only
+    if any(x.kind == "ext3" or _fuse_whiteouts(x) for x in r.overlays):
+        how = "fuse-overlayfs"      # what fuse-overlayfs may have written, read-only or not
     targets = [(b.dst, base + "/" + b.src[8:] if b.src.startswith("session:") else b.src)
                for b in p.binds]
     p.image_root = base + "/overlay"
