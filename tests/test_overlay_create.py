@@ -66,6 +66,21 @@ def test_overlay_create_fakeroot_sparse(user, userdir):
     assert fsck_clean(img)
     r = create(user, "-f", "-s", "64", "g.img", cwd=userdir)
     assert r.returncode == 0 and ls(userdir / "g.img")["upper"][1:] == (0, 0)
+    # -S: Apptainer's short form of --sparse
+    r = create(user, "-S", "-s", "128", "h.img", cwd=userdir)
+    assert r.returncode == 0, r.stderr
+    assert (userdir / "h.img").stat().st_blocks * 512 < 64 << 20
+
+
+def test_overlay_create_dir_absolute_is_below_upper(user, userdir):
+    """--create-dir /opt/x (as Apptainer's, joined onto upper/) and a/../b."""
+    r = create(user, "--create-dir", "/opt/x", "--create-dir", "a/../b", "o.img",
+               cwd=userdir)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    img = userdir / "o.img"
+    assert ls(img, "/upper/opt")["x"] == ("40755", user.uid, user.gid)
+    assert "b" in ls(img, "/upper") and "a" not in ls(img, "/upper")
+    assert fsck_clean(img)
 
 
 def test_overlay_create_refusals(user, userdir):
@@ -78,8 +93,9 @@ def test_overlay_create_refusals(user, userdir):
                    "overlay create: --size 63: an overlay needs at least 64 MiB")
     one_line_error(create(user, "--size", "big", "a.img", cwd=userdir), 2,
                    "overlay create: --size 'big': want a number of MiB")
-    one_line_error(create(user, "--create-dir", "../x", "a.img", cwd=userdir), 2,
-                   "--create-dir '../x': not a directory below upper/")
+    for bad in ("../x", "/a/../../x", "/"):
+        one_line_error(create(user, "--create-dir", bad, "a.img", cwd=userdir), 2,
+                       f"--create-dir {bad!r}: not a directory below upper/")
     one_line_error(create(user, "no/such/dir/a.img", cwd=userdir), 2, "no such directory")
     # no mkfs.ext3 on PATH nor in the sbin directories: a private mount namespace hides it
     r = subprocess.run(["unshare", "-m", "sh", "-c",
