@@ -231,13 +231,81 @@ def test_personal_overlay_site_errors(userdir):
         assert msg in str(e.value.message)
 
 
-def test_personal_overlay_is_used_by_every_wrapper(user, userdir, demo_sqfs):
-    env = _site(userdir, demo_sqfs, "true")
+def _local(user, userdir):
     (userdir / "local").mkdir()
     os.chown(userdir / "local", user.uid, user.gid)
-    # at the top: the image's /opt is root's, which only --fakeroot writes (docs/overlays.md)
-    r = user.run(runtime_argv("image-exec", "sh", "-c", "echo kept > /mine"), env=env,
-                 cwd="/")
+
+
+def test_personal_overlay_is_used_by_every_wrapper(user, userdir, demo_sqfs):
+    """image-shell and --fakeroot write the personal overlay; every other call sees it
+    read-only (the image's /opt is root's: only --fakeroot writes it, docs/overlays.md)."""
+    env = _site(userdir, demo_sqfs, "true")
+    _local(user, userdir)
+    r = user.run(runtime_argv("image-shell", "-c", "echo kept > /mine"), env=env, cwd="/")
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    r = user.run(runtime_argv("image-exec", "--fakeroot", "sh", "-c",
+                              "echo root > /opt/mine"), env=env, cwd="/")
     assert r.returncode == 0, r.stderr
-    r = user.run(runtime_argv("image-shell", "-c", "cat /mine"), env=env, cwd="/")
-    assert (r.returncode, r.stdout) == (0, "kept\n"), r.stderr
+    r = user.run(runtime_argv("image-exec", "cat", "/mine", "/opt/mine"), env=env, cwd="/")
+    assert (r.returncode, r.stdout) == (0, "kept\nroot\n"), r.stderr
+    r = user.run(runtime_argv("image-exec", "sh", "-c", "echo x > /other"), env=env,
+                 cwd="/")
+    assert r.returncode != 0 and "Read-only file system" in r.stderr
+    r = user.run(runtime_argv("image-shell", "-c", "cat /other"), env=env, cwd="/")
+    assert r.returncode != 0
+
+
+def test_personal_overlay_below_the_users_writable_layers(user, userdir, demo_sqfs):
+    """A writable -o DIR and --writable-tmpfs take the writes (with --fakeroot too); the
+    personal overlay is read-only below them, unchanged afterwards."""
+    env = _site(userdir, demo_sqfs, "true")
+    _local(user, userdir)
+    assert user.run(runtime_argv("image-shell", "-c", "echo p > /mine"), env=env,
+                    cwd="/").returncode == 0
+    dirs = []
+    for n in range(2):
+        dirs.append(userdir / f"ov{n}")
+        dirs[-1].mkdir()
+        os.chown(dirs[-1], user.uid, user.gid)
+    for args in (("-o", str(dirs[0])), ("--fakeroot", "-o", str(dirs[1])),
+                 ("--fakeroot", "--writable-tmpfs")):
+        r = user.run(runtime_argv("image-exec", *args, "sh", "-c",
+                                  "cat /mine && echo new > /mine && cat /mine"),
+                     env=env, cwd="/")
+        assert (r.returncode, r.stdout, r.stderr) == (0, "p\nnew\n", ""), r.stderr
+        r = user.run(runtime_argv("image-exec", "cat", "/mine"), env=env, cwd="/")
+        assert (r.returncode, r.stdout) == (0, "p\n"), r.stderr
+    assert [(d / "upper" / "mine").read_text() for d in dirs] == ["new\n"] * 2
+
+
+def test_personal_overlay_many_readers_one_writer(user, userdir, demo_sqfs):
+    """Read-only uses share the personal overlay (a job array, a second terminal); an
+    open image-shell keeps them out with one line, and a second writer too."""
+    import time
+    env = _site(userdir, demo_sqfs, "true")
+    _local(user, userdir)
+    img = userdir / "local" / "overlay-Demo-1.0.img"
+    first = user.popen(runtime_argv("image-exec", "sh", "-c", "echo up; sleep 20"),
+                       env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert first.stdout.readline() == b"up\n"
+        r = user.run(runtime_argv("image-exec", "true"), env=env, cwd="/")
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr
+        one_line_error(user.run(runtime_argv("image-shell", "-c", "true"), env=env,
+                                cwd="/"), 1,
+                       f"image-shell: error: your personal overlay {img} is in use by "
+                       "another container: exit it first")
+    finally:
+        first.kill()
+        first.wait()
+    time.sleep(0.5)
+    shell = user.popen(runtime_argv("image-shell", "-c", "echo up; sleep 20"), env=env,
+                       cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert shell.stdout.readline() == b"up\n"
+        one_line_error(user.run(runtime_argv("image-exec", "true"), env=env, cwd="/"), 1,
+                       f"image-exec: error: your personal overlay {img} is open for "
+                       "writing by another container (image-shell?): exit it first")
+    finally:
+        shell.kill()
+        shell.wait()

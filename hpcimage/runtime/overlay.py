@@ -44,6 +44,13 @@ def _lock(layer, path):
         fcntl.flock(fd, (fcntl.LOCK_EX if layer.writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and getattr(layer, "personal", False):
+            raise HpcimageError(
+                f"your personal overlay {layer.path} is "
+                + ("in use by another container: exit it first (image-shell and --fakeroot "
+                   "write it while nothing else uses it)" if layer.writable else
+                   "open for writing by another container (image-shell?): exit it first"),
+                1) from None
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise HpcimageError(
                 f"overlay {layer.path} is in use by another container"
