@@ -241,10 +241,13 @@ def test_personal_overlay_is_used_by_every_wrapper(user, userdir, demo_sqfs):
     read-only (the image's /opt is root's: only --fakeroot writes it, docs/overlays.md)."""
     env = _site(userdir, demo_sqfs, "true")
     _local(user, userdir)
-    r = user.run(runtime_argv("image-shell", "-c", "echo kept > /mine"), env=env, cwd="/")
+    # sync FILE: fuse2fs killed with its launcher can lose unsynced writes (reported)
+    r = user.run(runtime_argv("image-shell", "-c", "echo kept > /mine && sync /mine"),
+                 env=env, cwd="/")
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
     r = user.run(runtime_argv("image-exec", "--fakeroot", "sh", "-c",
-                              "echo root > /opt/mine"), env=env, cwd="/")
+                              "echo root > /opt/mine && sync /opt/mine"), env=env,
+                 cwd="/")
     assert r.returncode == 0, r.stderr
     r = user.run(runtime_argv("image-exec", "cat", "/mine", "/opt/mine"), env=env, cwd="/")
     assert (r.returncode, r.stdout) == (0, "kept\nroot\n"), r.stderr
@@ -260,8 +263,8 @@ def test_personal_overlay_below_the_users_writable_layers(user, userdir, demo_sq
     personal overlay is read-only below them, unchanged afterwards."""
     env = _site(userdir, demo_sqfs, "true")
     _local(user, userdir)
-    assert user.run(runtime_argv("image-shell", "-c", "echo p > /mine"), env=env,
-                    cwd="/").returncode == 0
+    assert user.run(runtime_argv("image-shell", "-c", "echo p > /mine && sync /mine"),
+                    env=env, cwd="/").returncode == 0
     dirs = []
     for n in range(2):
         dirs.append(userdir / f"ov{n}")
@@ -309,3 +312,4 @@ def test_personal_overlay_many_readers_one_writer(user, userdir, demo_sqfs):
     finally:
         shell.kill()
         shell.wait()
+
