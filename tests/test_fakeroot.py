@@ -165,7 +165,8 @@ def test_writable_sandbox_missing_mount_points_never_shadow_it(user, sandbox, fa
     assert (sandbox / "etc" / "foo.d" / "c").read_text() == "a\n"
     assert (sandbox / "var" / "lib" / "x" / "f").read_text() == "v\n"
     assert (sandbox / "root" / "r").read_text() == "r\n"
-    assert (sandbox / "etc" / "hosts").is_file()        # the mount point, left there
+    hosts = (sandbox / "etc" / "hosts").stat()          # the mount point, left there
+    assert hosts.st_size == 0 and hosts.st_mode & 0o777 == 0o644
     r = hexec(user, str(sandbox), "cat", "/etc/foo.d/c", "/var/lib/x/f", cwd="/")
     assert (r.returncode, r.stdout) == (0, "a\nv\n"), r.stderr
 

@@ -101,7 +101,7 @@ def make_target(root, dst, is_dir):
     if is_dir:
         os.mkdir(path)
     else:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
     return path
 
 
