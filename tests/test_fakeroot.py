@@ -149,6 +149,28 @@ def test_writable_with_fakeroot_files_are_the_users(user, sandbox):
     subprocess.run(["rm", "-rf", str(sandbox / "opt" / "x")], check=True)
 
 
+APT_LIKE = ("mkdir /etc/foo.d && echo a > /etc/foo.d/c && mkdir -p /var/lib/x && "
+            "echo v > /var/lib/x/f && echo r > /root/r")
+
+
+@pytest.mark.parametrize("fakeroot", [False, True])
+def test_writable_sandbox_missing_mount_points_never_shadow_it(user, sandbox, fakeroot):
+    """The sandbox lacks /etc/hosts and /var (bind targets): they are made in the
+    sandbox itself, and what the command writes in /etc, /var and /root stays (a
+    skeleton over the image lost it)."""
+    assert not (sandbox / "etc" / "hosts").exists() and not (sandbox / "var").exists()
+    args = ["--fakeroot", "--no-home"] if fakeroot else []
+    r = hexec(user, *args, "-w", str(sandbox), "sh", "-c", APT_LIKE, cwd="/")
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert (sandbox / "etc" / "foo.d" / "c").read_text() == "a\n"
+    assert (sandbox / "var" / "lib" / "x" / "f").read_text() == "v\n"
+    assert (sandbox / "root" / "r").read_text() == "r\n"
+    hosts = (sandbox / "etc" / "hosts").stat()          # the mount point, left there
+    assert hosts.st_size == 0 and hosts.st_mode & 0o777 == 0o644
+    r = hexec(user, str(sandbox), "cat", "/etc/foo.d/c", "/var/lib/x/f", cwd="/")
+    assert (r.returncode, r.stdout) == (0, "a\nv\n"), r.stderr
+
+
 def test_writable_refusals(user, demo_dir, demo_sqfs, demo_sif):
     one_line_error(hexec(user, "--writable", str(demo_sqfs), "true", cwd="/"), 2,
                    f"hpcimage: error: --writable: {demo_sqfs} is a SquashFS image (read-only)")

@@ -66,6 +66,21 @@ def test_overlay_create_fakeroot_sparse(user, userdir):
     assert fsck_clean(img)
     r = create(user, "-f", "-s", "64", "g.img", cwd=userdir)
     assert r.returncode == 0 and ls(userdir / "g.img")["upper"][1:] == (0, 0)
+    # -S: Apptainer's short form of --sparse
+    r = create(user, "-S", "-s", "128", "h.img", cwd=userdir)
+    assert r.returncode == 0, r.stderr
+    assert (userdir / "h.img").stat().st_blocks * 512 < 64 << 20
+
+
+def test_overlay_create_dir_absolute_is_below_upper(user, userdir):
+    """--create-dir /opt/x (as Apptainer's, joined onto upper/) and a/../b."""
+    r = create(user, "--create-dir", "/opt/x", "--create-dir", "a/../b", "o.img",
+               cwd=userdir)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    img = userdir / "o.img"
+    assert ls(img, "/upper/opt")["x"] == ("40755", user.uid, user.gid)
+    assert "b" in ls(img, "/upper") and "a" not in ls(img, "/upper")
+    assert fsck_clean(img)
 
 
 def test_overlay_create_refusals(user, userdir):
@@ -78,8 +93,9 @@ def test_overlay_create_refusals(user, userdir):
                    "overlay create: --size 63: an overlay needs at least 64 MiB")
     one_line_error(create(user, "--size", "big", "a.img", cwd=userdir), 2,
                    "overlay create: --size 'big': want a number of MiB")
-    one_line_error(create(user, "--create-dir", "../x", "a.img", cwd=userdir), 2,
-                   "--create-dir '../x': not a directory below upper/")
+    for bad in ("../x", "/a/../../x", "/"):
+        one_line_error(create(user, "--create-dir", bad, "a.img", cwd=userdir), 2,
+                       f"--create-dir {bad!r}: not a directory below upper/")
     one_line_error(create(user, "no/such/dir/a.img", cwd=userdir), 2, "no such directory")
     # no mkfs.ext3 on PATH nor in the sbin directories: a private mount namespace hides it
     r = subprocess.run(["unshare", "-m", "sh", "-c",
@@ -228,13 +244,85 @@ def test_personal_overlay_site_errors(userdir):
         assert msg in str(e.value.message)
 
 
-def test_personal_overlay_is_used_by_every_wrapper(user, userdir, demo_sqfs):
-    env = _site(userdir, demo_sqfs, "true")
+def _local(user, userdir):
     (userdir / "local").mkdir()
     os.chown(userdir / "local", user.uid, user.gid)
-    # at the top: the image's /opt is root's, which only --fakeroot writes (docs/overlays.md)
-    r = user.run(runtime_argv("image-exec", "sh", "-c", "echo kept > /mine"), env=env,
+
+
+def test_personal_overlay_is_used_by_every_wrapper(user, userdir, demo_sqfs):
+    """image-shell and --fakeroot write the personal overlay; every other call sees it
+    read-only (the image's /opt is root's: only --fakeroot writes it, docs/overlays.md)."""
+    env = _site(userdir, demo_sqfs, "true")
+    _local(user, userdir)
+    # sync FILE: fuse2fs killed with its launcher can lose unsynced writes (reported)
+    r = user.run(runtime_argv("image-shell", "-c", "echo kept > /mine && sync /mine"),
+                 env=env, cwd="/")
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    r = user.run(runtime_argv("image-exec", "--fakeroot", "sh", "-c",
+                              "echo root > /opt/mine && sync /opt/mine"), env=env,
                  cwd="/")
     assert r.returncode == 0, r.stderr
-    r = user.run(runtime_argv("image-shell", "-c", "cat /mine"), env=env, cwd="/")
-    assert (r.returncode, r.stdout) == (0, "kept\n"), r.stderr
+    r = user.run(runtime_argv("image-exec", "cat", "/mine", "/opt/mine"), env=env, cwd="/")
+    assert (r.returncode, r.stdout) == (0, "kept\nroot\n"), r.stderr
+    r = user.run(runtime_argv("image-exec", "sh", "-c", "echo x > /other"), env=env,
+                 cwd="/")
+    assert r.returncode != 0 and "Read-only file system" in r.stderr
+    r = user.run(runtime_argv("image-shell", "-c", "cat /other"), env=env, cwd="/")
+    assert r.returncode != 0
+
+
+def test_personal_overlay_below_the_users_writable_layers(user, userdir, demo_sqfs):
+    """A writable -o DIR and --writable-tmpfs take the writes (with --fakeroot too); the
+    personal overlay is read-only below them, unchanged afterwards."""
+    env = _site(userdir, demo_sqfs, "true")
+    _local(user, userdir)
+    assert user.run(runtime_argv("image-shell", "-c", "echo p > /mine && sync /mine"),
+                    env=env, cwd="/").returncode == 0
+    dirs = []
+    for n in range(2):
+        dirs.append(userdir / f"ov{n}")
+        dirs[-1].mkdir()
+        os.chown(dirs[-1], user.uid, user.gid)
+    for args in (("-o", str(dirs[0])), ("--fakeroot", "-o", str(dirs[1])),
+                 ("--fakeroot", "--writable-tmpfs")):
+        r = user.run(runtime_argv("image-exec", *args, "sh", "-c",
+                                  "cat /mine && echo new > /mine && cat /mine"),
+                     env=env, cwd="/")
+        assert (r.returncode, r.stdout, r.stderr) == (0, "p\nnew\n", ""), r.stderr
+        r = user.run(runtime_argv("image-exec", "cat", "/mine"), env=env, cwd="/")
+        assert (r.returncode, r.stdout) == (0, "p\n"), r.stderr
+    assert [(d / "upper" / "mine").read_text() for d in dirs] == ["new\n"] * 2
+
+
+def test_personal_overlay_many_readers_one_writer(user, userdir, demo_sqfs):
+    """Read-only uses share the personal overlay (a job array, a second terminal); an
+    open image-shell keeps them out with one line, and a second writer too."""
+    import time
+    env = _site(userdir, demo_sqfs, "true")
+    _local(user, userdir)
+    img = userdir / "local" / "overlay-Demo-1.0.img"
+    first = user.popen(runtime_argv("image-exec", "sh", "-c", "echo up; sleep 20"),
+                       env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert first.stdout.readline() == b"up\n"
+        r = user.run(runtime_argv("image-exec", "true"), env=env, cwd="/")
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr
+        one_line_error(user.run(runtime_argv("image-shell", "-c", "true"), env=env,
+                                cwd="/"), 1,
+                       f"image-shell: error: your personal overlay {img} is in use by "
+                       "another container: exit it first")
+    finally:
+        first.kill()
+        first.wait()
+    time.sleep(0.5)
+    shell = user.popen(runtime_argv("image-shell", "-c", "echo up; sleep 20"), env=env,
+                       cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert shell.stdout.readline() == b"up\n"
+        one_line_error(user.run(runtime_argv("image-exec", "true"), env=env, cwd="/"), 1,
+                       f"image-exec: error: your personal overlay {img} is open for "
+                       "writing by another container (image-shell?): exit it first")
+    finally:
+        shell.kill()
+        shell.wait()
+

@@ -10,9 +10,9 @@ def overlay():
 @overlay.command("create")
 @click.option("--size", "-s", default="64", show_default=True, metavar="MiB",
               help="Size of the ext3 file system in MiB (at least 64).")
-@click.option("--sparse", is_flag=True, help="A sparse file: blocks are allocated on use.")
+@click.option("--sparse", "-S", is_flag=True, help="A sparse file: blocks are allocated on use.")
 @click.option("--create-dir", "dirs", multiple=True, metavar="DIR",
-              help="Create DIR below upper/ (repeatable).")
+              help="Create DIR below upper/ (/opt/x: upper/opt/x; repeatable).")
 @click.option("--fakeroot", "-f", is_flag=True,
               help="upper/ and work/ owned by root, for use with --fakeroot.")
 @click.argument("file")

@@ -36,12 +36,15 @@ FUSE_MARK = ".fuse-overlayfs"
 class Layer:
     """One layer: spec (as given, for messages), path (absolute), kind ("dir",
     "squashfs", "ext3", "tmpfs"), offset and size (where the file system lies in
-    path: a SIF's partition), writable, size_mib (tmpfs)."""
-    __slots__ = ("spec", "path", "kind", "offset", "size", "writable", "size_mib")
+    path: a SIF's partition), writable, size_mib (tmpfs); personal: the site's
+    personal overlay of the loaded module (runtime.request), for its messages."""
+    __slots__ = ("spec", "path", "kind", "offset", "size", "writable", "size_mib",
+                 "personal")
 
     def __init__(self, spec, path, kind, writable, offset=0, size=None, size_mib=None):
         self.spec, self.path, self.kind, self.writable = spec, path, kind, writable
         self.offset, self.size, self.size_mib = offset, size, size_mib
+        self.personal = False
 
     def __eq__(self, other):
         return type(self) is type(other) and all(

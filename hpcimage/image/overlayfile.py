@@ -53,9 +53,11 @@ def _layout(top, dirs):
     upper = os.path.join(top, "upper")
     made = [upper, os.path.join(top, "work")]
     for d in dirs:
-        rel = os.path.normpath("/" + d).lstrip("/")
-        if not d or os.path.normpath(os.path.join(upper, d)) != os.path.join(upper, rel) \
-                or not rel or rel == ".":
+        # joined onto upper/ as Apptainer's filepath.Join(upperDir, dir): /opt/x is
+        # upper/opt/x; what leaves upper/ (../x) is refused
+        full = os.path.normpath(upper + "/" + d)
+        rel = os.path.relpath(full, upper)
+        if rel == "." or rel == ".." or rel.startswith("../"):
             raise HpcimageError(f"overlay create: --create-dir {d!r}: not a directory "
                                 "below upper/", 2)
         path = upper

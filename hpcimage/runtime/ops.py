@@ -364,18 +364,22 @@ class OverlayMount(Op):
 
 
 class RootFs(Op):
-    __slots__ = ("image_dir", "root", "targets")
+    """The root (runtime.rootfs.build_root); in_image: a sandbox under --writable, its
+    missing mount points made in the sandbox itself (never a skeleton over it)."""
+    __slots__ = ("image_dir", "root", "targets", "in_image")
     name = "rootfs"
 
-    def __init__(self, image_dir, root, targets):
+    def __init__(self, image_dir, root, targets, in_image=False):
         self.image_dir, self.root, self.targets = image_dir, root, targets
+        self.in_image = in_image
 
     def describe(self):
-        return [f"rootfs {quote(self.image_dir)} -> {quote(self.root)}  # mount points: "
+        return [f"rootfs {quote(self.image_dir)} -> {quote(self.root)}  # mount points"
+                + (" (made in the sandbox where missing)" if self.in_image else "") + ": "
                 + " ".join(quote(t) for t in self.targets)]
 
     def run(self, state):
-        build_root(self.image_dir, self.root, self.targets)
+        build_root(self.image_dir, self.root, self.targets, self.in_image)
 
 
 class IdentityFiles(Op):

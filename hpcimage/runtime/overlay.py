@@ -93,6 +93,14 @@ def _lock(layer, path):
     try:
         _flock_soon(fd, fcntl.LOCK_EX if layer.writable else fcntl.LOCK_SH)
     except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and getattr(layer, "personal", False):
+            os.close(fd)
+            raise HpcimageError(
+                f"your personal overlay {layer.path} is "
+                + ("in use by another container: exit it first (image-shell and --fakeroot "
+                   "write it while nothing else uses it)" if layer.writable else
+                   "open for writing by another container (image-shell?): exit it first"),
+                1) from None
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise HpcimageError(_busy(layer, fd), 1) from None
         os.close(fd)

@@ -56,11 +56,12 @@ def resolve(opts, environ, site=None, explain_missing=True):
         from hpcimage.runtime import localcopy as local
         path = local.choose(path, site, environ)
     image = _open_image(path, opts, environ) if explain_missing else _open(path)
+    cwd, gone = _cwd()
+    personal = None
     if opts.prog.startswith("image-") and site.personal_overlays:
-        _personal_overlay(opts, site, environ)
+        personal = _personal_overlay(opts, site, environ, image, cwd)
     environ = dict(environ)
     uid, gid, user, pw_home, gecos, shell, group = _user(environ)
-    cwd, gone = _cwd()
     home, home_src = environ.get("HOME") or pw_home, None
     if opts.home:
         home_src, home = home_spec(opts.home)
@@ -68,28 +69,46 @@ def resolve(opts, environ, site=None, explain_missing=True):
         home_src, home = fakeroot_home(opts, home)
     return Request(opts, image, environ, session_dir(environ), site, uid, gid, user,
                    home, gecos, shell, group, cwd, gone, home_src,
-                   overlay_layers(opts, image, site, cwd))
+                   overlay_layers(opts, image, site, cwd, personal))
 
 
-def overlay_layers(opts, image, site, cwd):
+def overlay_layers(opts, image, site, cwd, personal=None):
     """The overlay layers of a launch (image.overlay.layers), resolved once; nothing
     imported nor read without --overlay, --writable(-tmpfs) or a SIF (which may carry
-    an overlay partition of its own)."""
+    an overlay partition of its own). personal: the personal overlay's path (its
+    layer is marked, for its messages)."""
     if not (opts.overlays or opts.writable_tmpfs or opts.writable or image.kind == "sif"):
         return []
     from hpcimage.image import overlay
-    return overlay.layers(opts.overlays, image, opts.writable, opts.writable_tmpfs,
-                          site.writable_tmpfs_size, cwd, opts.warnings)
+    out = overlay.layers(opts.overlays, image, opts.writable, opts.writable_tmpfs,
+                         site.writable_tmpfs_size, cwd, opts.warnings)
+    for x in out:
+        x.personal = personal is not None and x.path == personal
+    return out
 
 
-def _personal_overlay(opts, site, environ):
+def personal_writable(opts, cwd):
+    """The personal overlay is mounted writable by image-shell and by --fakeroot (the
+    ways a user installs software) unless the call brings a writable layer of its own
+    (a writable --overlay, --writable-tmpfs, --writable); read-only otherwise (a shared
+    lock: job arrays, MPI ranks, a second terminal), below the user's layers."""
+    if not (opts.prog == "image-shell" or getattr(opts, "fakeroot", False)):
+        return False
+    if opts.writable or opts.writable_tmpfs:
+        return False
+    from hpcimage.image import overlay
+    return not any(overlay.layer(spec, cwd).writable for spec in opts.overlays)
+
+
+def _personal_overlay(opts, site, environ, image, cwd):
     """site.json personal_overlays: the loaded module's overlay file in the user's local
     image directory, made on first use (image.overlayfile: mkfs.ext3, once), appended
-    to opts.overlays (the one entry point of the overlays: --overlay's list)."""
+    to opts.overlays (the one entry point of the overlays: --overlay's list), writable
+    or read-only (personal_writable). Its path, or None."""
     module = environ.get("HPCIMAGE_MODULE")
     want = site.personal_overlays.get(module or "")
     if not want:
-        return
+        return None
     from hpcimage.runtime import localcopy as local
     directory = local.local_dir(site, environ)
     if directory is None:
@@ -108,7 +127,12 @@ def _personal_overlay(opts, site, environ):
         except HpcimageError as e:
             raise HpcimageError(f"personal overlay of {module}: {e.message}", e.status) \
                 from None
-    opts.overlays.append(path)
+    writable = personal_writable(opts, cwd)
+    if writable and getattr(image, "crypt", None):
+        opts.warnings.append(f"your personal overlay {path} is not encrypted: what you "
+                             "write there is stored in clear")
+    opts.overlays.append(path if writable else path + ":ro")
+    return path
 
 
 def fakeroot_home(opts, host_home):

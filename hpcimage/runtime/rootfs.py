@@ -34,11 +34,17 @@ def remount_ro(path):
     sc.mount(None, path, None, flags)
 
 
-def build_root(image_dir, root, targets):
+def build_root(image_dir, root, targets, in_image=False):
     """Make root: the image itself when every bind target exists in it, else a tmpfs
     skeleton (root sits on the session tmpfs) mirroring the image with binds, in which
-    the missing targets are created. Works on any kernel with user namespaces."""
+    the missing targets are created. Works on any kernel with user namespaces.
+    in_image (a sandbox under --writable): the image itself always; the binds make
+    their missing targets in it (a skeleton would shadow the sandbox's directories:
+    what is written there would be lost)."""
     os.mkdir(root)
+    if in_image:
+        sc.mount(image_dir, root, None, sc.MS_BIND | sc.MS_REC)
+        return
     missing = []
     for dst in targets:
         rel = resolve_in(image_dir, dst)
@@ -95,7 +101,7 @@ def make_target(root, dst, is_dir):
     if is_dir:
         os.mkdir(path)
     else:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
     return path
 
 

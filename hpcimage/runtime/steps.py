@@ -363,7 +363,8 @@ def root(r, p):
     writable), pivot, chdir."""
     base = r.session_dir
     rootdir, image_root = base + "/root", p.image_root or base + "/image"
-    p.add(RootFs(image_root, rootdir, [b.dst for b in p.binds]))
+    in_image = p.image_root is None and getattr(r.opts, "writable", False)   # a sandbox
+    p.add(RootFs(image_root, rootdir, [b.dst for b in p.binds], in_image))
     if getattr(r.opts, "fakeroot", False):      # root inside: the image's root entry
         p.add(IdentityFiles(base, image_root, 0, 0, "root", r.home, "root", "/bin/sh",
                             "root"))
