@@ -108,10 +108,7 @@ def _mount_ext3(fs, at, log_path, ro, hold=()):
     opts = ["ro" if ro else "rw", "fakeroot"]
     if fs.offset:
         opts.append(f"offset={fs.offset}")
-    if not ro and not _clean(fs):
-        os.write(2, f"hpcimage: warning: {fs.path} was not unmounted cleanly (a container "
-                    f"that wrote it was killed): if anything looks wrong, check it with "
-                    f"'e2fsck -f {fs.path}' while no container uses it\n".encode())
+    unclean = not ro and not _clean(fs)     # read before fuse2fs marks it mounted
     keep = list(hold)
     path = spawn.hand_over(fs.path, keep)
     # -s: one thread. At exit libfuse 2 cancels its worker threads, and glibc then loads
@@ -129,21 +126,25 @@ def _mount_ext3(fs, at, log_path, ro, hold=()):
         raise HpcimageError(f"{fs.path}: fuse2fs did not mount the image in 30 s") from None
     if status is not None:
         raise HpcimageError(_failure(fs, log_path, status))
+    if unclean:
+        os.write(2, f"hpcimage: warning: {fs.path} was not unmounted cleanly (a container "
+                    f"that wrote it was killed): if anything looks wrong, check it with "
+                    f"'e2fsck -f {fs.path}' while no container uses it\n".encode())
     return pid
 
 
 def _clean(fs):
-    """The ext3 superblock's state says the file system was unmounted cleanly (or it
-    cannot be read: fuse2fs will say what is wrong)."""
+    """The ext3 superblock's state says the file system was unmounted cleanly (or it is
+    no ext3 superblock, or cannot be read: fuse2fs will say what is wrong)."""
     try:
         fd = os.open(fs.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            state = os.pread(fd, 2, fs.offset + EXT_STATE_OFFSET)
+            sb = os.pread(fd, 4, fs.offset + EXT_MAGIC_OFFSET)     # s_magic, s_state
         finally:
             os.close(fd)
     except OSError:
         return True
-    return len(state) < 2 or bool(state[0] & 1)
+    return len(sb) < 4 or sb[:2] != EXT_MAGIC or bool(sb[2] & 1)
 
 
 def _failure(fs, log_path, status):
