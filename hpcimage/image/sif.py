@@ -546,6 +546,13 @@ def _open_regular(path):
     return fd
 
 
+def _open_for_append(path):
+    """The SIF at path, known writable (require_writable), opened for reading (the
+    copy that replaces it is written beside it)."""
+    require_writable(path)
+    return _open_regular(path)
+
+
 def require_writable(path):
     """Refuse (exit 1) to change the SIF at PATH unless the user may open it for
     writing, as Apptainer, which opens it read-write, does: the atomic copy and rename
@@ -1018,12 +1025,7 @@ def append_partition(path, part_path, fstype, parttype, arch=None):
     code = _GOARCH_CODES.get(arch)
     if code is None:
         raise UsageError(f"unknown architecture {arch!r}")
-    fd = _open_regular(path)
-    try:
-        require_writable(path)
-    except HpcimageError:
-        os.close(fd)
-        raise
+    fd = _open_for_append(path)
     try:
         used = {d.index for d in img.descriptors}
         slot = next(i for i in range(h.descriptors_total) if i not in used)
@@ -1085,12 +1087,7 @@ def append_object(path, data_type, data, extra=b"", link=0, link_group=False, gr
     if h.descriptors_free <= 0:
         raise UsageError(f"{path}: no free descriptor left to add an object "
                          f"(all {h.descriptors_total} used)")
-    fd = _open_regular(path)
-    try:
-        require_writable(path)
-    except HpcimageError:
-        os.close(fd)
-        raise
+    fd = _open_for_append(path)
     try:
         raw = _pread_exact(fd, h.descriptors_total * DESCRIPTOR_SIZE, h.descriptors_offset,
                            path, "descriptor table")

@@ -284,14 +284,7 @@ def _check_signature(img, sig, group_id, ods, subset_ok, keys):
             if env is not None:
                 raise IntegrityError(f"signature object {sig.id} not valid: a DSSE "
                                      "signature: verify it with --key PEM")
-            try:
-                payload, r.name, r.fingerprint = keys.check(raw)
-            except IntegrityError as e:
-                raise IntegrityError(f"signature object {sig.id} not valid: {e}") from None
-            fp = sig.fingerprint
-            if fp is None or fp.hex().upper() != r.fingerprint:
-                raise IntegrityError("fingerprint in descriptor does not correspond to "
-                                     "signing entity")
+            payload = _pgp_checked(sig, raw, keys, r)
         r.verified, err = sifsig.check_metadata(img, group_id, ods, payload, subset_ok)
         if err is not None:
             raise err
@@ -300,18 +293,26 @@ def _check_signature(img, sig, group_id, ods, subset_ok, keys):
     return r
 
 
+def _pgp_checked(sig, raw, keys, r):
+    """The clear-signed text of signature object sig (raw: its data) once keys.check
+    accepted it; r gets the signer's name and fingerprint, which must be the one the
+    descriptor names. Raises IntegrityError."""
+    try:
+        text, r.name, r.fingerprint = keys.check(raw)
+    except IntegrityError as e:
+        raise IntegrityError(f"signature object {sig.id} not valid: {e}") from None
+    fp = sig.fingerprint
+    if fp is None or fp.hex().upper() != r.fingerprint:
+        raise IntegrityError("fingerprint in descriptor does not correspond to "
+                             "signing entity")
+    return text
+
+
 def _check_legacy(img, sig, ods, keys, object_id=None):
     r = Result(sig.id, "legacy")
     raw = img.read_object(sig.id)
     try:
-        try:
-            text, r.name, r.fingerprint = keys.check(raw)
-        except IntegrityError as e:
-            raise IntegrityError(f"signature object {sig.id} not valid: {e}") from None
-        fp = sig.fingerprint
-        if fp is None or fp.hex().upper() != r.fingerprint:
-            raise IntegrityError("fingerprint in descriptor does not correspond to "
-                                 "signing entity")
+        text = _pgp_checked(sig, raw, keys, r)
         name = sifsig.HASH_CODES.get(sig.hash_type)
         if name is None:
             raise IntegrityError("hash algorithm unsupported")
