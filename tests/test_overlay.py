@@ -188,6 +188,21 @@ def test_ext3_overlay_keeps_every_run_and_is_left_clean(user, demo_sqfs, userdir
         assert out == f"{i}\n", (i, out)
 
 
+def test_read_only_overlays_stack_as_given(user, demo_sqfs, userdir):
+    """Of several read-only overlays the first given is the uppermost, as Apptainer
+    stacks them (lowerdir = the read-only overlays in order, then the image)."""
+    for name in ("a", "b"):
+        d = userdir / name
+        mkdir_as(user, d / "upper")
+        (d / "upper" / "which").write_text(name + "\n")
+        (d / "upper" / ("only-" + name)).write_text(name + "\n")
+        subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(d)], check=True)
+    for first, second in (("a", "b"), ("b", "a")):
+        r = run(user, demo_sqfs, "cat", "/which", "/only-a", "/only-b",
+                opts=("-o", f"{userdir / first}:ro", "-o", f"{userdir / second}:ro"))
+        assert (r.returncode, r.stdout) == (0, f"{first}\na\nb\n"), r.stderr
+
+
 def test_squashfs_overlay_is_read_only(user, demo_sqfs, userdir):
     tree = userdir / "tree"
     (tree / "extra").mkdir(parents=True)

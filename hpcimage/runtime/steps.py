@@ -333,14 +333,20 @@ def overlay(r, p):
     from hpcimage.runtime.ops import OverlayLayer, OverlayMount
     from hpcimage.runtime.overlay import lower_dir
     base = r.session_dir
-    lowers, upper, work = [], None, None
+    # Read-only layers as Apptainer stacks them (OverlaySet.options: lowerdir = the
+    # read-only overlays in the order given, then the image): the first given is the
+    # uppermost; the image's own SIF overlay partition sits right on the image.
+    lowers, own, upper, work = [], [], None, None
     for n, layer in enumerate(r.overlays):
         at = f"{base}/layers/{n}"
         p.add(OverlayLayer(layer, at, r.opts.prog))
         if layer.writable:
             upper, work = lower_dir(layer, at), at + "/work"
+        elif layer.offset and layer.spec == layer.path:
+            own.append(lower_dir(layer, at))
         else:
-            lowers.insert(0, lower_dir(layer, at))
+            lowers.append(lower_dir(layer, at))
+    lowers += own
     how = r.environ.get(DRIVER_VARIABLE) or r.site.overlay_driver or "auto"
     if how not in ("auto", "kernel", "fuse-overlayfs"):
         raise UsageError(f"{DRIVER_VARIABLE}={how}: want auto, kernel or fuse-overlayfs")
