@@ -194,7 +194,7 @@ def test_other_options_are_never_joined_and_dry_run_says(user, warm_site):
 @needs_joiner
 def test_gone_after_the_idle_time(user, userdir, demo_sqfs):
     r, wrappers = make_site(userdir, user, demo_sqfs, 2)
-    p = user.popen(["setsid", "-w", "sh", "-c", "image-exec true; sleep 30"],
+    p = user.popen(["setsid", "-w", "sh", "-c", "image-exec true; exec sleep 30"],
                    env={"PATH": f"{wrappers}:/usr/bin:/bin", "HPCIMAGE_IMAGE": str(demo_sqfs)},
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -209,6 +209,8 @@ def test_gone_after_the_idle_time(user, userdir, demo_sqfs):
     finally:
         p.kill()
         p.wait()
+        # the session's sleep, wherever p (a wrapper that runs it as the user) left it
+        subprocess.run(["pkill", "-KILL", "-u", str(user.uid), "-x", "sleep"], check=False)
 
 
 @needs_joiner
