@@ -169,6 +169,52 @@ def user():
     return User(USER)
 
 
+def on_terminal(user, argv, env=None, cwd=None, answers=(), controlling=False,
+                columns=None, timeout=120):
+    """Run argv as user with its stderr on a pseudo-terminal (stdout a pipe, stdin
+    /dev/null), or with controlling=True stdin, stdout and stderr on it as its
+    controlling terminal; columns: the terminal's width. Each answer of answers
+    [(text awaited, line typed)] is typed once its text has appeared (the terminal
+    then shows "<answered>"). Returns (exit status, what the terminal showed)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    if controlling:
+        kw = dict(stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                  preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    else:
+        kw = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    p = user.popen(argv, env=env, cwd=None if cwd is None else str(cwd), **kw)
+    os.close(slave)
+    out, pending = b"", list(answers)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pending and pending[0][0].encode() in out:
+            os.write(master, pending.pop(0)[1].encode() + b"\n")
+            out += b"<answered>"
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif p.poll() is not None:
+            break
+    os.close(master)
+    p.wait(timeout)
+    if p.stdout:
+        p.stdout.close()
+    return p.returncode, out.decode(errors="replace")
+
+
 def runtime_argv(*args):
     return [PY, "-I", "-m", "hpcimage.runtime", *args]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, cli_argv
+from conftest import PY, cli_argv, on_terminal
 from keyserver import KeyServer
 
 CORPUS_KEY = Path(__file__).resolve().parents[2] / "shared/testdata/sif/keys/private.asc"
@@ -303,38 +303,9 @@ def test_keyserver_command_still_refused(user, userdir):
 
 
 def _interactive(user, argv, env, cwd, answers, timeout=120):
-    """Run ARGV on a pseudo-terminal (its controlling terminal), answering each prompt
-    of ANSWERS [(text awaited, line typed)]; (status, what the terminal showed)."""
-    import fcntl
-    import pty
-    import select
-    import termios
-    import time
-    master, slave = pty.openpty()
-    p = user.popen(argv, env=env, cwd=str(cwd), stdin=slave, stdout=slave, stderr=slave,
-                   start_new_session=True,
-                   preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
-    os.close(slave)
-    out, pending = b"", list(answers)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pending and pending[0][0].encode() in out:
-            os.write(master, pending.pop(0)[1].encode() + b"\n")
-            out += b"<answered>"
-        ready, _, _ = select.select([master], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        elif p.poll() is not None:
-            break
-    os.close(master)
-    p.wait(timeout)
-    return p.returncode, out.decode(errors="replace")
+    """ARGV on a pseudo-terminal, its controlling terminal, answering each prompt of
+    ANSWERS [(text awaited, line typed)]; (status, what the terminal showed)."""
+    return on_terminal(user, argv, env, cwd, answers, controlling=True, timeout=timeout)
 
 
 def test_newpair_asks_on_a_terminal(user, userdir):

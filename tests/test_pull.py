@@ -4,15 +4,12 @@ names, --force, --arch, progress on a terminal only, token authentication, oras:
 round trip, the conversion cache (used again without the registry), and the errors
 (one line, exit 2 for bad input, 1 for a failed operation)."""
 import os
-import pty
-import select
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PY, cli_argv
+from conftest import PY, cli_argv, on_terminal
 import registry as reg
 
 MSG = b"hello from the registry\n"
@@ -144,28 +141,7 @@ def test_pull_refuses_to_overwrite(user, userdir, bare_dir, registry):
 
 def _on_terminal(user, argv, env, cwd, timeout=300):
     """Run argv with stderr on a pseudo-terminal; (status, what the terminal got)."""
-    master, slave = pty.openpty()
-    p = user.popen(argv, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
-                   stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    out = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        elif p.poll() is not None:
-            break
-    os.close(master)
-    p.wait(timeout)
-    p.stdout.close()
-    return p.returncode, out.decode(errors="replace")
+    return on_terminal(user, argv, env, cwd, timeout=timeout)
 
 
 def test_pull_progress_on_a_terminal_and_token_auth(user, userdir, bare_dir, registry):

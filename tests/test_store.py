@@ -3,18 +3,14 @@ user): placement, manifest, verification, the wrappers' choice of the local copy
 concurrency, and the faults (corrupt store file, full disk, kill -9, symlinks,
 unreachable store)."""
 import calendar
-import fcntl
 import hashlib
 import json
 import os
-import pty
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
-import termios
 import textwrap
 import threading
 import time
@@ -22,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, _cached, _mksquashfs, cli_argv
+from conftest import PY, _cached, _mksquashfs, cli_argv, on_terminal
 from modtools import wrapper_code
 
 from hpcimage.config import site as sitemod
@@ -726,24 +722,8 @@ def test_remove(store, v1):
 def _update_on_a_terminal(store, columns=None):
     """image-update with its stderr on a pty (of `columns` columns): (status, what the
     terminal received)."""
-    master, slave = pty.openpty()
-    if columns:
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    p = store.user.popen([str(store.top / "wrappers" / "image-update")], env=store.env(),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    p.wait(timeout=60)
-    os.close(master)
-    return p.returncode, b"".join(chunks).decode()
+    return on_terminal(store.user, [str(store.top / "wrappers" / "image-update")],
+                       store.env(), columns=columns, timeout=60)
 
 
 def test_progress_bar_on_a_terminal_only(store, big_a):
