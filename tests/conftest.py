@@ -336,10 +336,16 @@ def debian_sqfs(debian_dir):
 
 # The helpers a launch leaves beside the command (they die with it): the FUSE daemons
 # and the overlays' lock holder.
-LAUNCH_HELPERS = ("squashfuse", "fuse2fs", "fuse-overlayfs", "hpcimage-lock")
+LAUNCH_HELPERS = ("squashfuse", "fuse2fs", "fuse-overlayfs", "gocryptfs", "hpcimage-lock")
 
 
 def fuse_processes(uid=None):
+    """The pids of the launch helpers (LAUNCH_HELPERS) of uid (default: anyone's)."""
+    return [pid for pid, _comm in launch_helpers(uid)]
+
+
+def launch_helpers(uid=None):
+    """(pid, name) of each launch helper (LAUNCH_HELPERS, not a zombie) of uid."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -353,7 +359,7 @@ def fuse_processes(uid=None):
                 continue
             if uid is not None and os.stat(f"/proc/{pid}").st_uid != uid:
                 continue
-            out.append(int(pid))
+            out.append((int(pid), comm))
         except (OSError, ValueError):
             continue
     return out
@@ -361,7 +367,8 @@ def fuse_processes(uid=None):
 
 def host_mounts_of_ours():
     with open("/proc/self/mountinfo") as f:
-        return [ln for ln in f if "squashfuse" in ln or "/var/lib/hpcimage/mnt" in ln]
+        return [ln for ln in f if "squashfuse" in ln or "gocryptfs" in ln
+                or "/var/lib/hpcimage/mnt" in ln]
 
 
 def wait_no_leaks(uid=None, timeout=5.0):

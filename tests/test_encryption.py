@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_argv, readable, runtime_argv
+from conftest import cli_argv, host_mounts_of_ours, launch_helpers, readable, runtime_argv
 
 PASS = "correct horse battery staple"
 VARS = ("HPCIMAGE_ENCRYPTION_PASSPHRASE", "APPTAINER_ENCRYPTION_PASSPHRASE",
@@ -21,28 +21,13 @@ VARS = ("HPCIMAGE_ENCRYPTION_PASSPHRASE", "APPTAINER_ENCRYPTION_PASSPHRASE",
 
 
 def helpers(uid):
-    """squashfuse and gocryptfs processes of uid (not zombies)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-            if stat[stat.rindex(")") + 2] == "Z" or os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-            if comm.startswith(("squashfuse", "gocryptfs")):
-                out.append((int(pid), comm))
-        except (OSError, ValueError):
-            continue
-    return out
+    """squashfuse and gocryptfs processes of uid (not zombies): (pid, name)."""
+    return [(pid, comm) for pid, comm in launch_helpers(uid)
+            if comm.startswith(("squashfuse", "gocryptfs"))]
 
 
 def our_mounts():
-    with open("/proc/self/mountinfo") as f:
-        return [ln for ln in f if "gocryptfs" in ln or "squashfuse" in ln
-                or "/var/lib/hpcimage/mnt" in ln]
+    return host_mounts_of_ours()
 
 
 def assert_clean(user, timeout=5.0):

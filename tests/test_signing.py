@@ -153,15 +153,7 @@ def test_wrong_key(user, rings, userdir):
     assert r.returncode == 1
     assert "signature object 3 not valid: dsse: verify envelope failed" in r.stderr
     # A PGP signature with another key's keyring.
-    home = userdir / "g"
-    home.mkdir(mode=0o700)
-    subprocess.run(["gpg", "--homedir", home, "--batch", "--quiet", "--pinentry-mode",
-                    "loopback", "--passphrase", "", "--quick-gen-key", "Other <o@x>",
-                    "ed25519", "sign", "never"], check=True)
-    other = userdir / "other.gpg"
-    other.write_bytes(subprocess.run(["gpg", "--homedir", home, "--export"],
-                                     capture_output=True, check=True).stdout)
-    other.chmod(0o644)
+    other = _other_keyring(userdir)
     r = hpcimage(user, "verify", "--keyring", other, IMAGES / "one-group-signed-pgp.sif")
     assert r.returncode == 1
     assert "signature object 3 not valid: openpgp: signature made by unknown entity" in r.stderr
